@@ -1,0 +1,82 @@
+"""Capture pooled block outputs with forward hooks, stopping after the deepest requested block."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from es_lightning.models.layers import get_blocks
+
+Pooling = Literal["last", "mean"]
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested block so later blocks and the LM head never run."""
+
+
+def block_output(output: object) -> torch.Tensor:
+    """The hidden-state tensor inside a decoder block's output (a tensor or a tuple led by one)."""
+    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index,return-value]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row; correct for left and right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Pool ``hidden: [B, T, d]`` over non-padding tokens to ``[B, d]``."""
+    if pooling == "last":
+        index = last_token_index(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+    if pooling == "mean":
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    raise ValueError(f"Unknown pooling {pooling!r}: use 'last' or 'mean'.")
+
+
+@torch.no_grad()
+def capture_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int],
+    pooling: Pooling = "last",
+    block_path: str | None = None,
+) -> torch.Tensor:
+    """Pooled outputs of the given blocks, ``[B, len(layers), d]`` in float32.
+
+    Blocks after ``max(layers)`` and the LM head never run. The model is not modified: hooks are
+    removed before returning, also on errors.
+    """
+    blocks = get_blocks(model, block_path)
+    wanted = sorted(set(layers))
+    deepest = wanted[-1]
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            hidden = block_output(output)
+            if not torch.isfinite(hidden).all():
+                raise FloatingPointError(
+                    f"Non-finite values (NaN/Inf) in the output of block {index}. This is often a float16 "
+                    f"overflow: load the model in float32 or bfloat16 (dtype in the model config)."
+                )
+            captured[index] = pool(hidden, attention_mask, pooling).float()
+            if index == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[index].register_forward_hook(make_hook(index)) for index in wanted]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([captured[index] for index in layers], dim=1)

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random-init models of different widths, families and tokenizers, saved to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "the a an is are was not yes no maybe true false question answer what where who why how "
+    "cat dog fish bird tree water fire earth sky sun moon star red blue green big small old new "
+    "eat drink run walk see say know think good bad right wrong one two three four five six seven "
+    "eight nine ten you we they it this that of in on to from with and or but if then so because"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def make_tokenizer(folder: Path, words: list[str], lowercase: bool = True):
+    """A word-level tokenizer (PreTrainedTokenizerFast) over ``words`` plus punctuation, saved to ``folder``."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + words + list("?.,:!'\n"))}
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase() if lowercase else normalizers.Sequence([])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_tiny_llama(folder: Path, hidden: int = 32, layers: int = 4, seed: int = 0) -> Path:
+    """A random-init tiny Llama (hidden 32, 4 blocks) with a word-level tokenizer, saved under ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer(folder, WORDS)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_gpt2(folder: Path, hidden: int = 48, layers: int = 3, seed: int = 1) -> Path:
+    """A random-init tiny GPT-2 (hidden 48, 3 blocks) with its own word-level vocabulary order, saved under ``folder``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_tokenizer(folder, list(reversed(WORDS)))
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_gemma(folder: Path, hidden: int = 40, layers: int = 3, seed: int = 2) -> Path:
+    """A random-init tiny Gemma-3 text model (hidden 40, 3 blocks), saved under ``folder``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = make_tokenizer(folder, WORDS)
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+        sliding_window=16, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    return make_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"))
+
+
+def write_mc_jsonl(path: Path, n_questions: int = 24, seed: int = 0) -> Path:
+    """A small multiple-choice JSONL file in the shared/data format, built from the tiny vocabulary."""
+    rng = torch.Generator().manual_seed(seed)
+    subjects = ["cat", "dog", "fish", "bird", "tree", "sun", "moon", "star"]
+    colours = ["red", "blue", "green"]
+    with open(path, "w") as handle:
+        for q in range(n_questions):
+            subject = subjects[q % len(subjects)]
+            size = ["big", "small", "old", "new"][q % 4]
+            n_choices = 2 + int(torch.randint(0, 3, (1,), generator=rng))
+            choices = [f"the {subject} is {colours[c % 3]} and {'good' if c == 0 else 'bad'}" for c in range(n_choices)]
+            answer = int(torch.randint(0, n_choices, (1,), generator=rng))
+            choices[answer] = f"the {subject} is {size} and true"
+            row = {"id": f"q{q}", "question": f"what is the {size} {subject} ?", "choices": choices, "answer": answer}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture()
+def mc_jsonl(tmp_path) -> Path:
+    return write_mc_jsonl(tmp_path / "mc.jsonl")
