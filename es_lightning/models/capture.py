@@ -80,3 +80,51 @@ def capture_hidden_states(
         for handle in handles:
             handle.remove()
     return torch.stack([captured[index] for index in layers], dim=1)
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> tuple[list[list[int]], int]:
+    """Token ids per text, truncated from the left to ``max_length``; also returns how many were truncated."""
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    truncated = sum(len(row) > max_length for row in ids)
+    return [row[-max_length:] for row in ids], truncated
+
+
+@torch.no_grad()
+def capture_texts(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    pooling: Pooling = "last",
+    max_length: int = 512,
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+    block_path: str | None = None,
+    on_batch=None,
+) -> tuple[torch.Tensor, int]:
+    """Pooled block outputs ``[n, len(layers), d]`` for raw texts, batched by length; returns (states, n_truncated).
+
+    Texts are sorted by length so batches carry little padding, then put back in input order.
+    ``on_batch(k)`` is called after each batch of k texts (for progress bars).
+    """
+    ids, truncated = tokenize_texts(tokenizer, texts, max_length, add_special_tokens)
+    if any(len(row) == 0 for row in ids):
+        raise ValueError("A text tokenized to zero tokens; remove empty texts from the data.")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # right padding; pooling handles either side
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        states = capture_hidden_states(model, input_ids.to(device), mask.to(device), layers, pooling, block_path)
+        for row, i in enumerate(chunk):
+            out[i] = states[row].cpu()
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return torch.stack(out), truncated  # type: ignore[arg-type]

@@ -135,7 +135,7 @@ def fingerprint_model_dir(folder: Path) -> str:
     """A cheap content fingerprint of a model directory: config plus size and head/tail bytes of each weight file."""
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.suffix not in {".json", ".safetensors", ".bin"} or path.name == FINGERPRINT_FILE:
+        if path.suffix not in {".json", ".jinja", ".safetensors", ".bin"} or path.name == FINGERPRINT_FILE:
             continue
         digest.update(path.name.encode())
         size = path.stat().st_size
