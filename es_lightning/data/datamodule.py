@@ -122,10 +122,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
     def _read(self, source: DataSource, what: str) -> tuple[list[Example], list[Question]]:
         table = load_records(source.path, source.split, source.name)
         fmt = source.format
-        if fmt.kind == "text" and not fmt.label_field:
-            require_columns(table, [fmt.text_field], source.path)
-        else:
-            require_columns(table, fmt.required_columns(), source.path)
+        require_columns(table, fmt.required_columns(), source.path)
         records = rows(table)
         if fmt.kind == "multiple_choice":
             questions = questions_from_rows(records, fmt, source.path)

@@ -51,14 +51,14 @@ class ExampleFormat:
     answer_field: str = "answer"
     text_field: str = "text"
     text_template: str = "{text}"
-    label_field: str = "label"
+    label_field: str | None = "label"
     label_values: dict[str, int] = field(default_factory=dict)
 
     def required_columns(self) -> list[str]:
         """Columns a source must have for this format."""
         if self.kind == "multiple_choice":
             return [self.question_field, self.choices_field, self.answer_field]
-        return [self.text_field, self.label_field]
+        return [self.text_field] + ([self.label_field] if self.label_field else [])
 
 
 def _format(template: str, row: dict[str, Any], where: str, **extra: Any) -> str:
@@ -147,7 +147,8 @@ def examples_from_text_rows(rows: list[dict[str, Any]], fmt: ExampleFormat, sour
         row_id = _row_id(row, index, fmt)
         group = str(row[fmt.group_field]) if fmt.group_field else row_id
         prompt = _format(fmt.text_template, row, where)
-        examples.append(Example(row_id, group, prompt, "", _label(row[fmt.label_field], fmt, where)))
+        label = _label(row[fmt.label_field], fmt, where) if fmt.label_field else -1  # -1: unlabelled
+        examples.append(Example(row_id, group, prompt, "", label))
     check_unique_ids([e.id for e in examples], source)
     return examples
 

@@ -1,0 +1,386 @@
+"""The steering bundle: the artefact that carries steering vectors from alignment to generation.
+
+One bundle holds one method's vectors for one target model. It is a single ``.safetensors`` file: the
+tensors ``vectors`` ``[K, d]`` (float32 unit rows, one per target layer), ``norms`` ``[K]`` (float64 mean
+hidden-state norms) and optionally ``mi`` ``[L_E, L_T]``; everything else is JSON in the safetensors
+metadata header. Several methods live side by side as ``{method}.safetensors`` files in one directory
+(:func:`save_bundles` / :func:`load_bundles`).
+
+:meth:`SteeringBundle.export_gguf` writes a llama.cpp control vector. llama.cpp adds tensor
+``direction.N`` to the output of block ``N`` counted from 0 (the same index as ``model.layers[N]`` in
+transformers and ``blk.N`` in GGUF), at every position; it rejects ``direction.0``, so block 0 cannot be
+exported. The 1-based part of llama.cpp's convention is only its in-memory buffer, which starts at layer 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from es_lightning import __version__
+from es_lightning.io import atomic_write_with
+from es_lightning.models.loading import LoadedModel
+
+FORMAT = "es_lightning.steering_bundle"
+FORMAT_VERSION = 1
+UNIT_TOLERANCE = 1e-4
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a bundle belongs to: its name, content fingerprint and ``config.model_type``."""
+
+    name: str
+    fingerprint: str = ""
+    architecture: str = ""
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> "ModelIdentity":
+        """The identity of a model returned by :func:`es_lightning.models.load_model`."""
+        return cls(loaded.name, loaded.fingerprint, getattr(loaded.model.config, "model_type", ""))
+
+    def matches(self, other: "ModelIdentity") -> bool:
+        """Same model: equal fingerprints when both have one, else equal names."""
+        if self.fingerprint and other.fingerprint:
+            return self.fingerprint == other.fingerprint
+        return self.name == other.name
+
+    def describe(self) -> str:
+        return f"{self.name!r} (fingerprint {self.fingerprint or 'unknown'})"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(eq=False)
+class SteeringBundle:
+    """Unit steering vectors per target layer with their norms, provenance and optional MI matrix.
+
+    ``vectors[j]`` is a float32 unit vector for 0-based target block ``j``; ``norms[j]`` is that block's mean
+    hidden-state norm, so a steering coefficient is relative to it. ``layer_pairs`` lists the
+    ``(expert_layer, target_layer)`` matches (empty for methods without an expert). ``mi`` is the
+    ``[len(mi_expert_layers), len(mi_target_layers)]`` mutual-information matrix, if any.
+    """
+
+    method: str
+    vectors: dict[int, torch.Tensor]
+    norms: dict[int, float]
+    target: ModelIdentity
+    expert: ModelIdentity | None = None
+    layer_pairs: list[tuple[int, int]] = field(default_factory=list)
+    mi: torch.Tensor | None = None
+    mi_expert_layers: list[int] = field(default_factory=list)
+    mi_target_layers: list[int] = field(default_factory=list)
+    data_key: str = ""
+    cache_key: str = ""
+    package_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    created_at: str = field(default_factory=_now)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not _METHOD_NAME.fullmatch(self.method):
+            raise ValueError(
+                f"Bundle method name {self.method!r} must be non-empty and use only letters, digits, '_', '.' "
+                f"and '-' (it becomes a file name), e.g. 'expertsteer'."
+            )
+        if not self.vectors:
+            raise ValueError("A steering bundle needs at least one target layer vector.")
+        layers = sorted(self.vectors)
+        bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
+        if bad:
+            raise ValueError(f"Target layers must be 0-based block indices (ints >= 0), got {bad}.")
+        if set(self.norms) != set(layers):
+            raise ValueError(f"The bundle has vectors for layers {layers} but norms for {sorted(self.norms)}.")
+        self.vectors = {layer: _unit_vector(self.vectors[layer], layer) for layer in layers}
+        widths = {vector.shape[0] for vector in self.vectors.values()}
+        if len(widths) != 1:
+            raise ValueError(f"All steering vectors must have the same length (hidden size), got {sorted(widths)}.")
+        self.norms = {layer: float(self.norms[layer]) for layer in layers}
+        bad_norms = {layer: norm for layer, norm in self.norms.items() if not math.isfinite(norm) or norm <= 0}
+        if bad_norms:
+            raise ValueError(f"Hidden-state norms must be finite and positive, got {bad_norms}.")
+        self.layer_pairs = [(int(expert), int(target)) for expert, target in self.layer_pairs]
+        if self.layer_pairs and sorted(target for _, target in self.layer_pairs) != layers:
+            raise ValueError(
+                f"layer_pairs {self.layer_pairs} must name each target layer {layers} exactly once "
+                f"(or be empty for methods without an expert)."
+            )
+        self._check_mi()
+
+    def _check_mi(self) -> None:
+        if self.mi is None:
+            if self.mi_expert_layers or self.mi_target_layers:
+                raise ValueError("mi_expert_layers/mi_target_layers are set but the MI matrix mi is missing.")
+            return
+        self.mi = self.mi.detach().float().cpu().contiguous()
+        expected = (len(self.mi_expert_layers), len(self.mi_target_layers))
+        if tuple(self.mi.shape) != expected:
+            raise ValueError(
+                f"The MI matrix has shape {tuple(self.mi.shape)} but its layer lists give {expected} "
+                f"(len(mi_expert_layers), len(mi_target_layers))."
+            )
+
+    @property
+    def layers(self) -> list[int]:
+        """The steered target layers, ascending."""
+        return list(self.vectors)
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    def steering_kwargs(self, coefficient: float) -> dict[str, Any]:
+        """Keyword arguments for :func:`es_lightning.steering.hooks.steer`: ``steer(model, **kwargs)``."""
+        return {"vectors": dict(self.vectors), "norms": dict(self.norms), "coefficient": coefficient}
+
+    # --- file format -------------------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "target_layers": self.layers,
+            "target": vars(self.target),
+            "expert": vars(self.expert) if self.expert else None,
+            "layer_pairs": [list(pair) for pair in self.layer_pairs],
+            "mi_expert_layers": list(self.mi_expert_layers),
+            "mi_target_layers": list(self.mi_target_layers),
+            "data_key": self.data_key,
+            "cache_key": self.cache_key,
+            "package_version": self.package_version,
+            "created_at": self.created_at,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle to ``path`` (a ``.safetensors`` file) atomically; return the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        try:
+            body = json.dumps(self._metadata(), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"The bundle's extra dict must be JSON-serialisable (finite numbers): {err}") from err
+        tensors = {
+            "vectors": torch.stack(list(self.vectors.values())),
+            "norms": torch.tensor(list(self.norms.values()), dtype=torch.float64),
+        }
+        if self.mi is not None:
+            tensors["mi"] = self.mi
+        header = {"format": FORMAT, "format_version": str(self.format_version), "bundle": body}
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expected_target: ModelIdentity | LoadedModel | None = None) -> "SteeringBundle":
+        """Read and validate a bundle; with ``expected_target``, refuse a bundle made for another model."""
+        header, tensors = _read_safetensors(Path(path))
+        meta = json.loads(header["bundle"])
+        layers = meta["target_layers"]
+        vectors, norms = tensors["vectors"], tensors["norms"]
+        if vectors.ndim != 2 or vectors.shape[0] != len(layers) or tuple(norms.shape) != (len(layers),):
+            raise ValueError(
+                f"{str(path)!r} is inconsistent: {len(layers)} target layers but vectors {tuple(vectors.shape)} "
+                f"and norms {tuple(norms.shape)}. The file is damaged; recreate it."
+            )
+        try:
+            bundle = cls(
+                method=meta["method"],
+                vectors={layer: vectors[i] for i, layer in enumerate(layers)},
+                norms={layer: float(norms[i]) for i, layer in enumerate(layers)},
+                target=ModelIdentity(**meta["target"]),
+                expert=ModelIdentity(**meta["expert"]) if meta["expert"] else None,
+                layer_pairs=[tuple(pair) for pair in meta["layer_pairs"]],
+                mi=tensors.get("mi"),
+                mi_expert_layers=meta["mi_expert_layers"],
+                mi_target_layers=meta["mi_target_layers"],
+                data_key=meta["data_key"],
+                cache_key=meta["cache_key"],
+                package_version=meta["package_version"],
+                format_version=int(header["format_version"]),
+                created_at=meta["created_at"],
+                extra=meta["extra"],
+            )
+        except ValueError as err:
+            raise ValueError(f"{str(path)!r} is not a valid steering bundle: {err}") from err
+        if expected_target is not None:
+            expected = ModelIdentity.of(expected_target) if isinstance(expected_target, LoadedModel) else expected_target
+            if not bundle.target.matches(expected):
+                raise ValueError(
+                    f"The bundle {str(path)!r} was made for target model {bundle.target.describe()}, but the target "
+                    f"model here is {expected.describe()}. Steering vectors do not transfer between models: "
+                    f"recompute the bundle for this model or load the model it was made for."
+                )
+        return bundle
+
+    # --- llama.cpp export --------------------------------------------------------------------------------
+
+    def export_gguf(self, path: str | Path, coefficient: float, model_hint: str | None = None) -> Path:
+        """Write a llama.cpp control vector: ``direction.j = coefficient * norms[j] * vectors[j]`` per layer.
+
+        ``direction.j`` steers 0-based block ``j`` (llama.cpp ``--control-vector``); block 0 cannot be
+        exported. ``model_hint`` defaults to the target's architecture (``config.model_type``).
+        """
+        import gguf
+
+        if not math.isfinite(coefficient):
+            raise ValueError(f"The export coefficient must be a finite number, got {coefficient!r}.")
+        if 0 in self.vectors:
+            raise ValueError(
+                "This bundle steers block 0, which llama.cpp control vectors cannot address (it rejects "
+                "'direction.0'). Drop layer 0 from the bundle or steer with es-lightning's own hooks."
+            )
+        hint = model_hint or self.target.architecture
+        if not hint:
+            raise ValueError("No model_hint: the target identity has no architecture, so pass model_hint='llama' etc.")
+
+        def write(tmp: Path) -> None:
+            writer = gguf.GGUFWriter(tmp, "controlvector")
+            writer.add_string("controlvector.model_hint", hint)
+            writer.add_uint32("controlvector.layer_count", len(self.vectors))
+            for layer, vector in self.vectors.items():
+                direction = (vector.double() * (coefficient * self.norms[layer])).float().numpy()
+                writer.add_tensor(f"direction.{layer}", direction)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+
+        path = Path(path)
+        atomic_write_with(path, write)
+        return path
+
+
+@dataclass
+class ControlVector:
+    """A llama.cpp control vector read back from GGUF: ``directions[j]`` steers 0-based block ``j``."""
+
+    directions: dict[int, torch.Tensor]
+    model_hint: str
+    layer_count: int
+
+
+def load_control_vector_gguf(path: str | Path) -> ControlVector:
+    """Read a llama.cpp control-vector GGUF (as written by :meth:`SteeringBundle.export_gguf`)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    fields = reader.fields
+    if "general.architecture" not in fields or fields["general.architecture"].contents() != "controlvector":
+        raise ValueError(f"{str(path)!r} is a GGUF file but not a control vector (general.architecture != 'controlvector').")
+    directions = {}
+    for tensor in reader.tensors:
+        prefix, _, index = tensor.name.partition(".")
+        if prefix != "direction" or not index.isdigit():
+            raise ValueError(f"{str(path)!r} holds tensor {tensor.name!r}; a control vector has only 'direction.N'.")
+        directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    return ControlVector(
+        directions=dict(sorted(directions.items())),
+        model_hint=fields["controlvector.model_hint"].contents(),
+        layer_count=int(fields["controlvector.layer_count"].contents()),
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _unit_vector(vector: torch.Tensor, layer: int) -> torch.Tensor:
+    if not isinstance(vector, torch.Tensor) or vector.ndim != 1:
+        raise ValueError(f"The vector of layer {layer} must be a 1-D tensor.")
+    vector = vector.detach().float().cpu().contiguous()
+    norm = float(vector.norm())
+    if not math.isfinite(norm) or abs(norm - 1.0) > UNIT_TOLERANCE:
+        raise ValueError(
+            f"The vector of layer {layer} has norm {norm:.6g}, not 1: a bundle stores unit directions and the "
+            f"scale in norms. Normalise it first (v / v.norm())."
+        )
+    return vector
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata header and tensors of a bundle file, with clear errors for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"No steering bundle at {str(path)!r}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except SafetensorError as err:
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file ({err}); a steering bundle is a .safetensors file written "
+            f"by SteeringBundle.save."
+        ) from err
+    if header.get("format") != FORMAT or "bundle" not in header:
+        raise ValueError(
+            f"{str(path)!r} is a safetensors file but not an es-lightning steering bundle (its metadata lacks "
+            f"format={FORMAT!r}); model weights or other tensors cannot be loaded as a bundle."
+        )
+    version = header.get("format_version", "")
+    if not version.isdigit():
+        raise ValueError(f"{str(path)!r} has an unreadable bundle format_version {version!r}; the file is damaged.")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} uses bundle format version {version}, newer than this es-lightning {__version__} "
+            f"supports (up to {FORMAT_VERSION}). Upgrade: pip install -U es-lightning"
+        )
+    missing = [name for name in ("vectors", "norms") if name not in tensors]
+    if json.loads(header["bundle"]).get("mi_expert_layers") and "mi" not in tensors:
+        missing.append("mi")
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the tensors {missing}; the file is incomplete. Recreate the bundle.")
+    return header, tensors
+
+
+def save_bundles(directory: str | Path, bundles: Iterable[SteeringBundle]) -> dict[str, Path]:
+    """Save each bundle as ``{directory}/{method}.safetensors`` (one atomic write each); return the paths.
+
+    Files of methods not given are left in place, so methods can be added one at a time.
+    """
+    bundles = list(bundles)
+    methods = [bundle.method for bundle in bundles]
+    duplicates = sorted({method for method in methods if methods.count(method) > 1})
+    if duplicates:
+        raise ValueError(f"Several bundles for method(s) {duplicates}: a directory holds one bundle per method.")
+    return {bundle.method: bundle.save(Path(directory) / f"{bundle.method}.safetensors") for bundle in bundles}
+
+
+def load_bundles(
+    directory: str | Path, expected_target: ModelIdentity | LoadedModel | None = None
+) -> dict[str, SteeringBundle]:
+    """Load every ``*.safetensors`` bundle of a directory, keyed by method."""
+    directory = Path(directory)
+    paths = sorted(directory.glob("*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"No steering bundles (*.safetensors) in {str(directory)!r}.")
+    bundles = {}
+    for path in paths:
+        bundle = SteeringBundle.load(path, expected_target)
+        if bundle.method != path.stem:
+            raise ValueError(f"{str(path)!r} holds method {bundle.method!r}; its file name must be {bundle.method}.safetensors.")
+        bundles[bundle.method] = bundle
+    return bundles
+
+
+def bundle_from_directions(
+    method: str, directions: Mapping[int, torch.Tensor], norms: Mapping[int, float], target: ModelIdentity, **fields: Any
+) -> SteeringBundle:
+    """A bundle from raw (not necessarily unit) directions: each is normalised to a unit vector."""
+    vectors = {}
+    for layer, direction in directions.items():
+        length = direction.detach().float().norm()
+        if not torch.isfinite(length) or length == 0:
+            raise ValueError(f"The direction of layer {layer} is zero or not finite; it has no direction to normalise.")
+        vectors[layer] = direction.detach().float() / length
+    return SteeringBundle(method=method, vectors=vectors, norms=dict(norms), target=target, **fields)

@@ -1,0 +1,167 @@
+"""The paired cache DataModule: shapes, splits, cache keys, resumption, corruption and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from es_lightning.data import cache as cache_module
+from es_lightning.data.datamodule import DataSource, PairedHiddenStatesDataModule, SplitConfig
+from es_lightning.data.examples import ExampleFormat
+from es_lightning.models import load_model
+from es_lightning.models.capture import capture_texts
+from es_lightning.models.spec import ModelSpec
+
+
+def make_dm(expert_dir, target_dir, data_path, cache_dir, **kwargs):
+    expert = kwargs.pop("expert", ModelSpec(str(expert_dir)))
+    target = kwargs.pop("target", ModelSpec(str(target_dir), layers=[1, 3]))
+    source = kwargs.pop("data", DataSource(str(data_path)))
+    return PairedHiddenStatesDataModule(expert, target, source, cache_dir=str(cache_dir), shard_size=16, batch_size=8, progress=False, **kwargs)
+
+
+def build_log(dm):
+    path = Path(dm.cache_dir) / "paired" / dm.cache_keys["data"] / "build-log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batches_pair_two_models_of_different_widths_and_tokenizers(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["expert"].shape == (8, 3, 48) and batch["target"].shape == (8, 2, 32)
+    assert batch["expert"].dtype == torch.float32 and batch["label"].shape == (8,)
+    assert dm.layout.expert.hidden_size == 48 and dm.layout.target_layers == [1, 3]
+    # no question's rows in two splits
+    groups = {name: {dm.examples[i].group for i in idx} for name, idx in dm.split_indices.items()}
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+    assert sum(len(v) for v in dm.split_indices.values()) == len(dm.examples)
+    # each question yields one positive and (choices - 1) negatives
+    assert sum(e.label for e in dm.examples) == 24
+
+
+def test_cache_round_trip_equals_fresh_extraction(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    dm.setup("fit")
+    again = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    again.setup("fit")
+    assert again.cache_keys == dm.cache_keys and len(build_log(again)) == 5  # reused: nothing rebuilt
+    loaded = load_model(str(tiny_llama_dir))
+    texts = [e.prompt + e.completion for e in dm.examples[:10]]
+    fresh, _ = capture_texts(loaded.model, loaded.tokenizer, texts, [1, 3], "last", batch_size=4)
+    torch.testing.assert_close(again.tensors["target"][:10], fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_changed_template_or_layers_builds_a_new_cache(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    base = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    base.setup("fit")
+    other_layers = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[0, 3]))
+    other_layers.setup("fit")
+    other_template = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path,
+                             data=DataSource(str(mc_jsonl), format=ExampleFormat(prompt_template="Q: {question}\nA:")))
+    other_template.setup("fit")
+    other_pooling = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, pooling="mean")
+    other_pooling.setup("fit")
+    keys = {dm.cache_keys["data"] for dm in (base, other_layers, other_template, other_pooling)}
+    assert len(keys) == 4
+
+
+def test_killed_build_resumes_from_finished_shards(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, monkeypatch):
+    real = cache_module.PairedCache.write_shard
+    calls = {"n": 0}
+
+    def dying(self, shard, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(self, shard, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module.PairedCache, "write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path).setup("fit")
+    monkeypatch.setattr(cache_module.PairedCache, "write_shard", real)
+    resumed = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    resumed.setup("fit")
+    assert sorted(entry["shard"] for entry in build_log(resumed)) == [0, 1, 2, 3, 4]  # each shard extracted once
+    assert not list((Path(resumed.cache_dir) / "paired" / resumed.cache_keys["data"]).glob("*.tmp"))
+    fresh = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path / "fresh")
+    fresh.setup("fit")
+    torch.testing.assert_close(resumed.tensors["expert"], fresh.tensors["expert"])
+
+
+def test_corrupted_shard_is_rebuilt(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, caplog):
+    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    dm.setup("fit")
+    shard = Path(dm.cache_dir) / "paired" / dm.cache_keys["data"] / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as a crash mid-copy would leave it
+    again = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
+    again.setup("fit")
+    assert "rebuilt" in caplog.text
+    assert [entry["shard"] for entry in build_log(again)].count(1) == 2
+    torch.testing.assert_close(again.tensors["target"], dm.tensors["target"])
+
+
+def test_alignment_source_trains_on_unlabelled_texts(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"the {w} is big"}) + "\n" for w in ["cat", "dog", "sun", "moon", "tree"]))
+    align = DataSource(str(texts), format=ExampleFormat(kind="text", label_field=None, id_field=None))
+    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, alignment_data=align)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["expert"].shape[0] == 5 and (batch["label"] == -1).all()
+    assert "alignment" in dm.cache_keys
+
+
+def test_split_from_files(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
+    from conftest import write_mc_jsonl
+
+    train = write_mc_jsonl(tmp_path / "train.jsonl", 10, seed=1)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(line.replace('"id": "q', '"id": "v') + "\n" for line in write_mc_jsonl(tmp_path / "v.jsonl", 4, seed=2).read_text().splitlines()))
+    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, train, tmp_path, splits=SplitConfig(val_path=str(val)))
+    dm.setup("fit")
+    assert len(dm.questions["train"]) == 10 and len(dm.questions["val"]) == 4 and dm.split_indices["test"] == []
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([{"id": "a", "question": "q ?", "choices": ["x", "y"], "answer": 2}], "not a valid index"),
+        ([{"id": "a", "question": "q ?", "choices": ["x", "y"], "answer": 0}, {"id": "a", "question": "r ?", "choices": ["x", "y"], "answer": 1}], "duplicate ids"),
+        ([{"id": "a", "question": "", "choices": ["x", "y"], "answer": 0}], "empty"),
+        ([{"id": "a", "question": "q ?", "choices": ["x"], "answer": 0}], "at least two"),
+    ],
+)
+def test_bad_multiple_choice_rows(tiny_gpt2_dir, tiny_llama_dir, tmp_path, rows, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=match):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, path, tmp_path).setup("fit")
+
+
+def test_bad_sources(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, tmp_path / "missing.jsonl", tmp_path).setup("fit")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(ValueError, match="empty"):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, empty, tmp_path, data=DataSource(str(empty), format=ExampleFormat(kind="text"))).setup("fit")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "a"}\n{"id": \n')
+    with pytest.raises(ValueError, match="broken.jsonl:2"):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, broken, tmp_path).setup("fit")
+    with pytest.raises(KeyError, match="no column"):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, data=DataSource(str(mc_jsonl), format=ExampleFormat(kind="text"))).setup("fit")
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("text,label\n" + "".join(f"the cat {i},1\n" for i in range(20)))
+    with pytest.raises(ValueError, match="only one class"):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, one_class, tmp_path, data=DataSource(str(one_class), format=ExampleFormat(kind="text"))).setup("fit")
+    with pytest.raises(ValueError, match="out of range"):
+        make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[9])).setup("fit")
+
+
+def test_long_texts_are_truncated_with_one_warning(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, caplog):
+    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[1], max_length=8))
+    dm.setup("fit")
+    assert "truncated from the left" in caplog.text
