@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -55,6 +55,7 @@ class ModelIdentity:
         return self.name == other.name
 
     def describe(self) -> str:
+        """Name and fingerprint, for error messages."""
         return f"{self.name!r} (fingerprint {self.fingerprint or 'unknown'})"
 
 
@@ -84,7 +85,7 @@ class SteeringBundle:
     data_key: str = ""
     cache_key: str = ""
     package_version: str = __version__
-    format_version: int = FORMAT_VERSION
+    format_version: int = FORMAT_VERSION  # of the file it was loaded from; save always writes FORMAT_VERSION
     created_at: str = field(default_factory=_now)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -96,10 +97,10 @@ class SteeringBundle:
             )
         if not self.vectors:
             raise ValueError("A steering bundle needs at least one target layer vector.")
-        layers = sorted(self.vectors)
-        bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
+        bad = [layer for layer in self.vectors if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
         if bad:
             raise ValueError(f"Target layers must be 0-based block indices (ints >= 0), got {bad}.")
+        layers = sorted(self.vectors)
         if set(self.norms) != set(layers):
             raise ValueError(f"The bundle has vectors for layers {layers} but norms for {sorted(self.norms)}.")
         self.vectors = {layer: _unit_vector(self.vectors[layer], layer) for layer in layers}
@@ -124,6 +125,8 @@ class SteeringBundle:
                 raise ValueError("mi_expert_layers/mi_target_layers are set but the MI matrix mi is missing.")
             return
         self.mi = self.mi.detach().float().cpu().contiguous()
+        self.mi_expert_layers = [int(layer) for layer in self.mi_expert_layers]
+        self.mi_target_layers = [int(layer) for layer in self.mi_target_layers]
         expected = (len(self.mi_expert_layers), len(self.mi_target_layers))
         if tuple(self.mi.shape) != expected:
             raise ValueError(
@@ -136,9 +139,19 @@ class SteeringBundle:
         """The steered target layers, ascending."""
         return list(self.vectors)
 
-    @property
-    def hidden_size(self) -> int:
-        return next(iter(self.vectors.values())).shape[0]
+    @classmethod
+    def from_directions(
+        cls, method: str, directions: Mapping[int, torch.Tensor], norms: Mapping[int, float], target: ModelIdentity,
+        **fields: Any,
+    ) -> "SteeringBundle":
+        """A bundle from raw directions of any length: each is normalised to a unit vector."""
+        vectors = {}
+        for layer, direction in directions.items():
+            length = direction.detach().float().norm()
+            if not torch.isfinite(length) or length == 0:
+                raise ValueError(f"The direction of layer {layer} is zero or not finite, so it cannot be normalised.")
+            vectors[layer] = direction.detach().float() / length
+        return cls(method=method, vectors=vectors, norms=dict(norms), target=target, **fields)
 
     def steering_kwargs(self, coefficient: float) -> dict[str, Any]:
         """Keyword arguments for :func:`es_lightning.steering.hooks.steer`: ``steer(model, **kwargs)``."""
@@ -150,8 +163,8 @@ class SteeringBundle:
         return {
             "method": self.method,
             "target_layers": self.layers,
-            "target": vars(self.target),
-            "expert": vars(self.expert) if self.expert else None,
+            "target": asdict(self.target),
+            "expert": asdict(self.expert) if self.expert else None,
             "layer_pairs": [list(pair) for pair in self.layer_pairs],
             "mi_expert_layers": list(self.mi_expert_layers),
             "mi_target_layers": list(self.mi_target_layers),
@@ -177,7 +190,7 @@ class SteeringBundle:
         }
         if self.mi is not None:
             tensors["mi"] = self.mi
-        header = {"format": FORMAT, "format_version": str(self.format_version), "bundle": body}
+        header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "bundle": body}
         atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         return path
 
@@ -185,15 +198,15 @@ class SteeringBundle:
     def load(cls, path: str | Path, expected_target: ModelIdentity | LoadedModel | None = None) -> "SteeringBundle":
         """Read and validate a bundle; with ``expected_target``, refuse a bundle made for another model."""
         header, tensors = _read_safetensors(Path(path))
-        meta = json.loads(header["bundle"])
-        layers = meta["target_layers"]
-        vectors, norms = tensors["vectors"], tensors["norms"]
-        if vectors.ndim != 2 or vectors.shape[0] != len(layers) or tuple(norms.shape) != (len(layers),):
-            raise ValueError(
-                f"{str(path)!r} is inconsistent: {len(layers)} target layers but vectors {tuple(vectors.shape)} "
-                f"and norms {tuple(norms.shape)}. The file is damaged; recreate it."
-            )
         try:
+            meta = json.loads(header["bundle"])
+            layers = meta["target_layers"]
+            vectors, norms = tensors["vectors"], tensors["norms"]
+            if vectors.ndim != 2 or vectors.shape[0] != len(layers) or tuple(norms.shape) != (len(layers),):
+                raise ValueError(
+                    f"{len(layers)} target layers but vectors of shape {tuple(vectors.shape)} and norms of "
+                    f"shape {tuple(norms.shape)}"
+                )
             bundle = cls(
                 method=meta["method"],
                 vectors={layer: vectors[i] for i, layer in enumerate(layers)},
@@ -211,8 +224,9 @@ class SteeringBundle:
                 created_at=meta["created_at"],
                 extra=meta["extra"],
             )
-        except ValueError as err:
-            raise ValueError(f"{str(path)!r} is not a valid steering bundle: {err}") from err
+        except (ValueError, KeyError, TypeError) as err:
+            detail = f"missing metadata field {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{str(path)!r} is not a valid steering bundle: {detail}") from err
         if expected_target is not None:
             expected = ModelIdentity.of(expected_target) if isinstance(expected_target, LoadedModel) else expected_target
             if not bundle.target.matches(expected):
@@ -284,10 +298,11 @@ def load_control_vector_gguf(path: str | Path) -> ControlVector:
         if prefix != "direction" or not index.isdigit():
             raise ValueError(f"{str(path)!r} holds tensor {tensor.name!r}; a control vector has only 'direction.N'.")
         directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    return ControlVector(
+    hint, count = fields.get("controlvector.model_hint"), fields.get("controlvector.layer_count")
+    return ControlVector(  # llama.cpp ignores both metadata keys, so files without them are accepted
         directions=dict(sorted(directions.items())),
-        model_hint=fields["controlvector.model_hint"].contents(),
-        layer_count=int(fields["controlvector.layer_count"].contents()),
+        model_hint=hint.contents() if hint else "",
+        layer_count=int(count.contents()) if count else len(directions),
     )
 
 
@@ -336,8 +351,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
             f"supports (up to {FORMAT_VERSION}). Upgrade: pip install -U es-lightning"
         )
     missing = [name for name in ("vectors", "norms") if name not in tensors]
-    if json.loads(header["bundle"]).get("mi_expert_layers") and "mi" not in tensors:
-        missing.append("mi")
     if missing:
         raise ValueError(f"{str(path)!r} lacks the tensors {missing}; the file is incomplete. Recreate the bundle.")
     return header, tensors
@@ -372,15 +385,3 @@ def load_bundles(
         bundles[bundle.method] = bundle
     return bundles
 
-
-def bundle_from_directions(
-    method: str, directions: Mapping[int, torch.Tensor], norms: Mapping[int, float], target: ModelIdentity, **fields: Any
-) -> SteeringBundle:
-    """A bundle from raw (not necessarily unit) directions: each is normalised to a unit vector."""
-    vectors = {}
-    for layer, direction in directions.items():
-        length = direction.detach().float().norm()
-        if not torch.isfinite(length) or length == 0:
-            raise ValueError(f"The direction of layer {layer} is zero or not finite; it has no direction to normalise.")
-        vectors[layer] = direction.detach().float() / length
-    return SteeringBundle(method=method, vectors=vectors, norms=dict(norms), target=target, **fields)

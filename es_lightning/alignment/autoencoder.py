@@ -1,0 +1,266 @@
+"""Step 1 of ExpertSteer: per expert layer, an affine auto-encoder between expert and target widths."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import CosineSimilarity, ExplainedVariance, MeanMetric, MeanSquaredError
+
+from es_lightning.alignment.layer_map import proportional_layer_map, validate_layer_map
+from es_lightning.data.cache import PairedLayout
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("reconstruction", "paired")
+CHECKPOINT_KEY = "es_lightning"
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least-squares ``W`` with ``x @ W ≈ y`` (centred inputs), Tikhonov-regularised relative to the trace."""
+    gram = x.T @ x
+    scale = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + scale * eye, x.T @ y)
+
+
+class AlignmentAutoEncoder(L.LightningModule):
+    """For every captured expert layer i: encoder f_i: R^{d_E}->R^{d_T} and decoder g_i: R^{d_T}->R^{d_E}.
+
+    Inputs are standardised per layer (per-feature mean, one scalar scale, from the train split only; a
+    scalar scale keeps directions intact). Objectives: ``reconstruction`` (the paper as reported:
+    ||h_E - g(f(h_E))||^2) and ``paired`` (ours, default: reconstruction + ``pair_weight`` *
+    ||f(h_E,i) - h_T,j(i)||^2 on standardised target states). All layers run in one batched einsum.
+    Weights are seeded with the closed-form solution (PCA for reconstruction, ridge least squares for
+    paired) and then trained. Layer shapes come from the DataModule's cache layout at ``setup``.
+    """
+
+    def __init__(
+        self,
+        objective: Literal["reconstruction", "paired"] = "paired",
+        pair_weight: float = 1.0,
+        layer_map: dict[int, int] | None = None,
+        closed_form_init: bool = True,
+        ridge: float = 1e-2,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"Unknown objective {objective!r}: use one of {list(OBJECTIVES)} ('paired' is the default).")
+        if pair_weight < 0:
+            raise ValueError(f"pair_weight must be >= 0, got {pair_weight}.")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.objective = objective
+        self.pair_weight = pair_weight
+        self.declared_layer_map = layer_map
+        self.closed_form_init = closed_form_init
+        self.ridge = ridge
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.layout: PairedLayout | None = None
+        self.layer_map: dict[int, int] = {}
+        self.cache_keys: dict[str, str] = {}
+        self.extra: dict[str, Any] = {}  # filled by callbacks: layer pairs, MI matrix, bundle paths
+
+    # ------------------------------------------------------------------------------- structure
+    @property
+    def is_built(self) -> bool:
+        return self.layout is not None
+
+    def build(self, layout: PairedLayout, layer_map: dict[int, int]) -> None:
+        """Create parameters, buffers and metrics for ``layout`` (idempotent for the same layout)."""
+        if self.layout is not None:
+            if self.layout != layout:
+                raise ValueError(
+                    "This auto-encoder was built for another cache layout (models or layers) than the data module's. "
+                    "Fix: use the config the checkpoint was trained with, or start a new run."
+                )
+            return
+        n_layers, d_e, d_t = len(layout.expert.layers), layout.expert.hidden_size, layout.target.hidden_size
+        self.layout, self.layer_map = layout, layer_map
+        self.enc_weight = nn.Parameter(torch.zeros(n_layers, d_t, d_e))
+        self.enc_bias = nn.Parameter(torch.zeros(n_layers, d_t))
+        self.dec_weight = nn.Parameter(torch.zeros(n_layers, d_e, d_t))
+        self.dec_bias = nn.Parameter(torch.zeros(n_layers, d_e))
+        self.register_buffer("expert_mean", torch.zeros(n_layers, d_e))
+        self.register_buffer("expert_scale", torch.ones(n_layers))
+        n_target = len(layout.target.layers)
+        self.register_buffer("target_mean", torch.zeros(n_target, layout.target.hidden_size))
+        self.register_buffer("target_scale", torch.ones(n_target))
+        target_pos = {layer: k for k, layer in enumerate(layout.target.layers)}
+        self.register_buffer("paired_index", torch.tensor([target_pos[layer_map[i]] for i in layout.expert.layers]))
+        self.val_metrics = nn.ModuleDict({
+            "mse": nn.ModuleList(MeanSquaredError() for _ in range(n_layers)),
+            "explained_variance": nn.ModuleList(ExplainedVariance(multioutput="variance_weighted") for _ in range(n_layers)),
+            "pair_cosine": nn.ModuleList(CosineSimilarity(reduction="mean") for _ in range(n_layers)),
+        })
+        self.val_loss = MeanMetric()
+
+    def _layer_map_for(self, layout: PairedLayout) -> dict[int, int]:
+        if self.declared_layer_map is not None:
+            return validate_layer_map(self.declared_layer_map, layout.expert_layers, layout.target_layers)
+        return proportional_layer_map(layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers)
+
+    # ----------------------------------------------------------------------------------- maths
+    def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None):
+        """Standardise raw states ``[B, L, d]`` with the stored train-split statistics."""
+        xs = (expert - self.expert_mean) / self.expert_scale[:, None]
+        ys = None if target is None else (target - self.target_mean) / self.target_scale[:, None]
+        return xs, ys
+
+    def encode(self, expert_std: torch.Tensor) -> torch.Tensor:
+        """f_i for all layers at once: ``[B, L_E, d_E] -> [B, L_E, d_T]`` (standardised spaces)."""
+        return torch.einsum("bld,ltd->blt", expert_std, self.enc_weight) + self.enc_bias
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        """g_i for all layers at once: ``[B, L_E, d_T] -> [B, L_E, d_E]``."""
+        return torch.einsum("blt,ldt->bld", code, self.dec_weight) + self.dec_bias
+
+    def encoder_linear(self, expert_layer: int) -> torch.Tensor:
+        """The linear part ``[d_T, d_E]`` of f_i for an expert layer (absolute block index); maps directions."""
+        return self.enc_weight[self.layout.expert_layers.index(expert_layer)].detach()
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-layer reconstruction and pairing losses ``[L_E]`` plus the scalar total."""
+        xs, ys = self.standardise(batch["expert"], batch["target"])
+        code = self.encode(xs)
+        recon = self.decode(code)
+        out = {"recon": (recon - xs).pow(2).mean(dim=(0, 2)), "code": code, "recon_x": recon, "xs": xs}
+        total = out["recon"].mean()
+        if self.objective == "paired":
+            paired_target = ys[:, self.paired_index]
+            out["pair"] = (code - paired_target).pow(2).mean(dim=(0, 2))
+            out["paired_target"] = paired_target
+            total = total + self.pair_weight * out["pair"].mean()
+        out["total"] = total
+        return out
+
+    # ---------------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def fit_statistics_and_init(self, expert: torch.Tensor, target: torch.Tensor) -> None:
+        """Standardisation statistics from the train split, then the closed-form seed of the weights."""
+        self.expert_mean.copy_(expert.mean(0))
+        self.expert_scale.copy_((expert - expert.mean(0)).pow(2).sum(-1).mean(0).sqrt().clamp_min(1e-6) / expert.shape[-1] ** 0.5)
+        self.target_mean.copy_(target.mean(0))
+        self.target_scale.copy_((target - target.mean(0)).pow(2).sum(-1).mean(0).sqrt().clamp_min(1e-6) / target.shape[-1] ** 0.5)
+        xs, ys = self.standardise(expert, target)
+        d_e, d_t = xs.shape[-1], ys.shape[-1]
+        for k in range(xs.shape[1]):
+            x = xs[:, k].double()
+            if not self.closed_form_init:
+                nn.init.xavier_uniform_(self.enc_weight.data[k])
+                nn.init.xavier_uniform_(self.dec_weight.data[k])
+                continue
+            x_mean = x.mean(0)
+            xc = x - x_mean
+            if self.objective == "paired":
+                y = ys[:, self.paired_index[k]].double()
+                w = _ridge(xc, y - y.mean(0), self.ridge)  # [d_E, d_T]
+                enc_w, enc_b = w.T, y.mean(0) - x_mean @ w
+            else:
+                _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+                basis = torch.zeros(d_t, d_e, dtype=x.dtype)
+                rank = min(d_t, vh.shape[0])
+                basis[:rank] = vh[:rank]
+                enc_w, enc_b = basis, -(basis @ x_mean)
+            code = x @ enc_w.T + enc_b
+            code_mean = code.mean(0)
+            dec = _ridge(code - code_mean, xc, self.ridge)  # [d_T, d_E]
+            self.enc_weight.data[k] = enc_w.float()
+            self.enc_bias.data[k] = enc_b.float()
+            self.dec_weight.data[k] = dec.T.float()
+            self.dec_bias.data[k] = (x_mean - code_mean @ dec).float()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or getattr(datamodule, "layout", None) is None:
+            if not self.is_built:
+                raise RuntimeError("AlignmentAutoEncoder needs a PairedHiddenStatesDataModule: pass one to the Trainer.")
+            return
+        if self.is_built:
+            self.build(datamodule.layout, self.layer_map)  # validates the layout
+            self.cache_keys = dict(datamodule.cache_keys)
+            return
+        self.build(datamodule.layout, self._layer_map_for(datamodule.layout))
+        self.cache_keys = dict(datamodule.cache_keys)
+        train = datamodule.alignment_split()
+        self.fit_statistics_and_init(train["expert"], train["target"])
+
+    # --------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch)
+        self.log("train/loss", out["total"], prog_bar=True, batch_size=batch["expert"].shape[0])
+        self.log("train/recon_mse", out["recon"].mean(), batch_size=batch["expert"].shape[0])
+        if "pair" in out:
+            self.log("train/pair_mse", out["pair"].mean(), batch_size=batch["expert"].shape[0])
+        return out["total"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.losses(batch)
+        self.val_loss.update(out["total"], weight=batch["expert"].shape[0])
+        for k in range(out["xs"].shape[1]):
+            recon, original = out["recon_x"][:, k].contiguous(), out["xs"][:, k].contiguous()
+            self.val_metrics["mse"][k].update(recon, original)
+            self.val_metrics["explained_variance"][k].update(recon, original)
+            if self.objective == "paired":
+                self.val_metrics["pair_cosine"][k].update(out["code"][:, k].contiguous(), out["paired_target"][:, k].contiguous())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+        names = ["mse", "explained_variance"] + (["pair_cosine"] if self.objective == "paired" else [])
+        for name in names:
+            values = []
+            for k, metric in enumerate(self.val_metrics[name]):
+                value = metric.compute()
+                values.append(value)
+                self.log(f"val/{name}/layer{self.layout.expert_layers[k]}", value)
+                metric.reset()
+            self.log(f"val/{name}", torch.stack(values).mean(), prog_bar=name != "mse")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        raise NotImplementedError(
+            "`es-lightning test` (steering evaluation) is not implemented yet; use `validate` for auto-encoder metrics."
+        )
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        raise NotImplementedError("`es-lightning predict` (steered generation) is not implemented yet.")
+
+    def configure_optimizers(self):
+        optimizer = (self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)))(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # --------------------------------------------------------------------------- checkpointing
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "layout": self.layout.to_dict() if self.layout else None,
+            "layer_map": {str(k): v for k, v in self.layer_map.items()},
+            "cache_keys": self.cache_keys,
+            "objective": self.objective,
+            **self.extra,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY) or {}
+        if not saved.get("layout"):
+            raise ValueError("This checkpoint has no es-lightning layout: it was not written by AlignmentAutoEncoder.")
+        layout = PairedLayout.from_dict(saved["layout"])
+        layer_map = {int(k): int(v) for k, v in saved["layer_map"].items()}
+        if self.is_built and self.layout != layout:
+            raise ValueError(
+                f"The checkpoint was trained for expert {layout.expert.name} layers {layout.expert_layers} and target "
+                f"{layout.target.name} layers {layout.target_layers}, but this run's cache holds expert "
+                f"{self.layout.expert.name} layers {self.layout.expert_layers} and target {self.layout.target.name} "
+                f"layers {self.layout.target_layers}. Fix: resume with the checkpoint's config, or drop --ckpt_path."
+            )
+        self.build(layout, layer_map)
+        self.cache_keys = saved.get("cache_keys", {})
+        self.extra = {k: v for k, v in saved.items() if k not in {"layout", "layer_map", "cache_keys", "objective"}}
