@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 WORDS = (
     "the a an is are was not yes no maybe true false question answer what where who why how "
@@ -115,3 +116,28 @@ def write_mc_jsonl(path: Path, n_questions: int = 24, seed: int = 0) -> Path:
 @pytest.fixture()
 def mc_jsonl(tmp_path) -> Path:
     return write_mc_jsonl(tmp_path / "mc.jsonl")
+
+
+def write_two_choice_jsonl(path: Path, n_questions: int = 20) -> Path:
+    """Multiple choice with exactly two choices per question, so every split has an even number of rows."""
+    subjects = ["cat", "dog", "fish", "bird", "tree", "sun", "moon", "star", "sky", "water"]
+    with open(path, "w") as handle:
+        for q in range(n_questions):
+            subject, size = subjects[q % 10], ["big", "small"][q % 2]
+            choices = [f"the {subject} is {size} and true", f"the {subject} is red and bad"]
+            answer = q % 2
+            if answer:
+                choices.reverse()
+            handle.write(json.dumps({"id": f"q{q}", "question": f"what is the {size} {subject} ?", "choices": choices, "answer": answer}) + "\n")
+    return path
+
+
+class DieAtStep(Callback):
+    """A Lightning callback that kills training at a given global step (simulates a crash)."""
+
+    def __init__(self, step: int = 1):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash at step {trainer.global_step}")

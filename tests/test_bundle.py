@@ -228,7 +228,7 @@ def test_directory_of_bundles(tmp_path):
     with pytest.raises(ValueError, match="one bundle per method"):
         save_bundles(tmp_path / "other", [make_bundle(), make_bundle(seed=1)])
     (tmp_path / "bundles" / "expertsteer.safetensors").rename(tmp_path / "bundles" / "renamed.safetensors")
-    with pytest.raises(ValueError, match="file name must be expertsteer.safetensors"):
+    with pytest.raises(ValueError, match="rename it to expertsteer.safetensors"):
         load_bundles(tmp_path / "bundles")
     with pytest.raises(FileNotFoundError, match="No steering bundles"):
         load_bundles(tmp_path / "empty")
@@ -250,7 +250,8 @@ def test_gguf_export_round_trip(tmp_path):
     for layer, direction in control.directions.items():
         expected = (bundle.vectors[layer].double() * (-2.5 * bundle.norms[layer])).float()
         assert torch.equal(direction, expected)
-    assert load_control_vector_gguf(bundle.export_gguf(tmp_path / "hint.gguf", 1.0, model_hint="gemma3")).model_hint == "gemma3"
+    hinted = bundle.export_gguf(tmp_path / "hint.gguf", 1.0, model_hint="gemma3")
+    assert load_control_vector_gguf(hinted).model_hint == "gemma3"
 
 
 def test_gguf_export_errors(tmp_path):

@@ -155,7 +155,8 @@ def test_steering_adds_exactly_the_scaled_vector(tiny, arch):
     with steer(model, {1: vector}, 2.5, norms={1: 4.0}):
         steered, steered_block = run()  # this observer hook runs after the steering hook
     assert not torch.allclose(steered, plain, atol=1e-3)
-    torch.testing.assert_close(steered_block - plain_block, (10.0 * vector).expand_as(plain_block), atol=1e-5, rtol=1e-5)
+    expected = (10.0 * vector).expand_as(plain_block)
+    torch.testing.assert_close(steered_block - plain_block, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])

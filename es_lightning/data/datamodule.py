@@ -9,7 +9,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from es_lightning.data.cache import PairedCache, PairedLayout, build_shards, cache_key, examples_fingerprint
@@ -240,7 +240,12 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return self.alignment_tensors if self.alignment_tensors is not None else self.split("train")
 
     def _loader(self, tensors: dict[str, torch.Tensor], indices: list[int], shuffle: bool) -> DataLoader:
-        return DataLoader(PairedStates(tensors, indices), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        dataset = PairedStates(tensors, indices)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # A DistributedSampler even on one process: its shuffle depends only on (seed, epoch), so a resumed
+        # run sees the same batches as an uninterrupted one, and Lightning keeps it as is under DDP.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.split_config.seed, drop_last=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         if self.alignment_tensors is not None:

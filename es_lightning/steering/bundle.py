@@ -228,7 +228,9 @@ class SteeringBundle:
             detail = f"missing metadata field {err}" if isinstance(err, KeyError) else str(err)
             raise ValueError(f"{str(path)!r} is not a valid steering bundle: {detail}") from err
         if expected_target is not None:
-            expected = ModelIdentity.of(expected_target) if isinstance(expected_target, LoadedModel) else expected_target
+            expected = expected_target
+            if isinstance(expected, LoadedModel):
+                expected = ModelIdentity.of(expected)
             if not bundle.target.matches(expected):
                 raise ValueError(
                     f"The bundle {str(path)!r} was made for target model {bundle.target.describe()}, but the target "
@@ -291,7 +293,9 @@ def load_control_vector_gguf(path: str | Path) -> ControlVector:
     reader = gguf.GGUFReader(path)
     fields = reader.fields
     if "general.architecture" not in fields or fields["general.architecture"].contents() != "controlvector":
-        raise ValueError(f"{str(path)!r} is a GGUF file but not a control vector (general.architecture != 'controlvector').")
+        raise ValueError(
+            f"{str(path)!r} is a GGUF file but not a control vector (general.architecture is not 'controlvector')."
+        )
     directions = {}
     for tensor in reader.tensors:
         prefix, _, index = tensor.name.partition(".")
@@ -381,7 +385,9 @@ def load_bundles(
     for path in paths:
         bundle = SteeringBundle.load(path, expected_target)
         if bundle.method != path.stem:
-            raise ValueError(f"{str(path)!r} holds method {bundle.method!r}; its file name must be {bundle.method}.safetensors.")
+            raise ValueError(
+                f"{str(path)!r} holds method {bundle.method!r}; rename it to {bundle.method}.safetensors."
+            )
         bundles[bundle.method] = bundle
     return bundles
 

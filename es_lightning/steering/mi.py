@@ -76,17 +76,28 @@ def _options(method: str, options: dict[str, Any]) -> MIOptions:
 
 
 def _as_array(x: torch.Tensor | np.ndarray, name: str, ndim: int) -> np.ndarray:
+    """``x`` as a float numpy array of ``ndim`` dimensions (1-D is read as [n, 1]).
+
+    [n, d] inputs become float64; [n, layers, d] stacks stay float32/float64 (others become float32) so a
+    stack of many wide layers is not copied or doubled in memory: each layer is upcast on its own.
+    """
     if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float64).numpy()
-    x = np.asarray(x, dtype=np.float64)
+        x = x.detach().cpu()
+        x = (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
+    x = np.asarray(x)
+    if ndim == 2 or x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64 if ndim == 2 else np.float32)
     if ndim == 2 and x.ndim == 1:
         x = x[:, None]
     if x.ndim != ndim:
         expected = "[n, d]" if ndim == 2 else "[n, layers, d]"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}; reshape it to {expected}.")
+    return x
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf values; drop or impute those samples before estimating MI.")
-    return x
 
 
 def _check_sizes(n_a: int, n_b: int, d_a: int, d_b: int, opts: MIOptions) -> None:
@@ -101,9 +112,13 @@ def _check_sizes(n_a: int, n_b: int, d_a: int, d_b: int, opts: MIOptions) -> Non
         )
 
 
-def _whitened_components(x: np.ndarray, opts: MIOptions) -> np.ndarray:
-    """Top principal-component scores of ``x`` [n, d], each scaled to unit variance: [n, <= n_components]."""
-    x = x - x.mean(axis=0)
+def _whitened_components(x: np.ndarray, opts: MIOptions, side: int, name: str) -> np.ndarray:
+    """Top principal-component scores of ``x`` [n, d], each scaled to unit variance: [n, <= n_components].
+
+    ``side`` (0 for a / expert, 1 for b / target) picks an independent jitter stream for KSG.
+    """
+    _check_finite(x, name)
+    x = x.astype(np.float64) - x.mean(axis=0, dtype=np.float64)
     if opts.standardize:
         std = x.std(axis=0)
         x = x / np.where(std > 0, std, 1.0)
@@ -115,10 +130,10 @@ def _whitened_components(x: np.ndarray, opts: MIOptions) -> np.ndarray:
         u, s, _ = randomized_svd(x, k, n_oversamples=10, n_iter=5, random_state=opts.seed)
     keep = s[:k] > 1e-10 * max(s[0], 1e-300)
     if not keep.any():
-        raise ValueError("An input is constant across samples, so it carries no information; check the captured states.")
+        raise ValueError(f"{name} is constant across samples, so it carries no information; check the captured states.")
     z = u[:, :k][:, keep] * np.sqrt(n - 1)
     if opts.method == "ksg":
-        z = z + _JITTER * np.random.default_rng(opts.seed).standard_normal(z.shape)
+        z = z + _JITTER * np.random.default_rng([opts.seed, side]).standard_normal(z.shape)
     return z
 
 
@@ -165,7 +180,7 @@ def mutual_information(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarra
     opts = _options(method, dict(options))
     a_arr, b_arr = _as_array(a, "a", 2), _as_array(b, "b", 2)
     _check_sizes(a_arr.shape[0], b_arr.shape[0], a_arr.shape[1], b_arr.shape[1], opts)
-    za, zb = _whitened_components(a_arr, opts), _whitened_components(b_arr, opts)
+    za, zb = _whitened_components(a_arr, opts, 0, "a"), _whitened_components(b_arr, opts, 1, "b")
     if opts.method == "gaussian":
         return _gaussian_mi(za, zb, opts.shrinkage)
     return _ksg_mi(za, zb, opts.k)
@@ -186,8 +201,8 @@ def mi_matrix(
     opts = _options(method, dict(options))
     expert, target = _as_array(expert_states, "expert_states", 3), _as_array(target_states, "target_states", 3)
     _check_sizes(expert.shape[0], target.shape[0], expert.shape[2], target.shape[2], opts)
-    za = [_whitened_components(expert[:, i], opts) for i in range(expert.shape[1])]
-    zb = [_whitened_components(target[:, j], opts) for j in range(target.shape[1])]
+    za = [_whitened_components(expert[:, i], opts, 0, f"expert_states layer {i}") for i in range(expert.shape[1])]
+    zb = [_whitened_components(target[:, j], opts, 1, f"target_states layer {j}") for j in range(target.shape[1])]
     out = torch.zeros(len(za), len(zb), dtype=torch.float64)
     if opts.method == "gaussian":
         for i, a in enumerate(za):

@@ -1,0 +1,107 @@
+"""The alignment auto-encoder: closed-form seeding, batched maths, layer maps and bad input."""
+
+import pytest
+import torch
+
+from es_lightning.alignment import AlignmentAutoEncoder
+from es_lightning.alignment.layer_map import proportional_layer_map, validate_layer_map
+from es_lightning.data.cache import PairedLayout
+from es_lightning.models.spec import ModelInfo
+
+
+def layout(d_e=12, d_t=8, expert_layers=(0, 2, 3), target_layers=(1, 5)):
+    return PairedLayout(
+        ModelInfo("e", "/e", "fe", "gpt2", 4, d_e, tuple(expert_layers)),
+        ModelInfo("t", "/t", "ft", "llama", 6, d_t, tuple(target_layers)),
+        "last",
+    )
+
+
+def paired_data(n=400, d_e=12, d_t=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    expert = torch.randn(n, 3, d_e, generator=g) * 3 + 1
+    maps = torch.randn(3, d_t, d_e, generator=g)
+    target_of_layer = torch.einsum("nld,ltd->nlt", expert, maps)
+    target = torch.stack([target_of_layer[:, 0], target_of_layer[:, 2]], dim=1) + 0.01 * torch.randn(n, 2, d_t, generator=g)
+    return expert, target
+
+
+def built(objective="paired", **kwargs):
+    module = AlignmentAutoEncoder(objective=objective, **kwargs)
+    lay = layout()
+    module.build(lay, {0: 1, 2: 5, 3: 5})
+    return module
+
+
+def test_proportional_layer_map():
+    assert proportional_layer_map([0, 9, 17], [0, 10, 20, 29], 18, 30) == {0: 0, 9: 20, 17: 29}  # 9/17 of 29 blocks = 15.4 -> 20
+
+
+def test_layer_map_errors_name_the_fix():
+    with pytest.raises(ValueError, match="not captured"):
+        validate_layer_map({0: 1, 2: 9, 3: 5}, [0, 2, 3], [1, 5])
+    with pytest.raises(ValueError, match="have no target"):
+        validate_layer_map({0: 1}, [0, 2, 3], [1, 5])
+
+
+def test_unknown_objective():
+    with pytest.raises(ValueError, match="Unknown objective"):
+        AlignmentAutoEncoder(objective="contrastive")
+
+
+def test_closed_form_paired_init_recovers_the_linear_map():
+    module = built(ridge=1e-6)
+    expert, target = paired_data()
+    module.fit_statistics_and_init(expert, target)
+    out = module.losses({"expert": expert, "target": target})
+    assert out["pair"][0] < 1e-3  # expert layer 0 -> target layer 1 is exactly linear in the data
+    assert out["recon"].max() < 0.36  # isotropic 12-d input through an 8-d code loses at most 4/12 of the variance
+    cos = torch.nn.functional.cosine_similarity(out["code"][:, 0], out["paired_target"][:, 0], dim=-1)
+    assert cos.mean() > 0.99
+
+
+def test_reconstruction_init_is_pca():
+    module = built(objective="reconstruction", ridge=1e-7)
+    g = torch.Generator().manual_seed(1)
+    low_rank = torch.randn(300, 3, 6, generator=g) @ torch.randn(6, 12, generator=g)
+    target = torch.randn(300, 2, 8, generator=g)
+    module.fit_statistics_and_init(low_rank, target)
+    out = module.losses({"expert": low_rank, "target": target})
+    assert "pair" not in out and out["recon"].max() < 1e-4  # rank 6 < d_T = 8: PCA reconstructs exactly
+
+
+def test_batched_maths_equals_a_loop_over_layers():
+    module = built()
+    expert, target = paired_data(n=32)
+    module.fit_statistics_and_init(expert, target)
+    xs, _ = module.standardise(expert)
+    code = module.encode(xs)
+    for k in range(3):
+        manual = xs[:, k] @ module.enc_weight[k].T + module.enc_bias[k]
+        torch.testing.assert_close(code[:, k], manual)
+        torch.testing.assert_close(module.decode(code)[:, k], manual @ module.dec_weight[k].T + module.dec_bias[k])
+
+
+def test_statistics_are_scalar_per_layer_so_directions_survive():
+    module = built()
+    expert, target = paired_data()
+    module.fit_statistics_and_init(expert, target)
+    assert module.expert_scale.shape == (3,) and module.target_scale.shape == (2,)
+    assert module.encoder_linear(2).shape == (8, 12)
+
+
+def test_checkpoint_round_trip_without_trainer(tmp_path):
+    module = built()
+    expert, target = paired_data()
+    module.fit_statistics_and_init(expert, target)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    fresh = AlignmentAutoEncoder()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert fresh.layer_map == {0: 1, 2: 5, 3: 5}
+    torch.testing.assert_close(fresh.encoder_linear(0), module.encoder_linear(0))
+    other = AlignmentAutoEncoder()
+    other.build(layout(expert_layers=(0, 1, 3)), {0: 1, 1: 1, 3: 5})
+    with pytest.raises(ValueError, match="Fix: resume with the checkpoint's config"):
+        other.on_load_checkpoint(checkpoint)

@@ -1,0 +1,101 @@
+"""The es-lightning CLI in-process: fit writes checkpoints, resumption and DDP reproduce a plain run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_two_choice_jsonl
+from es_lightning.cli import build_cli
+
+CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture()
+def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
+    data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
+    return [
+        "--config", str(CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
+        "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
+    ]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_fit_writes_last_and_best_checkpoints_with_everything_later_steps_need(run_args, tmp_path):
+    build_cli(["fit", *run_args, "--run_name", "r1"])
+    run_dir = tmp_path / "runs" / "r1"
+    assert (run_dir / "last.ckpt").exists() and list(run_dir.glob("best-*.ckpt")) and (run_dir / "config.yaml").exists()
+    ckpt = load_ckpt(run_dir / "last.ckpt")
+    meta = ckpt["es_lightning"]
+    assert list(meta["layout"]["target"]["layers"]) == [1, 3] and meta["layout"]["expert"]["hidden_size"] == 48
+    assert meta["cache_keys"]["data"] and meta["layer_map"]
+    assert ckpt["hyper_parameters"]["objective"] == "paired"
+    assert ckpt["state_dict"]["expert_mean"].shape == (3, 48)
+
+
+def test_validate_reports_metrics(run_args, tmp_path):
+    build_cli(["fit", *run_args, "--run_name", "r2"])
+    cli = build_cli(["validate", *run_args, "--run_name", "r2", "--ckpt_path", str(tmp_path / "runs" / "r2" / "last.ckpt")])
+    metrics = cli.trainer.callback_metrics
+    for name in ("val/loss", "val/mse", "val/explained_variance", "val/pair_cosine", "val/mse/layer0"):
+        assert name in metrics
+    assert metrics["val/explained_variance"] > 0.5
+
+
+def test_interrupted_run_resumes_to_the_same_weights_and_step(run_args, tmp_path):
+    args = [*run_args, "--trainer.max_epochs", "4", "--data.batch_size", "8"]
+    straight = build_cli(["fit", *args, "--run_name", "straight"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cli(["fit", *args, "--run_name", "crashed", "--trainer.callbacks+=conftest.DieAtStep", "--trainer.callbacks.step=7"])
+    resumed = build_cli(["fit", *args, "--run_name", "crashed", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == straight.trainer.global_step
+    a, b = load_ckpt(tmp_path / "runs" / "straight" / "last.ckpt"), load_ckpt(tmp_path / "runs" / "crashed" / "last.ckpt")
+    assert a["optimizer_states"][0]["state"][0]["step"] == b["optimizer_states"][0]["state"][0]["step"]
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_a_different_cache_is_refused(run_args, tmp_path):
+    build_cli(["fit", *run_args, "--run_name", "r3"])
+    with pytest.raises(ValueError, match="layers \\[0, 3\\]. Fix: resume"):
+        build_cli(["fit", *run_args, "--run_name", "r3", "--data.target.layers", "[0, 3]", "--ckpt_path", "last", "--trainer.max_epochs", "5"])
+
+
+def test_bad_config_values_are_refused(run_args):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", *run_args, "--model.objective", "contrastive"])
+    with pytest.raises(ValueError, match="layer_map"):
+        build_cli(["fit", *run_args, "--model.layer_map", "{0: 1, 1: 1, 2: 7}"])
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_matches_one_process_and_extracts_once(run_args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    common = [sys.executable, "-m", "es_lightning.cli", "fit", *run_args, "--trainer.max_epochs", "3"]
+    # The train split holds 28 rows: one full batch on one process equals two half batches under DDP.
+    one = subprocess.run([*common, "--run_name", "one", "--data.batch_size", "28"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cache = tmp_path / "cache" / "paired"
+    for key_dir in cache.iterdir():
+        for shard in key_dir.glob("shard-*.safetensors"):
+            shard.unlink()  # force a fresh, distributed extraction with the same key
+        (key_dir / "build-log.jsonl").unlink()
+    two = subprocess.run(
+        [*common, "--run_name", "two", "--data.batch_size", "14", "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+        env=env, capture_output=True, text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    log = [json.loads(line) for key_dir in cache.iterdir() for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
+    shards = [entry["shard"] for entry in log]
+    assert sorted(shards) == sorted(set(shards)) and {entry["rank"] for entry in log} == {0, 1}
+    a, b = load_ckpt(tmp_path / "runs" / "one" / "last.ckpt"), load_ckpt(tmp_path / "runs" / "two" / "last.ckpt")
+    assert a["global_step"] == b["global_step"]
+    for key in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)

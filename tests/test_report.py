@@ -1,0 +1,127 @@
+"""Evaluation report: JSON round trip, markdown table, sweep plot, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from es_lightning.evaluation.plots import plot_coefficient_sweep
+from es_lightning.evaluation.report import (
+    DatasetReport,
+    FoldResult,
+    Report,
+    load_report,
+    method_result,
+    render_markdown,
+    sweep_curve,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def correct_array(n: int, right: set[int]) -> np.ndarray:
+    return np.array([q in right for q in range(n)])
+
+
+def make_report() -> Report:
+    """Two data sets, three methods; on "truthfulqa" expertsteer wins 9/1 vs none and 6/0 vs random."""
+    n = 20
+    none = correct_array(n, set(range(8)))  # 8 right
+    random = correct_array(n, set(range(9)) - {0} | {10})  # 9 right
+    steer = correct_array(n, set(range(8)) - {0} | set(range(8, 17)))  # 16 right
+
+    def folds(acc_sum, acc_mean, coefficients):
+        return [FoldResult(i, c, s, m, 10) for i, (s, m, c) in enumerate(zip(acc_sum, acc_mean, coefficients))]
+
+    sweep = sweep_curve([{0.0: 0.4, 2.0: 0.6, 4.0: 0.7}, {4.0: 0.5, 0.0: 0.3, 2.0: 0.8}])
+    random_sweep = sweep_curve([{0.0: 0.4, 2.0: 0.42, 4.0: 0.38}, {0.0: 0.3, 2.0: 0.33, 4.0: 0.31}])
+    truthful = DatasetReport(
+        dataset="truthfulqa",
+        n_questions=n,
+        methods=(
+            method_result("none", folds([0.4, 0.4], [0.5, 0.3], [None, None])),
+            method_result("random", folds([0.45, 0.45], [0.5, 0.4], [4.0, 2.0]), random, correct_none=none, sweep=random_sweep),
+            method_result(
+                "expertsteer", folds([0.8, 0.8], [0.7, 0.9], [4.0, 2.0]), steer, correct_none=none,
+                correct_random=random, sweep=sweep,
+            ),
+        ),
+    )
+    pubmed = DatasetReport(
+        dataset="pubmedqa",
+        n_questions=n,
+        methods=(
+            method_result("none", folds([0.5, 0.6], [0.5, 0.6], [None, None])),
+            method_result("expertsteer", folds([0.5, 0.6], [0.5, 0.6], [1.0, 1.0]), none, none, none),
+        ),
+    )
+    return Report(model="tiny-llama", scoring="mean", alpha=0.05, k=2, fold_mode="random", datasets=(truthful, pubmed))
+
+
+def test_method_result_tests_and_verdict():
+    report = make_report()
+    truthful, pubmed = report.datasets
+    steer = truthful.methods[2]
+    assert (steer.vs_none.wins, steer.vs_none.losses, steer.vs_none.ties) == (9, 1, 10)
+    assert steer.vs_none.p_value == pytest.approx(22 / 1024)
+    assert (steer.vs_random.wins, steer.vs_random.losses) == (7, 0)
+    assert steer.vs_random.p_value == pytest.approx(2 / 128)
+    assert steer.verdict == "gain"
+    assert steer.coefficients == (4.0, 2.0)
+    assert steer.accuracy_mean.mean == pytest.approx(0.8) and steer.accuracy_mean.std == pytest.approx(2**0.5 * 0.1)
+    assert truthful.methods[1].verdict is None and truthful.methods[1].vs_random is None
+    assert pubmed.methods[1].verdict == "no gain" and pubmed.methods[1].vs_none.p_value == 1.0
+    assert steer.sweep.coefficients == (0.0, 2.0, 4.0)
+    assert steer.sweep.mean_val_accuracy == pytest.approx((0.35, 0.7, 0.6))
+
+
+def test_method_result_and_sweep_errors():
+    fold = FoldResult(0, 1.0, 0.5, 0.5, 4)
+    with pytest.raises(ValueError, match="own per-question correctness"):
+        method_result("x", [fold], correct_none=[True, False])
+    with pytest.raises(ValueError, match="no fold results"):
+        method_result("x", [])
+    with pytest.raises(ValueError, match="same grid"):
+        sweep_curve([{0.0: 0.5, 1.0: 0.6}, {0.0: 0.5}])
+    with pytest.raises(ValueError, match="Unknown scoring"):
+        Report(model="m", scoring="max", alpha=0.05, k=2, fold_mode="random", datasets=())
+
+
+def test_report_json_round_trip_and_no_temp_files(tmp_path):
+    report = make_report()
+    json_path, md_path = write_report(report, tmp_path / "out")
+    assert load_report(json_path) == report
+    assert load_report(tmp_path / "out") == report
+    assert json.loads(json_path.read_text())["datasets"][0]["methods"][2]["verdict"] == "gain"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
+    assert md_path.read_text() == render_markdown(report)
+    data = json.loads(json_path.read_text())
+    data["format"] = 99
+    with pytest.raises(ValueError, match="format"):
+        Report.from_dict(data)
+
+
+def test_markdown_table_rows():
+    text = render_markdown(make_report())
+    rows = [line for line in text.splitlines() if line.startswith("| truthfulqa") or line.startswith("| pubmedqa")]
+    assert rows == [
+        "| truthfulqa | none | 40.0 ± 0.0 | 40.0 ± 14.1 | – | – | – | – |",
+        "| truthfulqa | random | 45.0 ± 0.0 | 45.0 ± 7.1 | 4, 2 | 1 (2/1) | – | – |",
+        "| truthfulqa | expertsteer | 80.0 ± 0.0 | 80.0 ± 14.1 | 4, 2 | 0.0215 (9/1) | 0.0156 (7/0) | gain |",
+        "| pubmedqa | none | 55.0 ± 7.1 | 55.0 ± 7.1 | – | – | – | – |",
+        "| pubmedqa | expertsteer | 55.0 ± 7.1 | 55.0 ± 7.1 | 1, 1 | 1 (0/0) | 1 (0/0) | no gain |",
+    ]
+    assert "| 2 | 37.5 | 70.0 |" in text  # sweep table row: coefficient 2, random then expertsteer
+
+
+def test_sweep_plot_is_a_png(tmp_path):
+    path = plot_coefficient_sweep(make_report(), tmp_path / "plots" / "sweep.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert [p.name for p in path.parent.iterdir()] == ["sweep.png"]
+    bare = Report(model="m", scoring="sum", alpha=0.05, k=2, fold_mode="random", datasets=(make_report().datasets[1],))
+    with pytest.raises(ValueError, match="no coefficient sweeps"):
+        plot_coefficient_sweep(bare, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
