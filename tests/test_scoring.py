@@ -131,6 +131,12 @@ def test_input_errors(tiny_llama_dir):
         score_choices(model, tokenizer, [""], [["red", "blue"]], progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         score_choices(model, tokenizer, ["the cat"], [["red", "blue"]], batch_size=0, progress=False)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="model.eval"):
+            score_choices(model, tokenizer, ["the cat"], [["red", "blue"]], progress=False)
+    finally:
+        model.eval()
 
 
 def test_predictions_and_accuracy_use_sum_or_mean():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +54,8 @@ class ExampleFormat:
     text_template: str = "{text}"
     label_field: str | None = "label"
     label_values: dict[str, int] = field(default_factory=dict)
+    negatives_per_question: int | None = None
+    negatives_seed: int = 0
 
     def required_columns(self) -> list[str]:
         """Columns a source must have for this format."""
@@ -113,10 +116,17 @@ def questions_from_rows(rows: list[dict[str, Any]], fmt: ExampleFormat, source: 
 
 
 def examples_from_questions(questions: list[Question], fmt: ExampleFormat) -> list[Example]:
-    """Contrastive examples: each question's correct choice -> label 1, each wrong one -> label 0."""
+    """Contrastive examples: each question's correct choice -> label 1, its (kept) wrong ones -> label 0."""
+    if fmt.negatives_per_question is not None and fmt.negatives_per_question < 1:
+        raise ValueError(f"negatives_per_question must be >= 1 or null (all), got {fmt.negatives_per_question}.")
+    rng = random.Random(fmt.negatives_seed)
     examples = []
     for question in questions:
-        for c, choice in enumerate(question.choices):
+        wrong = [c for c in range(len(question.choices)) if c != question.answer]
+        if fmt.negatives_per_question is not None:
+            wrong = sorted(rng.sample(wrong, min(fmt.negatives_per_question, len(wrong))))
+        for c in sorted([question.answer, *wrong]):
+            choice = question.choices[c]
             completion = fmt.completion_template.format(choice=choice)
             label = int(c == question.answer)
             examples.append(Example(f"{question.id}/{c}", question.group, question.prompt, completion, label))

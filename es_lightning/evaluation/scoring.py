@@ -152,6 +152,8 @@ def score_choices(
         raise ValueError(f"Got {len(prompts)} prompts but {len(choices)} choice lists; pass one choice list per prompt.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if model.training:
+        raise ValueError("The model is in training mode, so dropout would make scores random; call model.eval() first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before scoring.")
