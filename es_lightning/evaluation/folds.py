@@ -89,7 +89,9 @@ def _assign_test(units: list[list[int]], k: int, mode: str, rng: np.random.Gener
     return folds
 
 
-def _split_val(rest: list[int], val_fraction: float, mode: str, rng: np.random.Generator, fold: int) -> tuple[list[int], list[int]]:
+def _split_val(
+    rest: list[int], val_fraction: float, mode: str, rng: np.random.Generator, fold: int
+) -> tuple[list[int], list[int]]:
     """Split the non-test unit indices (in cyclic order after the test block) into (train, val)."""
     n_val = min(max(round(val_fraction * len(rest)), 1), len(rest) - 1)
     if n_val < 1:

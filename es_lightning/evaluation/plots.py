@@ -29,7 +29,8 @@ def plot_coefficient_sweep(report: Report, path: str | Path) -> Path:
                 continue
             lows = [100 * min(column) for column in zip(*curve.fold_val_accuracy)]
             highs = [100 * max(column) for column in zip(*curve.fold_val_accuracy)]
-            (line,) = ax.plot(curve.coefficients, [100 * a for a in curve.mean_val_accuracy], marker="o", label=method.method)
+            means = [100 * a for a in curve.mean_val_accuracy]
+            (line,) = ax.plot(curve.coefficients, means, marker="o", label=method.method)
             ax.fill_between(curve.coefficients, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(data.dataset)
         ax.set_xlabel("steering coefficient")

@@ -73,7 +73,8 @@ def sweep_curve(per_fold: Sequence[dict[float, float]]) -> SweepCurve:
     for index, row in enumerate(per_fold):
         if sorted(row) != grid:
             raise ValueError(
-                f"Fold {index} swept coefficients {sorted(row)} but fold 0 swept {grid}; sweep the same grid in every fold."
+                f"Fold {index} swept coefficients {sorted(row)} but fold 0 swept {grid}; "
+                f"sweep the same grid in every fold."
             )
     rows = tuple(tuple(float(row[c]) for c in grid) for row in per_fold)
     mean = tuple(sum(row[i] for row in rows) / len(rows) for i in range(len(grid)))
@@ -172,7 +173,8 @@ class DatasetReport:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"dataset": self.dataset, "n_questions": self.n_questions, "methods": [m.to_dict() for m in self.methods]}
+        methods = [m.to_dict() for m in self.methods]
+        return {"dataset": self.dataset, "n_questions": self.n_questions, "methods": methods}
 
     @classmethod
     def from_dict(cls, data: dict) -> "DatasetReport":

@@ -40,7 +40,9 @@ class ChoiceScores:
         return max(range(len(values)), key=values.__getitem__)
 
 
-def _encode(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> tuple[list[list[int]], list[list[list[int]]]]:
+def _encode(
+    tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]]
+) -> tuple[list[list[int]], list[list[list[int]]]]:
     prompt_ids = [list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
     choice_ids = [[list(tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in row] for row in choices]
     for q, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
@@ -52,7 +54,9 @@ def _encode(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]])
     for q, row in enumerate(choice_ids):
         for c, ids in enumerate(row):
             if not ids:
-                raise ValueError(f"Choice {c} of question {q} ({choices[q][c]!r}) tokenizes to no tokens; drop or fix it.")
+                raise ValueError(
+                    f"Choice {c} of question {q} ({choices[q][c]!r}) tokenizes to no tokens; drop or fix it."
+                )
     return prompt_ids, choice_ids
 
 
@@ -71,7 +75,7 @@ def _batches(order: list[int], choice_counts: list[int], batch_size: int) -> lis
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
-    """Name of the forward argument that takes a KV cache (``cache`` since transformers 5.x, else ``past_key_values``)."""
+    """Name of the forward argument taking a KV cache: ``cache`` in recent transformers, else ``past_key_values``."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
@@ -100,7 +104,10 @@ def _score_group(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     cache_arg = _cache_argument(model)
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    out = model(
+        input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+        **{cache_arg: cache},
+    )
     last_logits = out.logits[:, -1]  # (questions, vocab): predicts every choice's first token
 
     flat = [ids for row in choice_ids for ids in row]
@@ -119,9 +126,12 @@ def _score_group(
         inputs = targets[:, :-1]
         attention = torch.cat([mask[row_question], target_mask[:, :-1].long()], dim=1)
         choice_positions = prompt_len[row_question, None] + torch.arange(length - 1, device=device)
-        out = model(input_ids=inputs, attention_mask=attention, position_ids=choice_positions, use_cache=True, **{cache_arg: cache})
+        out = model(
+            input_ids=inputs, attention_mask=attention, position_ids=choice_positions, use_cache=True,
+            **{cache_arg: cache},
+        )
         logprobs[:, 1:] = _token_logprobs(out.logits, targets[:, 1:])
-    sums = (logprobs * target_mask).sum(-1).tolist()
+    sums = logprobs.masked_fill(~target_mask, 0.0).sum(-1).tolist()
     results: list[tuple[list[float], list[int]]] = []
     start = 0
     for row in choice_ids:
@@ -196,7 +206,9 @@ def accuracy(scores: Sequence[ChoiceScores], answers: Sequence[int], normalise: 
         raise ValueError(f"Got scores for {len(scores)} questions but {len(answers)} answers.")
     for q, (row, answer) in enumerate(zip(scores, answers)):
         if not 0 <= answer < len(row.logprob_sum):
-            raise ValueError(f"Answer {answer} of question {q} is out of range for its {len(row.logprob_sum)} choices.")
+            raise ValueError(
+                f"Answer {answer} of question {q} is out of range for its {len(row.logprob_sum)} choices."
+            )
     num_classes = max(2, max(len(row.logprob_sum) for row in scores))
     preds = torch.tensor(predictions(scores, normalise))
     target = torch.tensor(list(answers), dtype=torch.long)
