@@ -156,7 +156,9 @@ def score_choices(
     are grouped so that a forward pass holds at most ``batch_size`` choices (a question with more choices
     runs alone); prompts are left-padded and choices right-padded, with explicit position ids, so padding
     never changes a score. ``context``, if given, is a zero-argument factory of a context manager entered
-    around each group's model calls (e.g. one that installs steering hooks). Results keep the input order.
+    around each group's model calls (e.g. one that installs steering hooks). Inside it the first pass starts a
+    fresh cache and covers the (padded) prompts, the second holds the choice tokens, so hooks that tell prompt
+    from generated positions by the cache length see the prompt/choice boundary. Results keep the input order.
     """
     if len(prompts) != len(choices):
         raise ValueError(f"Got {len(prompts)} prompts but {len(choices)} choice lists; pass one choice list per prompt.")

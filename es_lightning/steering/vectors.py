@@ -1,0 +1,131 @@
+"""Step 3 of ExpertSteer and its baselines: one unit steering vector per steered target layer.
+
+Every method has the same signature, so evaluation can compare them on equal terms:
+
+- ``expertsteer``: RFM on the expert's layer-i states, mapped into target space by the encoder's linear
+  part (not its bias), re-normalised;
+- ``rfm_self``: RFM on the target's own layer-j states (self-steering baseline);
+- ``mean_difference``: mean of label-1 minus label-0 target states (CAA-style baseline);
+- ``random``: a random unit vector per layer (control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from es_lightning.steering.rfm import fit_rfm
+
+METHODS = ("expertsteer", "rfm_self", "mean_difference", "random")
+
+
+@dataclass
+class VectorInputs:
+    """What every method may use: labelled train-split states of both models and the encoder map."""
+
+    expert: torch.Tensor  # [n, L_E, d_E] raw pooled states
+    target: torch.Tensor  # [n, L_T, d_T]
+    labels: torch.Tensor  # [n] 0/1
+    expert_layers: Sequence[int]
+    target_layers: Sequence[int]
+    encoder_linear: Callable[[int], torch.Tensor] | None = None  # expert layer -> [d_T, d_E]
+    rfm_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class MethodResult:
+    """Unit vectors per target layer plus per-layer diagnostics (e.g. RFM validation AUC)."""
+
+    vectors: dict[int, torch.Tensor]
+    diagnostics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("A steering direction came out zero or non-finite; check the hidden states for NaN/Inf.")
+    return (v / norm).float()
+
+
+def _expert(inputs: VectorInputs, i: int) -> torch.Tensor:
+    return inputs.expert[:, list(inputs.expert_layers).index(i)]
+
+
+def _target(inputs: VectorInputs, j: int) -> torch.Tensor:
+    return inputs.target[:, list(inputs.target_layers).index(j)]
+
+
+def expertsteer(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
+    """RFM direction on expert layer i, mapped by f_i's linear part into target layer j's space."""
+    if inputs.encoder_linear is None:
+        raise ValueError("expertsteer needs the trained encoder (encoder_linear); fit the alignment auto-encoder first.")
+    out = MethodResult({})
+    for i, j in pairs:
+        fit = fit_rfm(_expert(inputs, i), inputs.labels, seed=inputs.seed, **inputs.rfm_options)
+        weight = inputs.encoder_linear(i)
+        if weight.shape[1] != fit.direction.shape[0]:
+            raise ValueError(f"The encoder of expert layer {i} expects width {weight.shape[1]}, but its states have width {fit.direction.shape[0]}.")
+        mapped = weight.float() @ fit.direction
+        out.vectors[j] = _unit(mapped)
+        out.diagnostics[j] = {"expert_layer": i, "rfm_val_score": fit.val_score, "rfm_top_fraction": fit.top_fraction}
+    return out
+
+
+def rfm_self(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
+    """RFM direction on the target's own layer-j states."""
+    out = MethodResult({})
+    for _, j in pairs:
+        fit = fit_rfm(_target(inputs, j), inputs.labels, seed=inputs.seed, **inputs.rfm_options)
+        out.vectors[j] = _unit(fit.direction)
+        out.diagnostics[j] = {"rfm_val_score": fit.val_score, "rfm_top_fraction": fit.top_fraction}
+    return out
+
+
+def mean_difference(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
+    """Mean of label-1 minus mean of label-0 target states (contrastive activation addition)."""
+    out = MethodResult({})
+    positive = inputs.labels == 1
+    for _, j in pairs:
+        states = _target(inputs, j)
+        out.vectors[j] = _unit(states[positive].mean(0) - states[~positive].mean(0))
+    return out
+
+
+def random_vectors(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
+    """A seeded random unit vector per steered target layer (control)."""
+    generator = torch.Generator().manual_seed(inputs.seed)
+    width = inputs.target.shape[-1]
+    return MethodResult({j: _unit(torch.randn(width, generator=generator)) for _, j in pairs})
+
+
+REGISTRY: Mapping[str, Callable[[Sequence[tuple[int, int]], VectorInputs], MethodResult]] = {
+    "expertsteer": expertsteer,
+    "rfm_self": rfm_self,
+    "mean_difference": mean_difference,
+    "random": random_vectors,
+}
+
+
+def compute_vectors(method: str, pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
+    """Run one method over the chosen pairs; labels must hold both classes."""
+    if method not in REGISTRY:
+        raise ValueError(f"Unknown steering-vector method {method!r}: use one of {list(REGISTRY)}.")
+    if not pairs:
+        raise ValueError("No layer pairs to compute vectors for; run the layer pairing first.")
+    labels = inputs.labels
+    if set(labels.unique().tolist()) != {0, 1}:
+        raise ValueError(f"Steering vectors need labels 0 and 1, got {sorted(set(labels.unique().tolist()))}.")
+    for name, tensor in (("expert", inputs.expert), ("target", inputs.target)):
+        bad = ~torch.isfinite(tensor).all(dim=(0, 2))
+        if bad.any():
+            raise ValueError(f"The {name} hidden states hold NaN/Inf at cached layer positions {bad.nonzero().flatten().tolist()}; rebuild the cache in float32.")
+    return REGISTRY[method](pairs, inputs)
+
+
+def layer_norms(target: torch.Tensor, target_layers: Sequence[int], layers: Sequence[int]) -> dict[int, float]:
+    """Mean hidden-state norm of each steered target layer, so coefficients are relative to it."""
+    return {j: float(target[:, list(target_layers).index(j)].norm(dim=-1).mean()) for j in layers}
