@@ -9,6 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+# Tiny models gain nothing from intra-op threads, and oversubscribed threads make them 100x slower.
+torch.set_num_threads(1)
+
 WORDS = (
     "the a an is are was not yes no maybe true false question answer what where who why how "
     "cat dog fish bird tree water fire earth sky sun moon star red blue green big small old new "

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from es_lightning.evaluation.folds import Fold, make_folds
+from es_lightning.data.folds import Fold, make_folds
 from es_lightning.evaluation.stats import SignTest, sign_test, summarise, verdict
 
 
