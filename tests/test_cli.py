@@ -11,6 +11,7 @@ import torch
 
 from conftest import write_two_choice_jsonl
 from es_lightning.cli import build_cli
+from es_lightning.steering import SteeringBundle
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -38,6 +39,14 @@ def test_fit_writes_last_and_best_checkpoints_with_everything_later_steps_need(r
     assert meta["cache_keys"]["data"] and meta["layer_map"]
     assert ckpt["hyper_parameters"]["objective"] == "paired"
     assert ckpt["state_dict"]["expert_mean"].shape == (3, 48)
+    # steps 2 and 3 ran when fitting ended, and their results are in last.ckpt and the run folder
+    pairing = meta["pairing"]
+    assert len(pairing["pairs"]) == 2 and len(pairing["mi"]) == 3 and len(pairing["mi"][0]) == 2
+    assert json.loads((run_dir / "pairing.json").read_text())["pairs"] == pairing["pairs"]
+    assert (run_dir / "mi_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(meta["bundles"]) == ["expertsteer", "mean_difference", "random", "rfm_self"]
+    bundle = SteeringBundle.load(meta["bundles"]["expertsteer"])
+    assert sorted(bundle.vectors) == sorted(j for _, j in pairing["pairs"]) and bundle.layer_pairs == [tuple(p) for p in pairing["pairs"]]
 
 
 def test_validate_reports_metrics(run_args, tmp_path):
