@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 from xrfm.rfm_src import RFM
@@ -52,7 +51,7 @@ def test_direction_is_in_original_coordinates_when_standardising() -> None:
     assert float(direction @ u) > 0.9
 
 
-def test_random_labels_give_a_low_validation_score_and_leave_global_rng_alone() -> None:
+def test_random_labels_give_a_low_validation_score_quietly_and_leave_global_rng_alone(capsys: pytest.CaptureFixture) -> None:
     x, _, _ = planted(600, 32, seed=4)
     y = torch.randint(0, 2, (600,), generator=torch.Generator().manual_seed(5))
     state = torch.random.get_rng_state()
@@ -60,6 +59,8 @@ def test_random_labels_give_a_low_validation_score_and_leave_global_rng_alone() 
     assert torch.equal(state, torch.random.get_rng_state())
     assert first.val_score < 0.65
     assert torch.equal(first.direction, fit_rfm(x, y, **CHEAP).direction)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""  # xrfm's prints and progress bars stay off
 
 
 def test_one_hot_labels_use_accuracy_and_the_positive_class_for_the_sign() -> None:
