@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from es_lightning.alignment import AlignmentAutoEncoder
+from es_lightning.module import ExpertSteer
 from es_lightning.data import PairedHiddenStatesDataModule
 
 
@@ -39,7 +39,7 @@ def build_cli(args: list[str] | None = None) -> ESLightningCLI:
     """Parse ``args`` (default: ``sys.argv``) and run the chosen subcommand; returns the CLI object."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return ESLightningCLI(
-        AlignmentAutoEncoder,
+        ExpertSteer,
         PairedHiddenStatesDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from es_lightning.alignment import AlignmentAutoEncoder
+from es_lightning.module import ExpertSteer
 from es_lightning.cli import ESLightningCLI
 from es_lightning.data import PairedHiddenStatesDataModule
 
@@ -19,15 +19,15 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses_and_instantiates(path, tmp_path):
     cli = ESLightningCLI(
-        AlignmentAutoEncoder, PairedHiddenStatesDataModule, run=False,
+        ExpertSteer, PairedHiddenStatesDataModule, run=False,
         args=["--config", str(path), "--output_dir", str(tmp_path)], auto_configure_optimizers=False,
     )
-    assert isinstance(cli.model, AlignmentAutoEncoder)
+    assert isinstance(cli.model, ExpertSteer)
     assert isinstance(cli.datamodule, PairedHiddenStatesDataModule)
     assert cli.datamodule.expert_spec.name and cli.datamodule.target_spec.name
 
 
 def test_unknown_key_is_refused(tmp_path):
     with pytest.raises(SystemExit):
-        ESLightningCLI(AlignmentAutoEncoder, PairedHiddenStatesDataModule, run=False,
+        ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
                        args=["--config", str(CONFIGS[0]), "--model.no_such_option", "1"], auto_configure_optimizers=False)

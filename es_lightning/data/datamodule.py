@@ -22,6 +22,7 @@ from es_lightning.data.examples import (
     examples_from_text_rows,
     questions_from_rows,
 )
+from es_lightning.data.prompts import PromptDataset, PromptSource, collate_prompts
 from es_lightning.data.sources import load_records, require_columns, rows
 from es_lightning.data.splits import SPLITS, group_split
 from es_lightning.io import ensure_writable_dir
@@ -68,6 +69,19 @@ class PairedStates(Dataset):
         return {"expert": self.tensors["expert"][i], "target": self.tensors["target"][i], "label": self.tensors["label"][i], "index": i}
 
 
+class QuestionIndices(Dataset):
+    """``0..n-1`` as ``{"question": i}`` items: what ``es-lightning test`` iterates over."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, item: int) -> dict[str, int]:
+        return {"question": item}
+
+
 class PairedHiddenStatesDataModule(L.LightningDataModule):
     """Caches pooled block outputs of BOTH models for the same labelled examples and serves them in batches.
 
@@ -91,6 +105,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         progress: bool = True,
+        predict_data: PromptSource | None = None,
     ):
         super().__init__()
         if pooling not in ("last", "mean"):
@@ -109,9 +124,14 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.num_workers = num_workers
         self.progress = progress
+        self.predict_source = predict_data
+        self.prompts: PromptDataset | None = None
         self.layout: PairedLayout | None = None
         self.examples: list[Example] = []
         self.questions: dict[str, list[Question]] = {}
+        self.all_questions: list[Question] = []  # every split's questions, train then val then test
+        self.question_rows: list[list[int]] = []  # example rows of each question in all_questions
+        self.question_split: dict[str, list[int]] = {}  # indices into all_questions per split
         self.split_indices: dict[str, list[int]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.alignment_tensors: dict[str, torch.Tensor] | None = None
@@ -158,6 +178,16 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
                 name: [q for g in dict.fromkeys(self.examples[i].group for i in idx) for q in by_group.get(g, [])]
                 for name, idx in self.split_indices.items()
             }
+        self.all_questions = [q for name in SPLITS for q in self.questions.get(name, [])]
+        rows_of: dict[str, list[int]] = {}
+        for index, example in enumerate(self.examples):
+            rows_of.setdefault(example.id.rsplit("/", 1)[0], []).append(index)
+        self.question_rows = [rows_of.get(q.id, []) for q in self.all_questions]
+        offset, self.question_split = 0, {}
+        for name in SPLITS:
+            count = len(self.questions.get(name, []))
+            self.question_split[name] = list(range(offset, offset + count))
+            offset += count
         labels = [e.label for e in self.examples]
         if self.source.format.label_field or self.source.format.kind == "multiple_choice":
             check_two_classes([labels[i] for i in self.split_indices["train"]], "train split")
@@ -216,7 +246,12 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return int(n * per_row * 4 * 1.1)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the examples, resolve both models, and build or reuse the caches."""
+        """Read the examples, resolve both models, and build or reuse the caches (prompts only for predict)."""
+        if stage == "predict":
+            if self.predict_source is None:
+                raise ValueError("`predict` needs prompts: set data.predict_data.path (a JSONL file with a 'prompt' field).")
+            self.prompts = PromptDataset(self.predict_source)
+            return
         if self.tensors:
             return
         self._prepare_examples()
@@ -256,7 +291,17 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return self._loader(self.tensors, self.split_indices["val"], False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.tensors, self.split_indices["test"], False)
+        """Indices into ``all_questions``: the evaluation decides which are tested in which fold."""
+        questions = QuestionIndices(len(self.all_questions))
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = DistributedSampler(questions, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(questions, batch_size=self.batch_size, sampler=sampler)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts of ``predict_data`` in input order."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = DistributedSampler(self.prompts, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(self.prompts, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_prompts)
 
     # ----------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:

@@ -1,0 +1,213 @@
+"""Batched, optionally steered text generation with reproducible, batch-invariant sampling.
+
+:func:`generate` renders each prompt (chat template if configured), left-pads a batch, runs
+``model.generate`` with a KV cache and decodes only the new tokens. With a steering bundle and a nonzero
+coefficient the whole call runs inside :func:`es_lightning.steering.hooks.steer`.
+
+Sampling never touches the global RNG and does not depend on batching: transformers always decodes greedily
+here, and when ``do_sample`` is set a logits processor (:class:`SeededSampler`) applies temperature and top-p
+and then adds Gumbel noise drawn from a private ``torch.Generator`` per row, seeded from ``(seed, prompt
+text)``. ``argmax(logits / T + Gumbel)`` over the top-p set is an exact sample from the top-p softmax, and each
+row's noise depends only on its own prompt and the step, so a prompt gets the same sample alone or in any
+batch (up to float rounding differences between padded and unpadded forward passes, the same caveat as for
+greedy decoding). Consequences: the same prompt twice gets the same sample, and different coefficients or
+methods for one prompt share their random numbers (common random numbers, which makes their comparison
+less noisy). Sampling uses exactly ``temperature`` and ``top_p``: top-k, min-p and the like from the model's
+``generation_config`` are not applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from es_lightning.models.layers import hidden_size
+from es_lightning.models.prompting import render_prompt
+from es_lightning.steering.bundle import SteeringBundle
+from es_lightning.steering.hooks import POSITIONS, steer
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationSettings:
+    """How to generate: length, greedy or sampled (with temperature, top-p and seed), chat template, batch size."""
+
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        for name in ("do_sample", "chat_template"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+                or temperature <= 0:
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {temperature!r}. For greedy decoding set do_sample: "
+                f"false instead of temperature 0."
+            )
+        top_p = self.top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1 keeps every token), got {top_p!r}.")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}.")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}.")
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.max_new_tokens, self.seed, self.batch_size = int(self.max_new_tokens), int(self.seed), int(self.batch_size)
+
+
+def row_seed(seed: int, prompt: str) -> int:
+    """The private RNG seed of one prompt: a hash of ``(seed, prompt)``, so it does not depend on batching."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class SeededSampler:
+    """A logits processor that turns greedy decoding into sampling with one private generator per row.
+
+    Scores become ``logits / temperature + Gumbel noise`` on the top-p nucleus and ``-inf`` elsewhere, so
+    greedy ``argmax`` draws a sample. The noise is drawn on the CPU (identical on every device).
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_p: float = 1.0):
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"SeededSampler has {len(self.generators)} rows but got scores for {scores.shape[0]}.")
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, dim=-1, descending=True)
+            probs = ordered.softmax(dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+            drop_sorted = before >= self.top_p
+            drop_sorted[..., 0] = False  # always keep the most likely token
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        vocab = logits.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=generator) for generator in self.generators])
+        uniform = uniform.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
+        gumbel = -torch.log(-torch.log(uniform))
+        return logits + gumbel.to(logits.device)
+
+
+def _check_bundle(model: torch.nn.Module, steering: SteeringBundle) -> None:
+    width = hidden_size(model)
+    vector_width = next(iter(steering.vectors.values())).shape[0]
+    if vector_width != width:
+        raise ValueError(
+            f"The steering bundle {steering.method!r} has vectors of width {vector_width}, but this model's hidden "
+            f"size is {width}. The bundle was made for another model (target {steering.target.describe()}): "
+            f"load the model it was made for or recompute the bundle for this one."
+        )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}.")
+    for number, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"Prompt {number} is a {type(prompt).__name__}, not a string.")
+        if not prompt.strip():
+            raise ValueError(f"Prompt {number} is empty; every prompt must contain text.")
+    return list(prompts)
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    settings: GenerationSettings | None = None,
+    steering: SteeringBundle | None = None,
+    coefficient: float = 0.0,
+    positions: str = "all",
+) -> list[str]:
+    """Generate one completion per prompt, in order, batched by ``settings.batch_size``.
+
+    Each prompt is rendered with the chat template if ``settings.chat_template``, left-padded, and extended by
+    up to ``settings.max_new_tokens`` tokens (``use_cache=True``); only the new tokens are decoded (special
+    tokens skipped, whitespace stripped). With ``steering`` and a nonzero ``coefficient`` the model is steered
+    by ``coefficient * norm_j * v_j`` at ``positions`` (see :func:`es_lightning.steering.hooks.steer`). The
+    model and tokenizer are not modified; the global torch RNG is not used.
+    """
+    settings = settings if settings is not None else GenerationSettings()
+    if not isinstance(settings, GenerationSettings):
+        raise TypeError(f"settings must be a GenerationSettings, got {type(settings).__name__}.")
+    prompts = _check_prompts(prompts)
+    if positions not in POSITIONS:
+        raise ValueError(f"Unknown positions {positions!r}: use one of {list(POSITIONS)}.")
+    if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real) or not math.isfinite(coefficient):
+        raise ValueError(f"The steering coefficient must be a finite number, got {coefficient!r}.")
+    if steering is None and coefficient != 0:
+        raise ValueError(
+            f"A steering coefficient of {coefficient} was given without a steering bundle: pass steering=<bundle> "
+            f"or use coefficient 0 for the unsteered model."
+        )
+    if steering is not None:
+        _check_bundle(model, steering)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token, so prompts cannot be batched.")
+    if not prompts:
+        return []
+    from transformers import LogitsProcessorList
+
+    texts = [render_prompt(tokenizer, prompt, settings.chat_template) for prompt in prompts]
+    device = _model_device(model)
+    outputs: list[str] = []
+    context = (
+        steer(model, **steering.steering_kwargs(float(coefficient)), positions=positions)
+        if steering is not None and coefficient != 0
+        else contextlib.nullcontext()
+    )
+    with context, torch.inference_mode():
+        for start in range(0, len(texts), settings.batch_size):
+            chunk = texts[start : start + settings.batch_size]
+            encoded = tokenizer(
+                chunk, return_tensors="pt", padding=True, padding_side="left",
+                add_special_tokens=not settings.chat_template,  # a chat template already writes BOS
+            )
+            lengths = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
+            if (lengths == 0).any():
+                empty = start + int((lengths == 0).nonzero()[0, 0])
+                raise ValueError(f"Prompt {empty} tokenizes to no tokens at all; give it some text the tokenizer knows.")
+            kwargs = {}
+            if settings.do_sample:
+                seeds = [row_seed(settings.seed, prompt) for prompt in prompts[start : start + settings.batch_size]]
+                kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)])
+            sequences = model.generate(
+                input_ids=encoded["input_ids"].to(device),
+                attention_mask=encoded["attention_mask"].to(device),
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=False,  # sampling, if any, is done by SeededSampler (batch-invariant, private RNG)
+                use_cache=True,
+                pad_token_id=pad_id,
+                **kwargs,
+            )
+            new_tokens = sequences[:, encoded["input_ids"].shape[1] :].cpu()
+            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return outputs
