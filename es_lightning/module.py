@@ -69,6 +69,8 @@ class ExpertSteer(AlignmentAutoEncoder):
     :class:`SteeringVectorCallback` (or ``predict.bundle_dir``).
     """
 
+    runtime_arguments = AlignmentAutoEncoder.runtime_arguments + ("evaluation", "generation", "predict", "target_dtype", "report_dir")
+
     def __init__(
         self,
         objective: Literal["reconstruction", "paired"] = "paired",

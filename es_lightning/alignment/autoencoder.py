@@ -40,6 +40,10 @@ class AlignmentAutoEncoder(L.LightningModule):
     paired) and then trained. Layer shapes come from the DataModule's cache layout at ``setup``.
     """
 
+    # Init arguments that are settings of a run, not of the fitted model: kept out of the checkpoint's
+    # hyperparameters so that LightningCLI does not restore them over the command line on --ckpt_path.
+    runtime_arguments: tuple[str, ...] = ("optimizer", "scheduler")
+
     def __init__(
         self,
         objective: Literal["reconstruction", "paired"] = "paired",
@@ -55,7 +59,7 @@ class AlignmentAutoEncoder(L.LightningModule):
             raise ValueError(f"Unknown objective {objective!r}: use one of {list(OBJECTIVES)} ('paired' is the default).")
         if pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {pair_weight}.")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=list(self.runtime_arguments))
         self.objective = objective
         self.pair_weight = pair_weight
         self.declared_layer_map = layer_map

@@ -1,0 +1,83 @@
+"""`es-lightning test`: the cross-validated evaluation end to end on tiny models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_two_choice_jsonl
+from es_lightning.cli import build_cli
+from es_lightning.evaluation import protocol
+from es_lightning.evaluation.report import load_report
+
+CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp("eval")
+    data = write_two_choice_jsonl(tmp / "two.jsonl", 30)
+    args = ["--config", str(CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
+            "--data.data.path", str(data), "--data.cache_dir", str(tmp / "cache"), "--output_dir", str(tmp / "runs")]
+    build_cli(["fit", *args])
+    return tmp, args
+
+
+def test_cross_validated_report(fitted, monkeypatch):
+    tmp, args = fitted
+    seen_rows = []
+    real = protocol.compute_vectors
+
+    def spy(method, pairs, inputs):
+        seen_rows.append((method, inputs.labels.shape[0]))
+        return real(method, pairs, inputs)
+
+    monkeypatch.setattr(protocol, "compute_vectors", spy)
+    build_cli(["test", *args, "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    folder = tmp / "runs" / "default" / "report"
+    report = load_report(folder / "report.json")
+    dataset = report.datasets[0]
+    assert report.k == 3 and dataset.n_questions == 30  # every question tested exactly once
+    methods = {m.method: m for m in dataset.methods}
+    assert list(methods) == ["none", "expertsteer", "rfm_self", "mean_difference", "random"]
+    for name in ("expertsteer", "rfm_self", "mean_difference"):
+        entry = methods[name]
+        assert all(c in (-0.5, 0.5) for c in entry.coefficients)
+        assert entry.vs_none is not None and entry.vs_random is not None and entry.verdict in ("gain", "no gain", "worse")
+        assert entry.vs_none.wins + entry.vs_none.losses + entry.vs_none.ties == 30
+    assert sum(f.n_test for f in methods["none"].folds) == 30
+    # vectors come from each fold's train questions only: 2 rows per question, 30 questions, 3 folds
+    plans = json.loads((folder / "report.json").read_text())["meta"]["fold_plans"]
+    for plan in plans:
+        assert plan["n_train"] + plan["n_val"] + plan["n_test"] == 30
+    assert sorted({rows for _, rows in seen_rows}) == sorted({2 * p["n_train"] for p in plans})
+    assert (folder / "report.md").read_text().count("| two |") == 5
+    assert (folder / "coefficient_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluation_on_the_datamodule_split(fitted):
+    tmp, args = fitted
+    out = tmp / "split-report"
+    build_cli(["test", *args, "--model.evaluation.folds", "null", "--model.report_dir", str(out),
+               "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    report = load_report(out / "report.json")
+    assert report.fold_mode == "split" and report.k == 1
+    assert report.datasets[0].n_questions == 4  # 15% of 30 questions, rounded
+
+
+def test_bad_evaluation_settings_fail_before_any_model_is_loaded(fitted):
+    tmp, args = fitted
+    with pytest.raises(ValueError, match="coefficient grid is empty"):
+        build_cli(["test", *args, "--model.evaluation.coefficients", "[]", "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    with pytest.raises(ValueError, match="random"):
+        build_cli(["test", *args, "--model.evaluation.methods", "[expertsteer]", "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+
+
+def test_checkpoint_without_pairs_is_refused(fitted, tmp_path):
+    tmp, args = fitted
+    ckpt = torch.load(tmp / "runs" / "default" / "last.ckpt", weights_only=False)
+    ckpt["es_lightning"].pop("pairing")
+    torch.save(ckpt, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="no layer pairs or vectors"):
+        build_cli(["test", *args, "--ckpt_path", str(tmp_path / "bare.ckpt")])
