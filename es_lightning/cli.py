@@ -33,6 +33,8 @@ class ESLightningCLI(LightningCLI):
             config.checkpoint.dirpath = str(run_dir)
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(run_dir)
+        if self.subcommand == "predict" and config.get("return_predictions") is None:
+            config.return_predictions = False  # rows are streamed to disk by SteeredPredictionWriter
 
 
 def build_cli(args: list[str] | None = None) -> ESLightningCLI:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from es_lightning.data.folds import Fold
 from es_lightning.evaluation.plots import plot_coefficient_sweep
 from es_lightning.evaluation.protocol import EvaluationConfig, Evaluator, FoldPlan, assemble_report, plan_folds, render_questions
 from es_lightning.evaluation.report import Report, write_report
+from es_lightning.io import sha256_json
 from es_lightning.models.loading import LoadedModel, load_model
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.generation import GenerationSettings, generate
@@ -98,6 +99,16 @@ class ExpertSteer(AlignmentAutoEncoder):
 
     # ------------------------------------------------------------------------------ shared pieces
     def setup(self, stage: str) -> None:
+        if stage == "predict":
+            writer = self._writer()
+            if writer is not None:  # rows of another configuration must never be mixed into a resumed run
+                ckpt = Path(self.trainer.ckpt_path) if self.trainer.ckpt_path else None
+                source = getattr(self.trainer.datamodule, "predict_source", None)
+                writer.run_fingerprint = sha256_json({
+                    "ckpt": [str(ckpt), ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ckpt and ckpt.exists() else None,
+                    "predict": asdict(self.predict_config), "generation": asdict(self.generation),
+                    "target_dtype": self.target_dtype, "prompts": asdict(source) if source else None,
+                })
         if stage in ("test", "predict"):
             return  # the checkpoint (restored after setup) builds the module; work starts in on_*_start
         super().setup(stage)
@@ -234,7 +245,7 @@ class ExpertSteer(AlignmentAutoEncoder):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         writer = self._writer()
-        keep = [k for k, index in enumerate(batch["index"].tolist()) if writer is None or not writer.is_done(index)]
+        keep = writer.pending(batch["index"]) if writer is not None else list(range(len(batch["index"])))
         if not keep:
             return []
         prompts = [batch["prompt"][k] for k in keep]

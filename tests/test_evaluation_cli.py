@@ -81,3 +81,39 @@ def test_checkpoint_without_pairs_is_refused(fitted, tmp_path):
     torch.save(ckpt, tmp_path / "bare.ckpt")
     with pytest.raises(ValueError, match="no layer pairs or vectors"):
         build_cli(["test", *args, "--ckpt_path", str(tmp_path / "bare.ckpt")])
+
+
+def write_prompts(path, n, field="prompt"):
+    path.write_text("".join(json.dumps({"id": f"p{i}", field: f"what is the {w} ?"}) + "\n"
+                            for i, w in zip(range(n), ["cat", "dog", "sun", "moon", "tree", "fish", "bird"] * 9)))
+    return path
+
+
+def test_predict_writes_one_file_in_input_order(fitted, tmp_path):
+    tmp, args = fitted
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 7)
+    cli = build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    path = cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("SteeredPredictionWriter")].output_path
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(7) for _ in range(3)]
+    assert [(r["method"], r["coefficient"]) for r in rows[:3]] == [("none", 0.0), ("expertsteer", 0.5), ("mean_difference", 0.5)]
+    assert all(set(r) >= {"id", "prompt", "output", "method", "coefficient"} for r in rows)
+
+
+def test_predict_bad_input(fitted, tmp_path):
+    tmp, args = fitted
+    ckpt = str(tmp / "runs" / "default" / "last.ckpt")
+    wrong_field = write_prompts(tmp_path / "wrong.jsonl", 3, field="text")
+    with pytest.raises(KeyError, match="prompt"):
+        build_cli(["predict", *args, "--data.predict_data.path", str(wrong_field), "--ckpt_path", ckpt])
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    with pytest.raises(ValueError, match="predict.coefficients is empty"):
+        build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--model.predict.coefficients", "[]", "--ckpt_path", ckpt])
+    # a bundle made for another target model
+    from es_lightning.steering import ModelIdentity, SteeringBundle
+
+    other = SteeringBundle("expertsteer", {1: torch.ones(32) / 32 ** 0.5}, {1: 1.0}, ModelIdentity("other-model", "0123456789abcdef"))
+    other.save(tmp_path / "bundles" / "expertsteer.safetensors")
+    with pytest.raises(ValueError, match="other-model"):
+        build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--model.predict.methods", "[expertsteer]",
+                   "--model.predict.bundle_dir", str(tmp_path / "bundles"), "--ckpt_path", ckpt])

@@ -267,7 +267,7 @@ def test_simulated_ranks_padding_and_world_size_change_merge_without_duplicates(
 
 def test_bad_rows_are_refused(tmp_path):
     writer = SteeredPredictionWriter(tmp_path)
-    trainer = fake_trainer(tmp_path)
+    trainer = fake_trainer(tmp_path, dataset_length=2)
     with pytest.raises(RuntimeError, match="not open"):
         writer.write_on_batch_end(trainer, None, [], None, None, 0, 0)
     writer.on_predict_start(trainer, None)
@@ -280,7 +280,8 @@ def test_bad_rows_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         writer.write_on_batch_end(trainer, None, [{"index": 0, "x": object()}], None, None, 0, 0)
     writer.write_on_batch_end(trainer, None, [{"index": 0, "coefficient": torch.tensor(1.5)}], None, None, 0, 0)
-    writer.on_predict_epoch_end(trainer, None)
+    with pytest.warns(UserWarning, match="rows for 1 prompts but the predict dataset has 2"):
+        writer.on_predict_epoch_end(trainer, None)
     assert read_jsonl(tmp_path / "predictions.jsonl") == [{"index": 0, "coefficient": 1.5, "order": 0}]
     with pytest.raises(ValueError, match="plain file name"):
         SteeredPredictionWriter(tmp_path, filename="sub/predictions.jsonl")
@@ -317,7 +318,7 @@ import json, sys
 from pathlib import Path
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, {tests!r})
 from test_prediction_writer import FakeGenerator
 from es_lightning.callbacks.prediction_writer import SteeredPredictionWriter
@@ -326,19 +327,23 @@ from es_lightning.data.prompts import PromptDataset, PromptSource, collate_promp
 if __name__ == "__main__":
     out, prompts = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
-    module = FakeGenerator()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SteeredPredictionWriter(str(out), run_fingerprint="ddp")])
-    loader = DataLoader(PromptDataset(PromptSource(prompts)), batch_size=2, collate_fn=collate_prompts)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    (out / f"generated{{trainer.global_rank}}.json").write_text(json.dumps(module.generated))
+    dataset = PromptDataset(PromptSource(prompts))
+    for name, padded in (("lightning", False), ("padded", True)):
+        module = FakeGenerator()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[SteeredPredictionWriter(str(out / name), run_fingerprint="ddp")])
+        # Lightning's own predict sampler never pads; torch's DistributedSampler repeats index 0 on rank 1.
+        sampler = DistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False) if padded else None
+        loader = DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=collate_prompts)
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        (out / name / f"generated{{trainer.global_rank}}.json").write_text(json.dumps(module.generated))
 """
 
 
 @pytest.mark.ddp
 def test_two_process_ddp_writes_one_merged_file_in_input_order(tmp_path):
-    n = 7  # odd: the ranks get 4 and 3 prompts
+    n = 7  # odd: the ranks get 4 and 3 prompts (or 4 and 4 with padding)
     prompts = write_prompts(tmp_path / "prompts.jsonl", n)
     script = tmp_path / "ddp_predict.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
@@ -346,7 +351,9 @@ def test_two_process_ddp_writes_one_merged_file_in_input_order(tmp_path):
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(prompts)], env=env,
                             capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_jsonl(tmp_path / "out" / "predictions.jsonl") == expected_rows(n)
-    generated = [json.loads((tmp_path / "out" / f"generated{rank}.json").read_text()) for rank in (0, 1)]
-    assert generated == [[0, 2, 4, 6], [1, 3, 5]]
-    assert not (tmp_path / "out" / "parts").exists()
+    for name, rank1 in (("lightning", [1, 3, 5]), ("padded", [1, 3, 5, 0])):
+        out = tmp_path / "out" / name
+        assert read_jsonl(out / "predictions.jsonl") == expected_rows(n), name
+        generated = [json.loads((out / f"generated{rank}.json").read_text()) for rank in (0, 1)]
+        assert generated == [[0, 2, 4, 6], rank1]
+        assert not (out / "parts").exists()

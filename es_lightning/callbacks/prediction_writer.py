@@ -166,8 +166,7 @@ class SteeredPredictionWriter(BasePredictionWriter):
     See the module docstring for the file layout and the contract with ``predict_step``.
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None, filename: str = "predictions.jsonl",
-                 run_fingerprint: str = ""):
+    def __init__(self, output_dir: str | None = None, filename: str = "predictions.jsonl", run_fingerprint: str = ""):
         super().__init__(write_interval="batch")
         if not isinstance(filename, str) or not filename or Path(filename).name != filename or filename in (".", ".."):
             raise ValueError(f"filename must be a plain file name such as 'predictions.jsonl', got {filename!r}.")
@@ -191,7 +190,7 @@ class SteeredPredictionWriter(BasePredictionWriter):
     def root(self) -> Path:
         if self._root is None:
             if self.output_dir is None:
-                raise RuntimeError("The prediction writer has no output directory yet: it is set when predicting starts.")
+                raise RuntimeError("The prediction writer has no output directory yet: it is set when predict starts.")
             return self.output_dir
         return self._root
 
@@ -223,7 +222,8 @@ class SteeredPredictionWriter(BasePredictionWriter):
 
     def done_indices(self) -> set[int]:
         """All prompt indices this process knows to be complete (its own part and earlier ``prev-*`` parts)."""
-        return {byte * 8 + bit for byte, value in enumerate(self._done) if value for bit in range(8) if value >> bit & 1}
+        bits = enumerate(self._done)
+        return {byte * 8 + bit for byte, value in bits if value for bit in range(8) if value >> bit & 1}
 
     def _mark(self, index: int) -> None:
         byte = index >> 3
@@ -382,7 +382,7 @@ class SteeredPredictionWriter(BasePredictionWriter):
         keyed.sort(key=lambda item: item[:2])
         for before, after in zip(keyed, keyed[1:]):
             if before[:2] == after[:2]:
-                raise ValueError(f"Two prediction rows share (index, order) {after[:2]}; give each row its own 'order'.")
+                raise ValueError(f"Two prediction rows share (index, order) {after[:2]}; give each its own 'order'.")
         return keyed
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -298,10 +298,8 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return DataLoader(questions, batch_size=self.batch_size, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
-        """Prompts of ``predict_data`` in input order."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = DistributedSampler(self.prompts, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(self.prompts, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_prompts)
+        """Prompts of ``predict_data`` in input order (under DDP Lightning adds its non-padding predict sampler)."""
+        return DataLoader(self.prompts, batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts)
 
     # ----------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:

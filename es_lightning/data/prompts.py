@@ -7,6 +7,7 @@ use Arrow compute kernels on whole columns.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +41,16 @@ class PromptSource:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)
         if not isinstance(self.path, str) or not self.path.strip():
             raise ValueError(f"PromptSource.path must be a file path or dataset id, got {self.path!r}.")
         if not isinstance(self.prompt_field, str) or not self.prompt_field:
             raise ValueError(f"PromptSource.prompt_field must be a column name, got {self.prompt_field!r}.")
         if self.id_field is not None and (not isinstance(self.id_field, str) or not self.id_field):
             raise ValueError(f"PromptSource.id_field must be a column name or null, got {self.id_field!r}.")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        limit = self.limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"PromptSource.limit must be a positive int or null (all rows), got {self.limit!r}.")
 
 

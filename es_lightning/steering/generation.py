@@ -56,8 +56,8 @@ class GenerationSettings:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
-                or temperature <= 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(
                 f"temperature must be a finite number > 0, got {temperature!r}. For greedy decoding set do_sample: "
                 f"false instead of temperature 0."
@@ -194,16 +194,18 @@ def generate(
             lengths = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
             if (lengths == 0).any():
                 empty = start + int((lengths == 0).nonzero()[0, 0])
-                raise ValueError(f"Prompt {empty} tokenizes to no tokens at all; give it some text the tokenizer knows.")
+                raise ValueError(f"Prompt {empty} tokenizes to no tokens; give it text the tokenizer knows.")
             kwargs = {}
             if settings.do_sample:
                 seeds = [row_seed(settings.seed, prompt) for prompt in prompts[start : start + settings.batch_size]]
-                kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)])
+                sampler = SeededSampler(seeds, settings.temperature, settings.top_p)
+                kwargs["logits_processor"] = LogitsProcessorList([sampler])
             sequences = model.generate(
                 input_ids=encoded["input_ids"].to(device),
                 attention_mask=encoded["attention_mask"].to(device),
                 max_new_tokens=settings.max_new_tokens,
                 do_sample=False,  # sampling, if any, is done by SeededSampler (batch-invariant, private RNG)
+                num_beams=1,
                 use_cache=True,
                 pad_token_id=pad_id,
                 **kwargs,
