@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from es_lightning.data.adapters import adapt_rows
 from es_lightning.data.cache import PairedCache, PairedLayout, build_shards, cache_key, examples_fingerprint
 from es_lightning.data.examples import (
     Example,
@@ -23,6 +24,7 @@ from es_lightning.data.examples import (
     questions_from_rows,
 )
 from es_lightning.data.prompts import PromptDataset, PromptSource, collate_prompts
+from es_lightning.data.resolve import resolve_data_path
 from es_lightning.data.sources import load_records, require_columns, rows
 from es_lightning.data.splits import SPLITS, group_split
 from es_lightning.io import ensure_writable_dir
@@ -35,12 +37,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataSource:
-    """Where records come from: a local .jsonl/.json/.csv/.parquet path or a ``datasets`` id, and their format."""
+    """Where records come from: a local .jsonl/.json/.csv/.parquet path or a ``datasets`` id, and their format.
+
+    ``adapter`` names a row adapter (:mod:`es_lightning.data.adapters`, e.g. ``gsm8k_mc``) applied before the
+    format; ``limit`` keeps the first rows only (after adapting).
+    """
 
     path: str
     name: str | None = None
     split: str = "train"
     format: ExampleFormat = field(default_factory=ExampleFormat)
+    adapter: str | None = None
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
 
 
 @dataclass
@@ -140,10 +149,18 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- examples
     def _read(self, source: DataSource, what: str) -> tuple[list[Example], list[Question]]:
+        source = replace(source, path=resolve_data_path(source.path, cache_dir=self.cache_dir))
         table = load_records(source.path, source.split, source.name)
         fmt = source.format
-        require_columns(table, fmt.required_columns(), source.path)
-        records = rows(table)
+        if source.adapter:
+            records = adapt_rows(rows(table), source.adapter, **source.adapter_options)
+        else:
+            require_columns(table, fmt.required_columns(), source.path)
+            records = rows(table)
+        if source.limit is not None:
+            if source.limit < 1:
+                raise ValueError(f"data limit must be >= 1 or null, got {source.limit}.")
+            records = records[: source.limit]
         if fmt.kind == "multiple_choice":
             questions = questions_from_rows(records, fmt, source.path)
             return examples_from_questions(questions, fmt), questions
@@ -156,7 +173,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             parts = {"train": (examples, questions)}
             for name, path in (("val", cfg.val_path), ("test", cfg.test_path)):
                 if path:
-                    parts[name] = self._read(DataSource(path, format=self.source.format), name)
+                    parts[name] = self._read(replace(self.source, path=path), name)
             self.examples, self.split_indices, self.questions, offset = [], {}, {}, 0
             for name in SPLITS:
                 part_examples, part_questions = parts.get(name, ([], []))
