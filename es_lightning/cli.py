@@ -11,6 +11,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from es_lightning.module import ExpertSteer
 from es_lightning.data import PairedHiddenStatesDataModule
+from es_lightning.io import atomic_checkpoint_io, ensure_writable_dir
+
+
+MIN_FREE_BYTES = 200 * 2**20  # checkpoints, bundles and reports of the default run need well under this
 
 
 class ESLightningCLI(LightningCLI):
@@ -33,8 +37,18 @@ class ESLightningCLI(LightningCLI):
             config.checkpoint.dirpath = str(run_dir)
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(run_dir)
+        ensure_writable_dir(run_dir, min_free_bytes=MIN_FREE_BYTES, what="run output")
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # rows are streamed to disk by SteeredPredictionWriter
+
+
+    def instantiate_trainer(self, **kwargs):
+        """The configured Trainer, with atomic checkpoint writes unless a CheckpointIO plugin was given."""
+        trainer = super().instantiate_trainer(**kwargs)
+        connector = trainer._accelerator_connector
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO" and connector.checkpoint_io is None:
+            trainer.strategy.checkpoint_io = atomic_checkpoint_io()
+        return trainer
 
 
 def build_cli(args: list[str] | None = None) -> ESLightningCLI:

@@ -106,3 +106,23 @@ def ensure_writable_dir(path: str | os.PathLike, min_free_bytes: int = 0, what: 
             f"{min_free_bytes / 2**20:.0f} MiB. Free some space or point the config at another disk."
         )
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename (readers never see half a checkpoint)."""
+    import torch
+
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_checkpoint_io():
+    """A Lightning CheckpointIO whose checkpoints appear atomically on local disks (temp file + rename)."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            if storage_options is not None or "://" in str(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_torch_save(checkpoint, path)
+
+    return AtomicCheckpointIO()

@@ -110,3 +110,24 @@ def test_two_process_ddp_matches_one_process_and_extracts_once(run_args, tmp_pat
     assert a["global_step"] == b["global_step"]
     for key in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_unwritable_or_full_output_fails_before_any_work(run_args, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        build_cli(["fit", *run_args, "--output_dir", str(blocker / "runs")])
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1024, 1024))
+    with pytest.raises(OSError, match="MiB free"):
+        build_cli(["fit", *run_args, "--run_name", "full"])
+    assert not (tmp_path / "cache").exists()  # failed before extracting anything
+
+
+def test_checkpoints_are_written_atomically(run_args, tmp_path):
+    cli = build_cli(["fit", *run_args, "--run_name", "atomic"])
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    assert not list((tmp_path / "runs" / "atomic").glob(".*.tmp"))

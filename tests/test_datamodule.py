@@ -165,3 +165,29 @@ def test_long_texts_are_truncated_with_one_warning(tiny_gpt2_dir, tiny_llama_dir
     dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[1], max_length=8))
     dm.setup("fit")
     assert "truncated from the left" in caplog.text
+
+
+def test_two_runs_on_one_cache_do_not_collide(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys, torch, hashlib\n"
+        "torch.set_num_threads(1)\n"
+        "from es_lightning.data.datamodule import DataSource, PairedHiddenStatesDataModule\n"
+        "from es_lightning.models.spec import ModelSpec\n"
+        f"dm = PairedHiddenStatesDataModule(ModelSpec({str(tiny_gpt2_dir)!r}), ModelSpec({str(tiny_llama_dir)!r}, layers=[1, 3]),\n"
+        f"    DataSource({str(mc_jsonl)!r}), cache_dir={str(tmp_path / 'cache')!r}, shard_size=8, progress=False)\n"
+        "dm.setup('fit')\n"
+        "print(hashlib.sha256(dm.tensors['expert'].numpy().tobytes() + dm.tensors['target'].numpy().tobytes()).hexdigest())\n"
+    )
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    digests = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(digests) == 1
+    key_dir = next((tmp_path / "cache" / "paired").iterdir())
+    shards = [json.loads(line)["shard"] for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
+    assert sorted(shards) == list(range(10))  # 79 examples / 8 per shard: each built exactly once by one of the runs
+    assert not list(key_dir.glob("*.tmp"))

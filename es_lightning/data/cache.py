@@ -9,11 +9,13 @@ same shard at once both leave a whole one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,6 +151,18 @@ class PairedCache:
         return {name: torch.cat([p[name] for p in parts]) for name in ("expert", "target", "label")}
 
 
+@contextlib.contextmanager
+def shard_lock(cache: PairedCache, shard: int) -> Iterator[None]:
+    """An exclusive advisory lock on one shard, so two runs sharing a cache never build it twice at once."""
+    cache.directory.mkdir(parents=True, exist_ok=True)
+    with open(cache.directory / f".shard-{shard:05d}.lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def build_shards(
     cache: PairedCache,
     shards: Sequence[int],
@@ -157,11 +171,20 @@ def build_shards(
     progress: Callable[[int], None],
     rank: int = 0,
 ) -> None:
-    """Extract and write the given shards; ``extract(side, examples, on_batch)`` returns pooled states."""
+    """Extract and write the given shards; ``extract(side, examples, on_batch)`` returns pooled states.
+
+    Each shard is built under its lock and re-checked first: a shard another run finished meanwhile is reused.
+    """
     for shard in shards:
-        rows = cache.shard_rows(shard)
-        chunk = [examples[i] for i in rows]
-        expert = extract("expert", chunk, progress)
-        target = extract("target", chunk, progress)
-        labels = torch.tensor([e.label for e in chunk])
-        cache.write_shard(shard, expert, target, labels, rank=rank)
+        with shard_lock(cache, shard):
+            if cache.shard_is_valid(shard):
+                progress(2 * len(cache.shard_rows(shard)))
+                continue
+            _build_one(cache, shard, examples, extract, progress, rank)
+
+
+def _build_one(cache: PairedCache, shard: int, examples, extract, progress, rank: int) -> None:
+    chunk = [examples[i] for i in cache.shard_rows(shard)]
+    expert = extract("expert", chunk, progress)
+    target = extract("target", chunk, progress)
+    cache.write_shard(shard, expert, target, torch.tensor([e.label for e in chunk]), rank=rank)
