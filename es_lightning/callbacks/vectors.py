@@ -70,7 +70,17 @@ class SteeringVectorCallback(L.Callback):
         self.rfm_options = dict(rfm_options or {})
         self.seed = seed
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ran = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from a checkpoint whose training had already finished (e.g. killed while this
+        # callback ran) skips the training loop and with it on_train_end: compute the results now.
+        if not getattr(self, "_ran", True):
+            self.on_train_end(trainer, pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ran = True
         paths = None
         if trainer.is_global_zero:
             bundles = bundles_for(pl_module, trainer.datamodule, self.methods, self.rfm_options, self.seed)

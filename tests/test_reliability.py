@@ -1,0 +1,83 @@
+"""Faults and numbers: a run killed in the callbacks resumes, capture works in every dtype, files stay whole."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_two_choice_jsonl
+from es_lightning.callbacks import vectors as vector_callback
+from es_lightning.cli import build_cli
+from es_lightning.models import capture_hidden_states, load_model
+from es_lightning.steering import SteeringBundle, steer
+
+CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture()
+def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
+    data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
+    return [
+        "--config", str(CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
+        "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
+    ]
+
+
+def test_run_killed_while_computing_vectors_resumes_with_the_same_command(run_args, tmp_path, monkeypatch):
+    straight = build_cli(["fit", *run_args, "--run_name", "straight"])
+    real = vector_callback.bundles_for
+
+    def dying(*args, **kwargs):
+        raise RuntimeError("killed while computing vectors")
+
+    monkeypatch.setattr(vector_callback, "bundles_for", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_cli(["fit", *run_args, "--run_name", "killed"])
+    run_dir = tmp_path / "runs" / "killed"
+    assert (run_dir / "pairing.json").exists() and not (run_dir / "bundles").exists()
+    monkeypatch.setattr(vector_callback, "bundles_for", real)
+    resumed = build_cli(["fit", *run_args, "--run_name", "killed", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == straight.trainer.global_step  # no training step was repeated
+    for method in ("expertsteer", "rfm_self", "mean_difference", "random"):
+        a = SteeringBundle.load(tmp_path / "runs" / "straight" / "bundles" / f"{method}.safetensors")
+        b = SteeringBundle.load(run_dir / "bundles" / f"{method}.safetensors")
+        for layer in a.vectors:
+            torch.testing.assert_close(a.vectors[layer], b.vectors[layer], rtol=1e-4, atol=1e-5)
+    ckpt = torch.load(run_dir / "last.ckpt", weights_only=False)
+    assert sorted(ckpt["es_lightning"]["bundles"]) == ["expertsteer", "mean_difference", "random", "rfm_self"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_capture_and_steering_in_half_precision_match_float32(tiny_llama_dir, dtype):
+    full = load_model(str(tiny_llama_dir), dtype="float32")
+    half = load_model(str(tiny_llama_dir), dtype=dtype)
+    batch = full.tokenizer(["what is the big cat ?", "the dog is red and good"], return_tensors="pt", padding=True)
+    a = capture_hidden_states(full.model, batch["input_ids"], batch["attention_mask"], [1, 3])
+    b = capture_hidden_states(half.model, batch["input_ids"], batch["attention_mask"], [1, 3])
+    assert b.dtype == torch.float32  # the cache always stores float32
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    vector = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(0)), dim=0)
+    with torch.no_grad():
+        with steer(full.model, {2: vector}, 2.0):
+            steered_full = full.model(**batch).logits
+        with steer(half.model, {2: vector}, 2.0):
+            steered_half = half.model(**batch).logits.float()
+        plain = full.model(**batch).logits
+    torch.testing.assert_close(steered_full, steered_half, rtol=0.05, atol=0.05)
+    assert (steered_full - plain).abs().max() > 0.05  # the steering itself is far above the dtype noise
+
+
+def test_written_json_is_never_half_written(tmp_path, monkeypatch):
+    from es_lightning import io
+
+    path = tmp_path / "report.json"
+    io.atomic_write_json(path, {"a": 1})
+
+    def broken(tmp):
+        tmp.write_text('{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        io.atomic_write_with(path, broken)
+    assert json.loads(path.read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))
