@@ -81,3 +81,27 @@ def test_written_json_is_never_half_written(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         io.atomic_write_with(path, broken)
     assert json.loads(path.read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_prediction_memory_does_not_grow_with_the_number_of_prompts(run_args, tmp_path):
+    import tracemalloc
+
+    build_cli(["fit", *run_args, "--run_name", "load"])
+    ckpt = str(tmp_path / "runs" / "load" / "last.ckpt")
+    filler = " ".join(["the big old tree is green and the small dog is red"] * 4)
+
+    def peak(n: int) -> int:
+        prompts = tmp_path / f"prompts-{n}.jsonl"
+        prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{filler} {i} ?"}) + "\n" for i in range(n)))
+        tracemalloc.start()
+        build_cli(["predict", *run_args, "--run_name", "load", "--data.predict_data.path", str(prompts),
+                   "--data.batch_size", "50", "--model.predict.methods", "[expertsteer]", "--model.generation.max_new_tokens", "2",
+                   "--trainer.callbacks.output_dir", str(tmp_path / f"out-{n}"), "--ckpt_path", ckpt])
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert sum(1 for _ in open(tmp_path / f"out-{n}" / "predictions.jsonl")) == 2 * n
+        return top
+
+    small, large = peak(200), peak(2000)
+    held_rows = 1800 * 2 * len(filler)  # what keeping the extra 1800 prompts' rows in memory would cost at least
+    assert large - small < held_rows / 2, (small, large)
