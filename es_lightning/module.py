@@ -19,7 +19,7 @@ from es_lightning.data.folds import Fold
 from es_lightning.evaluation.plots import plot_coefficient_sweep
 from es_lightning.evaluation.protocol import EvaluationConfig, Evaluator, FoldPlan, assemble_report, plan_folds, render_questions
 from es_lightning.evaluation.report import Report, write_report
-from es_lightning.io import sha256_json
+from es_lightning.io import sha256_file, sha256_json
 from es_lightning.models.loading import LoadedModel, load_model
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.generation import GenerationSettings, generate
@@ -208,7 +208,8 @@ class ExpertSteer(AlignmentAutoEncoder):
                 model=self.layout.target.name, scoring=self.evaluation.scoring, alpha=self.evaluation.alpha,
                 k=len(self._plans), fold_mode=self.evaluation.fold_mode if self.evaluation.folds else "split",
                 datasets=(dataset,),
-                meta={"expert": self.layout.expert.name, "pairs": self.extra["pairing"]["pairs"], "objective": self.objective,
+                meta={"checkpoint": {"path": str(self.trainer.ckpt_path), "sha256": sha256_file(self.trainer.ckpt_path)} if self.trainer.ckpt_path else None,
+                      "expert": self.layout.expert.name, "pairs": self.extra["pairing"]["pairs"], "objective": self.objective,
                       "coefficients": list(self.evaluation.coefficients), "positions": self.evaluation.positions,
                       "fold_plans": [{"fold": p.fold.index, "chosen": p.chosen, "n_train": len(p.fold.train),
                                       "n_val": len(p.fold.val), "n_test": len(p.fold.test), **p.diagnostics} for p in self._plans]},

@@ -3,7 +3,9 @@
     es-lightning-pipeline --config configs/default.yaml
 
 Each stage is the ordinary ``es-lightning`` subcommand (same config, same run folder), so any stage can
-be re-run on its own; the fit stage resumes from ``last.ckpt`` when the run folder already has one.
+be re-run on its own. Started again with the same command, the job continues where it stopped: a finished
+fit is kept (an unfinished one resumes from ``last.ckpt``), a report made from the same checkpoint is kept,
+and prediction rows already written are reused by the prediction writer.
 """
 
 from __future__ import annotations
@@ -47,22 +49,26 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--config", args.config, *extra]
     start = time.time()
 
-    fit_cli = None
+    outputs: list[Path] = []
+    run_dir = _run_dir(common)
+    ckpt = run_dir / "last.ckpt"
     if "fit" not in args.skip:
         _banner("1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors")
-        run_dir = _run_dir(common)
-        resume = ["--ckpt_path", "last"] if (run_dir / "last.ckpt").exists() else []
-        fit_cli = build_cli(["fit", *common, *resume])
-    run_dir = _run_dir(common) if fit_cli is None else Path(fit_cli.trainer.default_root_dir)
-    ckpt = run_dir / "last.ckpt"
+        if _fit_complete(ckpt):
+            print(f"fit already complete: {ckpt} holds pairs and bundles (delete the run folder to refit)")
+        else:
+            build_cli(["fit", *common, *(["--ckpt_path", "last"] if ckpt.exists() else [])])
     if not ckpt.exists():
         raise FileNotFoundError(f"No checkpoint at {ckpt}: run the fit stage first.")
 
     if "test" not in args.skip:
         _banner("2/3 test: cross-validated multiple-choice evaluation")
-        build_cli(["test", *common, "--ckpt_path", str(ckpt)])
-        report = run_dir / "report" / "report.md"
-        print(report.read_text())
+        report = run_dir / "report" / "report.json"
+        if _report_matches(report, ckpt):
+            print(f"report already made from this checkpoint: {report} (delete it to re-evaluate)")
+        else:
+            build_cli(["test", *common, "--ckpt_path", str(ckpt)])
+        print((run_dir / "report" / "report.md").read_text())
 
     if "predict" not in args.skip:
         _banner("3/3 predict: unsteered vs steered generations")
@@ -70,13 +76,36 @@ def main(argv: list[str] | None = None) -> None:
         cli = build_cli(["predict", *common, *predict_args, "--ckpt_path", str(ckpt)])
         writer = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "SteeredPredictionWriter")
         print(side_by_side(writer.output_path))
+        outputs.append(writer.output_path)
 
     _banner(f"done in {(time.time() - start) / 60:.1f} min")
     print(f"run folder: {run_dir}")
     for name in ("last.ckpt", "pairing.json", "mi_heatmap.png", "bundles", "report/report.md", "report/report.json",
-                 "report/coefficient_sweep.png", "predictions/predictions.jsonl"):
+                 "report/coefficient_sweep.png"):
         if (run_dir / name).exists():
             print(f"  {run_dir / name}")
+    for path in outputs:
+        print(f"  {path}")
+
+
+def _fit_complete(ckpt: Path) -> bool:
+    """True if ``ckpt`` exists and its fit ran to the end (pairs and bundles recorded)."""
+    if not ckpt.exists():
+        return False
+    import torch
+
+    meta = torch.load(ckpt, map_location="cpu", weights_only=False).get("es_lightning", {})
+    return bool(meta.get("pairing")) and bool(meta.get("bundles"))
+
+
+def _report_matches(report: Path, ckpt: Path) -> bool:
+    """True if ``report`` exists and was made from exactly this checkpoint."""
+    if not report.exists():
+        return False
+    from es_lightning.io import sha256_file
+
+    recorded = (json.loads(report.read_text()).get("meta") or {}).get("checkpoint") or {}
+    return recorded.get("sha256") == sha256_file(ckpt)
 
 
 def _run_dir(common: list[str]) -> Path:
