@@ -50,7 +50,7 @@ class LayerPairingCallback(L.Callback):
     def __init__(
         self,
         method: Literal["gaussian", "ksg"] = "gaussian",
-        rule: Literal["lowest", "highest"] = "lowest",
+        rule: Literal["lowest", "highest"] = "highest",
         top_k: int = 3,
         one_target_per_expert: bool = True,
         depth_window: tuple[float, float] | None = None,

@@ -16,12 +16,15 @@ class PairingRule:
     """How pairs are picked from the MI matrix.
 
     ``rule``: ``lowest`` MI (the paper's criterion as secondary sources report it: intervene where the
-    representations differ most) or ``highest``. ``top_k``: number of pairs. ``one_target_per_expert``:
+    representations differ most) or ``highest`` (ours, the default: with the default models the lowest-MI
+    pairs join extreme layers, e.g. expert 17 -> target 0, whose mapped directions separate correct from wrong
+    answers at chance, held-out AUC 0.55; the highest-MI pairs join middle layers, AUC 0.81; see
+    ``benchmarks/measure_defaults.py``). ``top_k``: number of pairs. ``one_target_per_expert``:
     each expert layer is used at most once (each target layer always is). ``depth_window``: keep only
     target layers whose relative depth ``j / (depth - 1)`` lies in ``[low, high]``.
     """
 
-    rule: Rule = "lowest"
+    rule: Rule = "highest"
     top_k: int = 3
     one_target_per_expert: bool = True
     depth_window: tuple[float, float] | None = None
