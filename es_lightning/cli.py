@@ -38,6 +38,11 @@ class ESLightningCLI(LightningCLI):
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(run_dir)
         ensure_writable_dir(run_dir, min_free_bytes=MIN_FREE_BYTES, what="run output")
+        if self.subcommand == "fit" and not config.get("ckpt_path") and (Path(config.checkpoint.dirpath) / "last.ckpt").exists():
+            raise FileExistsError(
+                f"The run folder {config.checkpoint.dirpath} already holds last.ckpt. Resume it with --ckpt_path last, "
+                f"or start a new run with another --run_name (or delete the folder)."
+            )
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # rows are streamed to disk by SteeredPredictionWriter
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -95,6 +96,8 @@ def ensure_writable_dir(path: str | os.PathLike, min_free_bytes: int = 0, what: 
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(f"The {what} directory {str(path)!r} is on a full disk. Free some space or point the config at another disk.") from err
         raise PermissionError(
             f"The {what} directory {str(path)!r} is not writable ({err.strerror}). "
             f"Choose another directory in the config or fix its permissions."

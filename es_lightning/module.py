@@ -14,7 +14,8 @@ import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from es_lightning.alignment import AlignmentAutoEncoder
-from es_lightning.callbacks.prediction_writer import SteeredPredictionWriter
+from es_lightning.callbacks.common import on_rank_zero
+from es_lightning.callbacks.prediction_writer import find_prediction_writer
 from es_lightning.data.folds import Fold
 from es_lightning.evaluation.plots import plot_coefficient_sweep
 from es_lightning.evaluation.protocol import EvaluationConfig, Evaluator, FoldPlan, assemble_report, plan_folds, render_questions
@@ -84,7 +85,7 @@ class ExpertSteer(AlignmentAutoEncoder):
         evaluation: EvaluationConfig = EvaluationConfig(),
         generation: GenerationSettings = GenerationSettings(),
         predict: PredictConfig = PredictConfig(),
-        target_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        target_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         report_dir: str | None = None,
     ):
         super().__init__(objective, pair_weight, layer_map, closed_form_init, ridge, optimizer, scheduler)
@@ -100,7 +101,7 @@ class ExpertSteer(AlignmentAutoEncoder):
     # ------------------------------------------------------------------------------ shared pieces
     def setup(self, stage: str) -> None:
         if stage == "predict":
-            writer = self._writer()
+            writer = find_prediction_writer(self.trainer)
             if writer is not None:  # rows of another configuration must never be mixed into a resumed run
                 ckpt = Path(self.trainer.ckpt_path) if self.trainer.ckpt_path else None
                 source = getattr(self.trainer.datamodule, "predict_source", None)
@@ -126,7 +127,8 @@ class ExpertSteer(AlignmentAutoEncoder):
 
     def _load_target(self) -> LoadedModel:
         datamodule = self.trainer.datamodule
-        target = load_model(self.layout.target.name, getattr(datamodule, "cache_dir", None), self.target_dtype)
+        dtype = self.target_dtype or datamodule.target_spec.dtype
+        target = load_model(self.layout.target.name, getattr(datamodule, "cache_dir", None), dtype, device=self.device)
         if target.fingerprint != self.layout.target.fingerprint:
             raise ValueError(
                 f"The target model {self.layout.target.name!r} has changed since this checkpoint was fitted "
@@ -157,20 +159,31 @@ class ExpertSteer(AlignmentAutoEncoder):
             local_split = {name: [position[q] for q in idx if q in position] for name, idx in datamodule.question_split.items()}
         local_folds = plan_folds(len(subset), [questions[q].group for q in subset], config, local_split)
         folds = [Fold(f.index, *(tuple(subset[k] for k in part) for part in (f.train, f.val, f.test))) for f in local_folds]
+        for fold in folds:
+            empty = [name for name, part in (("train", fold.train), ("val", fold.val), ("test", fold.test)) if not part]
+            if empty:
+                raise ValueError(
+                    f"Evaluation fold {fold.index} has no {' and no '.join(empty)} questions. Use more questions, fewer "
+                    f"folds, or (with folds: null) non-zero val/test fractions in data.splits."
+                )
+        target_spec = datamodule.target_spec
         self._evaluator = Evaluator(
             self._target.model, self._target.tokenizer, rendered, datamodule.tensors, datamodule.question_rows,
             self.layout.expert_layers, self.layout.target_layers, [tuple(p) for p in pairing["pairs"]],
             lambda i: self.encoder_linear(i).cpu(), config, progress=self.trainer.is_global_zero,
+            add_special_tokens=not target_spec.chat_template, block_path=target_spec.block_path,
         )
-        plans = None
-        if self.trainer.is_global_zero:
+
+        def plan_all() -> list[FoldPlan]:
             plans = []
             for fold in folds:
                 log.warning("Fold %d/%d: vectors from %d train questions, coefficients on %d val questions",
                             fold.index + 1, len(folds), len(fold.train), len(fold.val))
                 plans.append(self._evaluator.plan(fold))
                 log.warning("Fold %d chosen coefficients: %s", fold.index + 1, plans[-1].chosen)
-        self._plans: list[FoldPlan] = self.trainer.strategy.broadcast(plans, src=0)
+            return plans
+
+        self._plans: list[FoldPlan] = on_rank_zero(self.trainer, plan_all)
         self._fold_of = {q: plan.fold.index for plan in self._plans for q in plan.fold.test}
         self._test_results: list[tuple[int, int, dict]] = []  # (fold, question, {variant: {"mean","sum"}})
 
@@ -218,7 +231,6 @@ class ExpertSteer(AlignmentAutoEncoder):
             json_path, md_path = write_report(report, folder)
             plot_coefficient_sweep(report, folder / "coefficient_sweep.png")
             log.warning("Evaluation report: %s, %s, %s", json_path, md_path, folder / "coefficient_sweep.png")
-            self.extra["report"] = str(json_path)
         self._target = None
 
     # ---------------------------------------------------------------------------------- predict
@@ -237,15 +249,19 @@ class ExpertSteer(AlignmentAutoEncoder):
                 )
             self._bundles[method] = SteeringBundle.load(path, expected_target=identity)
         self._target = self._load_target()
+        target_spec = self.trainer.datamodule.target_spec
+        if self.generation.chat_template != target_spec.chat_template:
+            log.warning(
+                "generation.chat_template=%s but the vectors were computed with data.target.chat_template=%s: the "
+                "steered prompts are rendered differently from the texts the vectors came from.",
+                self.generation.chat_template, target_spec.chat_template,
+            )
         self._variants = ([("none", 0.0)] if config.include_unsteered else []) + [
             (m, float(c)) for m in config.methods for c in config.coefficients if c != 0
         ]
 
-    def _writer(self) -> SteeredPredictionWriter | None:
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, SteeredPredictionWriter)), None)
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        writer = self._writer()
+        writer = find_prediction_writer(self.trainer)
         keep = writer.pending(batch["index"]) if writer is not None else list(range(len(batch["index"])))
         if not keep:
             return []
@@ -253,8 +269,9 @@ class ExpertSteer(AlignmentAutoEncoder):
         outputs = {}
         for order, (method, coefficient) in enumerate(self._variants):
             bundle = self._bundles.get(method)
-            outputs[order] = generate(self._target.model, self._target.tokenizer, prompts, self.generation,
-                                      bundle, coefficient if bundle else 0.0, self.predict_config.positions)
+            outputs[order] = generate(self._target.model, self._target.tokenizer, prompts, self.generation, bundle,
+                                      coefficient if bundle else 0.0, self.predict_config.positions,
+                                      block_path=self.trainer.datamodule.target_spec.block_path)
         rows = []
         for position, k in enumerate(keep):
             for order, (method, coefficient) in enumerate(self._variants):

@@ -131,3 +131,9 @@ def test_checkpoints_are_written_atomically(run_args, tmp_path):
     cli = build_cli(["fit", *run_args, "--run_name", "atomic"])
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
     assert not list((tmp_path / "runs" / "atomic").glob(".*.tmp"))
+
+
+def test_fit_into_a_finished_run_folder_is_refused(run_args, tmp_path):
+    build_cli(["fit", *run_args, "--run_name", "once"])
+    with pytest.raises(FileExistsError, match="--ckpt_path last"):
+        build_cli(["fit", *run_args, "--run_name", "once"])

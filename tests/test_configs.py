@@ -31,3 +31,19 @@ def test_unknown_key_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
                        args=["--config", str(CONFIGS[0]), "--model.no_such_option", "1"], auto_configure_optimizers=False)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.pair_weight", "heavy"], "pair_weight"),  # wrong type
+        (["--model.evaluation.coefficients", "[0.1, .nan]"], "finite"),
+        (["--model.predict.coefficients", "[.inf]"], "finite"),
+    ],
+)
+def test_wrong_types_and_nan_coefficients_are_refused(override, message, capsys):
+    with pytest.raises((SystemExit, ValueError)) as error:
+        ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
+                       args=["--config", str(CONFIGS[0]), *override], auto_configure_optimizers=False)
+    text = str(error.value) + capsys.readouterr().err
+    assert message in text

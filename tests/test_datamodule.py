@@ -191,3 +191,11 @@ def test_two_runs_on_one_cache_do_not_collide(tiny_gpt2_dir, tiny_llama_dir, mc_
     shards = [json.loads(line)["shard"] for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
     assert sorted(shards) == list(range(10))  # 79 examples / 8 per shard: each built exactly once by one of the runs
     assert not list(key_dir.glob("*.tmp"))
+
+
+def test_val_split_of_one_class_is_reported(tiny_gpt2_dir, tiny_llama_dir, tmp_path, caplog):
+    imbalanced = tmp_path / "imbalanced.csv"
+    imbalanced.write_text("text,label\n" + "".join(f"the cat {i},{int(i < 3)}\n" for i in range(40)))
+    source = DataSource(str(imbalanced), format=ExampleFormat(kind="text"))
+    make_dm(tiny_gpt2_dir, tiny_llama_dir, imbalanced, tmp_path, data=source, splits=SplitConfig(seed=1)).setup("fit")
+    assert "val split has labels of only one class" in caplog.text

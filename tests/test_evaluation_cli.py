@@ -117,3 +117,21 @@ def test_predict_bad_input(fitted, tmp_path):
     with pytest.raises(ValueError, match="other-model"):
         build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--model.predict.methods", "[expertsteer]",
                    "--model.predict.bundle_dir", str(tmp_path / "bundles"), "--ckpt_path", ckpt])
+
+
+def test_predict_again_with_the_same_configuration_reuses_the_rows(fitted, tmp_path, monkeypatch):
+    tmp, args = fitted
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
+    out = tmp_path / "out"
+    command = ["predict", *args, "--data.predict_data.path", str(prompts), "--trainer.callbacks.output_dir", str(out),
+               "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")]
+    build_cli(command)
+    first = (out / "predictions.jsonl").read_bytes()
+    from es_lightning import module
+
+    calls = []
+    monkeypatch.setattr(module, "generate", lambda model, tok, texts, *a, **k: calls.append(1) or ["x"] * len(texts))
+    build_cli(command)
+    assert calls == [] and (out / "predictions.jsonl").read_bytes() == first
+    build_cli([*command[:-2], "--model.predict.coefficients", "[0.25]", *command[-2:]])  # another configuration
+    assert calls  # regenerated

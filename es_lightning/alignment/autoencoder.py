@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import CosineSimilarity, ExplainedVariance, MeanMetric, MeanSquaredError
@@ -25,7 +24,7 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
     """Least-squares ``W`` with ``x @ W ≈ y`` (centred inputs), Tikhonov-regularised relative to the trace."""
     gram = x.T @ x
     scale = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + scale * eye, x.T @ y)
 
 
@@ -169,7 +168,7 @@ class AlignmentAutoEncoder(L.LightningModule):
                 enc_w, enc_b = w.T, y.mean(0) - x_mean @ w
             else:
                 _, _, vh = torch.linalg.svd(xc, full_matrices=False)
-                basis = torch.zeros(d_t, d_e, dtype=x.dtype)
+                basis = torch.zeros(d_t, d_e, dtype=x.dtype, device=x.device)
                 rank = min(d_t, vh.shape[0])
                 basis[:rank] = vh[:rank]
                 enc_w, enc_b = basis, -(basis @ x_mean)
@@ -227,14 +226,6 @@ class AlignmentAutoEncoder(L.LightningModule):
                 self.log(f"val/{name}/layer{self.layout.expert_layers[k]}", value)
                 metric.reset()
             self.log(f"val/{name}", torch.stack(values).mean(), prog_bar=name != "mse")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        raise NotImplementedError(
-            "`es-lightning test` (steering evaluation) is not implemented yet; use `validate` for auto-encoder metrics."
-        )
-
-    def predict_step(self, batch: Any, batch_idx: int) -> None:
-        raise NotImplementedError("`es-lightning predict` (steered generation) is not implemented yet.")
 
     def configure_optimizers(self):
         optimizer = (self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)))(self.parameters())

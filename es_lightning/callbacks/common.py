@@ -21,3 +21,18 @@ def resave_last_checkpoint(trainer: L.Trainer) -> None:
     path = getattr(callback, "last_model_path", "") if callback is not None else ""
     if path:
         trainer.save_checkpoint(path)
+
+
+def on_rank_zero(trainer: L.Trainer, compute):
+    """``compute()`` on rank 0, its result broadcast to every rank; an error on rank 0 is raised on every rank
+    (so the other ranks never hang in the broadcast)."""
+    result, error = None, None
+    if trainer.is_global_zero:
+        try:
+            result = compute()
+        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
+            error = err
+    result, error = trainer.strategy.broadcast((result, error), src=0)
+    if error is not None:
+        raise error
+    return result

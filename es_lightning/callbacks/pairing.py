@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from es_lightning.callbacks.common import resave_last_checkpoint, run_dir
+from es_lightning.callbacks.common import on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.io import atomic_write_json, atomic_write_with
 from es_lightning.steering.mi import mi_matrix
 from es_lightning.steering.pairing import PairingRule, select_pairs
@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 
 def plot_mi_heatmap(mi: torch.Tensor, expert_layers, target_layers, pairs, path: Path, title: str) -> None:
     """Heatmap PNG of the MI matrix with the chosen pairs circled (atomic write)."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(target_layers) + 2), max(3, 0.3 * len(expert_layers) + 1.5)))
+    fig = Figure(figsize=(max(4, 0.3 * len(target_layers) + 2), max(3, 0.3 * len(expert_layers) + 1.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     image = ax.imshow(mi.numpy(), aspect="auto", cmap="viridis", origin="lower")
     fig.colorbar(image, ax=ax, label="MI (nats)")
     ax.set_xticks(range(len(target_layers)), [str(t) for t in target_layers], fontsize=6)
@@ -36,7 +36,6 @@ def plot_mi_heatmap(mi: torch.Tensor, expert_layers, target_layers, pairs, path:
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
 
 
 class LayerPairingCallback(L.Callback):
@@ -80,7 +79,7 @@ class LayerPairingCallback(L.Callback):
         xs, ys = pl_module.standardise(expert, target)
         encoded = pl_module.encode(xs).cpu()
         layout = pl_module.layout
-        mi = mi_matrix(encoded, ys.cpu(), method=self.method, seed=self.seed, **self.mi_options).float()
+        mi = mi_matrix(encoded, ys.cpu(), method=self.method, **{"seed": self.seed, **self.mi_options}).float()
         pairs = select_pairs(mi, layout.expert_layers, layout.target_layers, layout.target.num_layers, self.rule)
         return {
             "mi": mi.tolist(), "expert_layers": layout.expert_layers, "target_layers": layout.target_layers,
@@ -99,12 +98,9 @@ class LayerPairingCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True
-        result = None
-        if trainer.is_global_zero:
-            log.warning("Pairing layers: %s MI between %d encoded expert and %d target layers ...",
-                        self.method, len(pl_module.layout.expert_layers), len(pl_module.layout.target_layers))
-            result = self.compute(pl_module, trainer.datamodule)
-        result = trainer.strategy.broadcast(result, src=0)
+        log.warning("Pairing layers: %s MI between %d encoded expert and %d target layers ...",
+                    self.method, len(pl_module.layout.expert_layers), len(pl_module.layout.target_layers))
+        result = on_rank_zero(trainer, lambda: self.compute(pl_module, trainer.datamodule))
         pl_module.extra["pairing"] = result
         if trainer.is_global_zero:
             folder = run_dir(trainer)

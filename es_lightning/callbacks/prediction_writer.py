@@ -58,7 +58,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from es_lightning.io import atomic_path, atomic_write_json
+from es_lightning.io import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ class SteeredPredictionWriter(BasePredictionWriter):
         self._handle = None
         self._done = bytearray()  # bit i set: prompt index i is complete on disk
         self._last_key: tuple[int, int] | None = None
+        self._complete: int | None = None
 
     # --- paths -------------------------------------------------------------------------------------------
 
@@ -239,6 +240,12 @@ class SteeredPredictionWriter(BasePredictionWriter):
         self.rank, self.world_size = int(trainer.global_rank), int(trainer.world_size)
         self.rows_written = self.rows_merged = 0
         self._done, self._last_key = bytearray(), None
+        self._complete = self._already_complete()
+        if self._complete is not None:  # a finished run of the same configuration: nothing to generate again
+            for index in range(self._complete + 1):
+                self._mark(index)
+            log.warning("Predictions already complete for this configuration: %s (delete it to regenerate).", self.output_path)
+            return
         parts = self.parts_dir
         parts.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -246,6 +253,21 @@ class SteeredPredictionWriter(BasePredictionWriter):
             self._reconcile(self._read_run_file(), expected)
         trainer.strategy.barrier("prediction_writer_ready")  # no rank reads its part before rank 0 has sorted them
         self._open_part()
+
+    @property
+    def complete_marker(self) -> Path:
+        """Written beside the merged file: the fingerprint it was made with and its last prompt index."""
+        return self.root / f".{self.filename}.complete.json"
+
+    def _already_complete(self) -> int | None:
+        """The last prompt index of a merged file made with this fingerprint (and no parts pending), else None."""
+        if not self.run_fingerprint or not self.output_path.exists() or list(self.parts_dir.glob("*.jsonl")):
+            return None
+        try:
+            marker = json.loads(self.complete_marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return marker.get("last_index") if marker.get("fingerprint") == self.run_fingerprint else None
 
     def _read_run_file(self) -> dict | None:
         try:
@@ -321,6 +343,8 @@ class SteeredPredictionWriter(BasePredictionWriter):
         ``prediction`` is ``predict_step``'s return value: ``None`` or a list of dict rows (see the module
         docstring). Rows are sorted by ``(index, order)`` here; they must come after every row written before.
         """
+        if self._complete is not None:
+            return
         if dataloader_idx != 0:
             raise ValueError("SteeredPredictionWriter supports a single predict dataloader (indices would collide).")
         if self._handle is None:
@@ -386,6 +410,8 @@ class SteeredPredictionWriter(BasePredictionWriter):
         return keyed
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._complete is not None:
+            return
         self._close()
         trainer.strategy.barrier("prediction_writer_merge")  # every rank's part is complete and closed
         error: BaseException | None = None
@@ -422,6 +448,8 @@ class SteeredPredictionWriter(BasePredictionWriter):
                 f"predict_step returned no rows for some prompts.",
                 UserWarning, stacklevel=2,
             )
+        atomic_write_text(self.complete_marker, json.dumps({"fingerprint": self.run_fingerprint, "last_index": last_index,
+                                                            "rows": rows, "prompts": prompts}))
         for path in parts:
             path.unlink()
         (self.parts_dir / RUN_FILE).unlink(missing_ok=True)

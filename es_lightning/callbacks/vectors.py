@@ -9,14 +9,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from es_lightning.callbacks.common import resave_last_checkpoint, run_dir
+from es_lightning.callbacks.common import on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, save_bundles
 from es_lightning.steering.vectors import METHODS, VectorInputs, compute_vectors, layer_norms
 
 log = logging.getLogger(__name__)
 
 
-def bundles_for(pl_module, datamodule, methods, rfm_options, seed, split: str = "train") -> list[SteeringBundle]:
+def bundles_for(pl_module, datamodule, methods, rfm_options, seed) -> list[SteeringBundle]:
     """One bundle per method for the pairs stored by :class:`LayerPairingCallback` in ``pl_module``."""
     pairing = pl_module.extra.get("pairing")
     if not pairing or not pairing.get("pairs"):
@@ -28,7 +28,7 @@ def bundles_for(pl_module, datamodule, methods, rfm_options, seed, split: str = 
     for i, j in pairs:
         if i not in layout.expert_layers or j not in layout.target_layers:
             raise ValueError(f"Pair {(i, j)} is not among the cached layers; the pairing and the cache disagree.")
-    states = datamodule.split(split)
+    states = datamodule.split("train")
     inputs = VectorInputs(
         expert=states["expert"], target=states["target"], labels=states["label"],
         expert_layers=layout.expert_layers, target_layers=layout.target_layers,
@@ -47,7 +47,7 @@ def bundles_for(pl_module, datamodule, methods, rfm_options, seed, split: str = 
             mi_expert_layers=pairing["expert_layers"], mi_target_layers=pairing["target_layers"],
             data_key=pl_module.cache_keys.get("data", ""), cache_key=pl_module.cache_keys.get("alignment", pl_module.cache_keys.get("data", "")),
             extra={"diagnostics": {str(k): v for k, v in result.diagnostics.items()}, "objective": pl_module.objective,
-                   "pairs": [list(p) for p in pairs], "split": split, "seconds": round(time.perf_counter() - start, 3)},
+                   "pairs": [list(p) for p in pairs], "split": "train", "seconds": round(time.perf_counter() - start, 3)},
         ))
         log.warning("Steering vectors: %s for target layers %s (%.1f s)", method, sorted(result.vectors), time.perf_counter() - start)
     return bundles
@@ -81,11 +81,11 @@ class SteeringVectorCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True
-        paths = None
-        if trainer.is_global_zero:
+        def compute() -> dict[str, str]:
             bundles = bundles_for(pl_module, trainer.datamodule, self.methods, self.rfm_options, self.seed)
             saved = save_bundles(run_dir(trainer) / "bundles", bundles)
-            paths = {method: str(path) for method, path in saved.items()}
             log.warning("Steering bundles written to %s", run_dir(trainer) / "bundles")
-        pl_module.extra["bundles"] = trainer.strategy.broadcast(paths, src=0)
+            return {method: str(path.resolve()) for method, path in saved.items()}
+
+        pl_module.extra["bundles"] = on_rank_zero(trainer, compute)
         resave_last_checkpoint(trainer)

@@ -115,6 +115,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         progress: bool = True,
         predict_data: PromptSource | None = None,
+        predict_batch_size: int = 8,
     ):
         super().__init__()
         if pooling not in ("last", "mean"):
@@ -134,6 +135,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.progress = progress
         self.predict_source = predict_data
+        self.predict_batch_size = predict_batch_size
         self.prompts: PromptDataset | None = None
         self.layout: PairedLayout | None = None
         self.examples: list[Example] = []
@@ -148,7 +150,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self._loaded: dict[str, LoadedModel] = {}
 
     # ----------------------------------------------------------------------------------- examples
-    def _read(self, source: DataSource, what: str) -> tuple[list[Example], list[Question]]:
+    def _read(self, source: DataSource) -> tuple[list[Example], list[Question]]:
         source = replace(source, path=resolve_data_path(source.path, cache_dir=self.cache_dir))
         table = load_records(source.path, source.split, source.name)
         fmt = source.format
@@ -167,13 +169,13 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return examples_from_text_rows(records, fmt, source.path), []
 
     def _prepare_examples(self) -> None:
-        examples, questions = self._read(self.source, "data")
+        examples, questions = self._read(self.source)
         cfg = self.split_config
         if cfg.val_path or cfg.test_path:
             parts = {"train": (examples, questions)}
             for name, path in (("val", cfg.val_path), ("test", cfg.test_path)):
                 if path:
-                    parts[name] = self._read(replace(self.source, path=path), name)
+                    parts[name] = self._read(replace(self.source, path=path, limit=None))
             self.examples, self.split_indices, self.questions, offset = [], {}, {}, 0
             for name in SPLITS:
                 part_examples, part_questions = parts.get(name, ([], []))
@@ -208,12 +210,21 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         labels = [e.label for e in self.examples]
         if self.source.format.label_field or self.source.format.kind == "multiple_choice":
             check_two_classes([labels[i] for i in self.split_indices["train"]], "train split")
+            for name in ("val", "test"):
+                present = {labels[i] for i in self.split_indices[name]}
+                if len(present) == 1:
+                    log.warning(
+                        "The %s split has labels of only one class (%s): label-based results on it (e.g. `test` with "
+                        "folds: null) would be meaningless. Use a larger %s fraction, another split seed, or rebalance "
+                        "the data.", name, sorted(present), name,
+                    )
 
     # ------------------------------------------------------------------------------------ caching
     def _model(self, side: str) -> LoadedModel:
         if side not in self._loaded:
             spec = self.expert_spec if side == "expert" else self.target_spec
-            self._loaded[side] = load_model(spec.name, self.cache_dir, spec.dtype)
+            device = self.trainer.strategy.root_device if self.trainer else "cpu"
+            self._loaded[side] = load_model(spec.name, self.cache_dir, spec.dtype, device=device)
         return self._loaded[side]
 
     def _extract(self, side: str, examples: list[Example], on_batch) -> torch.Tensor:
@@ -277,7 +288,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.layout = PairedLayout(expert, target, self.pooling)
         self.tensors, self.cache_keys["data"] = self._ensure_cache(self.examples, "labelled")
         if self.alignment_source is not None:
-            align_examples, _ = self._read(self.alignment_source, "alignment_data")
+            align_examples, _ = self._read(self.alignment_source)
             self.alignment_tensors, self.cache_keys["alignment"] = self._ensure_cache(align_examples, "alignment")
         self._loaded.clear()  # free both models: everything downstream reads the cache
 
@@ -316,7 +327,8 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts of ``predict_data`` in input order (under DDP Lightning adds its non-padding predict sampler)."""
-        return DataLoader(self.prompts, batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts)
+        return DataLoader(self.prompts, batch_size=self.predict_batch_size, shuffle=False, collate_fn=collate_prompts,
+                          num_workers=self.num_workers)
 
     # ----------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:

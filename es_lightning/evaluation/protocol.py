@@ -20,7 +20,7 @@ import torch
 from es_lightning.data.examples import Question
 from es_lightning.data.folds import Fold, make_folds
 from es_lightning.evaluation.report import DatasetReport, FoldResult, method_result, sweep_curve
-from es_lightning.evaluation.scoring import ChoiceScores, score_choices
+from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
 from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.hooks import steer
 from es_lightning.steering.vectors import METHODS, VectorInputs, compute_vectors, layer_norms
@@ -71,6 +71,18 @@ class EvaluationConfig:
             raise ValueError(f"Coefficients must be finite numbers, got {bad}.")
         if self.folds is not None and self.folds < 2:
             raise ValueError(f"folds must be >= 2 (or null for the DataModule's split), got {self.folds}.")
+        if self.fold_mode not in ("random", "group", "contiguous"):
+            raise ValueError(f"fold_mode must be 'random', 'group' or 'contiguous', got {self.fold_mode!r}.")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}.")
+        if self.max_questions is not None and self.max_questions < 2 * (self.folds or 2):
+            raise ValueError(f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; use at least {2 * (self.folds or 2)} or null.")
+        if self.max_val_questions is not None and self.max_val_questions < 1:
+            raise ValueError(f"max_val_questions must be >= 1 or null, got {self.max_val_questions}.")
+        if self.batch_size < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"batch_size must be >= 1 and alpha in (0, 1); got {self.batch_size} and {self.alpha}.")
+        if self.positions not in ("all", "prompt", "generated"):
+            raise ValueError(f"positions must be 'all', 'prompt' or 'generated', got {self.positions!r}.")
         if self.scoring not in ("mean", "sum"):
             raise ValueError(f"scoring must be 'mean' or 'sum', got {self.scoring!r}.")
 
@@ -139,8 +151,12 @@ class Evaluator:
         encoder_linear: Callable[[int], torch.Tensor] | None,
         config: EvaluationConfig,
         progress: bool = True,
+        add_special_tokens: bool = True,
+        block_path: str | None = None,
     ):
         config.validate()
+        self.add_special_tokens = add_special_tokens
+        self.block_path = block_path
         self.model, self.tokenizer, self.rendered = model, tokenizer, rendered
         self.states, self.question_rows = states, question_rows
         self.expert_layers, self.target_layers = list(expert_layers), list(target_layers)
@@ -158,13 +174,14 @@ class Evaluator:
         choices = [self.rendered.choices[q] for q in questions]
         context = None
         if method != NONE and coefficient != 0:
-            context = lambda: steer(self.model, vectors, coefficient, norms, positions=self.config.positions)  # noqa: E731
-        return score_choices(self.model, self.tokenizer, prompts, choices, context=context,
-                             batch_size=self.config.batch_size, progress=self.progress, desc=desc)
+            context = lambda: steer(self.model, vectors, coefficient, norms, positions=self.config.positions,  # noqa: E731
+                                    block_path=self.block_path)
+        return score_choices(self.model, self.tokenizer, prompts, choices, context=context, batch_size=self.config.batch_size,
+                             progress=self.progress, desc=desc, add_special_tokens=self.add_special_tokens)
 
     def correct(self, scores: Sequence[ChoiceScores], questions: Sequence[int], normalise: bool) -> torch.Tensor:
         """Per-question correctness under one scoring."""
-        return torch.tensor([s.best(normalise) == self.rendered.answers[q] for s, q in zip(scores, questions)])
+        return correctness(scores, [self.rendered.answers[q] for q in questions], normalise)
 
     # ------------------------------------------------------------------------------------ vectors
     def fold_vectors(self, fold: Fold) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:

@@ -41,9 +41,9 @@ class ChoiceScores:
 
 
 def _encode(
-    tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]]
+    tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], add_special_tokens: bool = True
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    prompt_ids = [list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
+    prompt_ids = [list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]) for prompt in prompts]
     choice_ids = [[list(tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in row] for row in choices]
     for q, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
         if not ids:
@@ -149,6 +149,7 @@ def score_choices(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "scoring",
+    add_special_tokens: bool = True,
 ) -> list[ChoiceScores]:
     """Score every choice of every question by its log-likelihood given the question's prompt.
 
@@ -169,7 +170,7 @@ def score_choices(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before scoring.")
-    prompt_ids, choice_ids = _encode(tokenizer, prompts, choices)
+    prompt_ids, choice_ids = _encode(tokenizer, prompts, choices, add_special_tokens)
     # Longest prompts first: similar lengths share a group (less padding) and memory peaks show up at once.
     order = sorted(range(len(prompts)), key=lambda q: -len(prompt_ids[q]))
     groups = _batches(order, [len(row) for row in choice_ids], batch_size)

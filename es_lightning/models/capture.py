@@ -86,7 +86,13 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_special
     """Token ids per text, truncated from the left to ``max_length``; also returns how many were truncated."""
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     truncated = sum(len(row) > max_length for row in ids)
-    return [row[-max_length:] for row in ids], truncated
+    bos = tokenizer.bos_token_id
+    out = []
+    for row in ids:
+        if len(row) > max_length:  # keep a leading BOS: models such as Gemma depend on it
+            row = [row[0], *row[len(row) - max_length + 1 :]] if bos is not None and row[0] == bos else row[-max_length:]
+        out.append(row)
+    return out, truncated
 
 
 @torch.no_grad()

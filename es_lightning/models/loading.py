@@ -7,6 +7,7 @@ once from their GGUF file into such a directory under the cache folder.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -71,12 +72,23 @@ def convert_builtin(model: BuiltinModel, cache_dir: Path | None = None) -> Path:
     """Convert a built-in GGUF model once into a safetensors directory; return that directory.
 
     The directory appears atomically and carries a fingerprint (sha256 of the GGUF and the size of every
-    file), so a half-written or stale conversion is never used.
+    file), so a half-written or stale conversion is never used. A lock file keeps two runs from converting
+    the same model at once; the second one waits and then reuses the first one's result.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = cache_dir / "models" / f"{model.name}-{model.version}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:  # two first runs never convert at once
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            return _convert_locked(model, cache_dir, folder)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _convert_locked(model: BuiltinModel, cache_dir: Path, folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf = find_gguf(model, cache_dir / "gguf")
     if _converted_is_valid(folder, gguf):
         return folder
@@ -135,7 +147,7 @@ def fingerprint_model_dir(folder: Path) -> str:
     """A cheap content fingerprint of a model directory: config plus size and head/tail bytes of each weight file."""
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.suffix not in {".json", ".jinja", ".safetensors", ".bin"} or path.name == FINGERPRINT_FILE:
+        if path.suffix not in {".json", ".jinja", ".safetensors", ".bin", ".model", ".txt"} or path.name == FINGERPRINT_FILE:
             continue
         digest.update(path.name.encode())
         size = path.stat().st_size

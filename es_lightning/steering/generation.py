@@ -145,6 +145,7 @@ def generate(
     steering: SteeringBundle | None = None,
     coefficient: float = 0.0,
     positions: str = "all",
+    block_path: str | None = None,
 ) -> list[str]:
     """Generate one completion per prompt, in order, batched by ``settings.batch_size``.
 
@@ -180,7 +181,7 @@ def generate(
     device = _model_device(model)
     outputs: list[str] = []
     context = (
-        steer(model, **steering.steering_kwargs(float(coefficient)), positions=positions)
+        steer(model, **steering.steering_kwargs(float(coefficient)), positions=positions, block_path=block_path)
         if steering is not None and coefficient != 0
         else contextlib.nullcontext()
     )
