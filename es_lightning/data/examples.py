@@ -39,7 +39,7 @@ class ExampleFormat:
     ``multiple_choice`` rows (``question``, ``choices``, ``answer``) become one example per choice:
     prompt + correct choice -> label 1, prompt + wrong choice -> label 0. ``text`` rows give one example
     each from ``text_field`` with its ``label_field``. Templates are ``str.format`` strings over the row's
-    fields; ``{choice}`` is the choice text.
+    fields (``completion_template`` sees only ``{choice}``, the choice text).
     """
 
     kind: Literal["multiple_choice", "text"] = "multiple_choice"

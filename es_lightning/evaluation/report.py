@@ -262,7 +262,8 @@ def render_markdown(report: Report) -> str:
     lines = [
         f"# Evaluation of {report.model}",
         "",
-        f"{report.k}-fold {report.fold_mode} cross-validation. Accuracy in %, mean ± sample std over folds. "
+        (f"{report.k}-fold {report.fold_mode} cross-validation. " if report.fold_mode != "split" else "The data module's train/val/test split. ")
+        + "Accuracy in %, mean ± sample std over folds. "
         f"Coefficients are chosen per fold on its validation part; sign tests (exact, two-sided; wins/losses) "
         f"pool all test folds and, like the coefficient choice and the verdict, use the {label} scoring. "
         f"A gain needs p < {report.alpha:g} against both no steering and the random control.",
