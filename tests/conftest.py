@@ -144,3 +144,16 @@ class DieAtStep(Callback):
     def on_train_batch_end(self, trainer, *args, **kwargs):
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash at step {trainer.global_step}")
+
+
+TINY_CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture()
+def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
+    """CLI arguments for a tiny run: tiny models, 20 two-choice questions, everything under tmp_path."""
+    data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
+    return [
+        "--config", str(TINY_CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
+        "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
+    ]

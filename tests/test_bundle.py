@@ -27,14 +27,6 @@ TARGET = ModelIdentity("tiny-llama", "0123456789abcdef", "llama")
 EXPERT = ModelIdentity("tiny-gemma", "fedcba9876543210", "gemma3_text")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_bundle(method: str = "expertsteer", layers=(1, 2, 3), seed: int = 0, **fields) -> SteeringBundle:
     generator = torch.Generator().manual_seed(seed)

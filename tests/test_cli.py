@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_two_choice_jsonl
 from es_lightning.cli import build_cli
 from es_lightning.steering import SteeringBundle
 
-CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
-@pytest.fixture()
-def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
-    data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
-    return [
-        "--config", str(CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
-        "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
-    ]
 
 
 def load_ckpt(path):

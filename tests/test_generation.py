@@ -12,13 +12,6 @@ from es_lightning.steering.generation import GenerationSettings, SeededSampler, 
 PROMPTS = ["the cat is big and red", "a dog", "what is the sun ?", "one two three four five six seven eight nine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir, tiny_gemma_dir):

@@ -6,22 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_two_choice_jsonl
 from es_lightning.callbacks import vectors as vector_callback
 from es_lightning.cli import build_cli
 from es_lightning.models import capture_hidden_states, load_model
 from es_lightning.steering import SteeringBundle, steer
 
-CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
-@pytest.fixture()
-def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
-    data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
-    return [
-        "--config", str(CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
-        "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
-    ]
 
 
 def test_run_killed_while_computing_vectors_resumes_with_the_same_command(run_args, tmp_path, monkeypatch):

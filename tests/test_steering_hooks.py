@@ -16,14 +16,6 @@ PROMPTS = ["the cat is big and red", "a dog", "what is the sun ?"]
 NEW_TOKENS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir, tiny_gemma_dir, tiny_gpt2_dir):

@@ -36,3 +36,19 @@ def on_rank_zero(trainer: L.Trainer, compute):
     if error is not None:
         raise error
     return result
+
+
+class WhenTrainingEnds(L.Callback):
+    """A callback whose work runs in ``on_train_end``, also for a run resumed after training had finished.
+
+    Such a run (e.g. one killed while this callback ran, started again with ``--ckpt_path last``) skips the
+    training loop and with it ``on_train_end``; ``on_fit_end`` then runs the work instead. Subclasses set
+    ``self._ran = True`` first thing in ``on_train_end``.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ran = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not getattr(self, "_ran", True):
+            self.on_train_end(trainer, pl_module)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from es_lightning.callbacks.common import on_rank_zero, resave_last_checkpoint, run_dir
+from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.io import atomic_write_json, atomic_write_with
 from es_lightning.steering.mi import mi_matrix
 from es_lightning.steering.pairing import PairingRule, select_pairs
@@ -38,7 +38,7 @@ def plot_mi_heatmap(mi: torch.Tensor, expert_layers, target_layers, pairs, path:
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-class LayerPairingCallback(L.Callback):
+class LayerPairingCallback(WhenTrainingEnds):
     """Compute the MI matrix [L_E, L_T] between f_i(h_E,i) and h_T,j on the train split and choose pairs.
 
     Runs on rank 0 when training ends and broadcasts the result. Stores the matrix and pairs in the
@@ -86,15 +86,6 @@ class LayerPairingCallback(L.Callback):
             "pairs": [list(p) for p in pairs], "method": self.method, "rule": self.rule.rule, "top_k": self.rule.top_k,
             "n_samples": len(rows),
         }
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._ran = False
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A run resumed from a checkpoint whose training had already finished (e.g. killed while this
-        # callback ran) skips the training loop and with it on_train_end: compute the results now.
-        if not getattr(self, "_ran", True):
-            self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True

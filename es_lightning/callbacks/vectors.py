@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from es_lightning.callbacks.common import on_rank_zero, resave_last_checkpoint, run_dir
+from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, save_bundles
 from es_lightning.steering.vectors import METHODS, VectorInputs, compute_vectors, layer_norms
 
@@ -53,7 +53,7 @@ def bundles_for(pl_module, datamodule, methods, rfm_options, seed) -> list[Steer
     return bundles
 
 
-class SteeringVectorCallback(L.Callback):
+class SteeringVectorCallback(WhenTrainingEnds):
     """For every chosen pair (i, j), a unit vector for target layer j per method; bundles go to ``<run>/bundles/``.
 
     Methods: ``expertsteer`` (RFM on expert states, mapped by the encoder's linear part), ``rfm_self``,
@@ -69,15 +69,6 @@ class SteeringVectorCallback(L.Callback):
             raise ValueError(f"Unknown steering-vector methods {unknown}: use some of {list(METHODS)}.")
         self.rfm_options = dict(rfm_options or {})
         self.seed = seed
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._ran = False
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A run resumed from a checkpoint whose training had already finished (e.g. killed while this
-        # callback ran) skips the training loop and with it on_train_end: compute the results now.
-        if not getattr(self, "_ran", True):
-            self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True
