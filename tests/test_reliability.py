@@ -9,7 +9,7 @@ import torch
 from es_lightning.callbacks import vectors as vector_callback
 from es_lightning.cli import build_cli
 from es_lightning.models import capture_hidden_states, load_model
-from es_lightning.steering import SteeringBundle, steer
+from es_lightning.steering import ModelIdentity, SteeringBundle, steer
 
 
 
@@ -96,3 +96,12 @@ def test_prediction_memory_does_not_grow_with_the_number_of_prompts(run_args, tm
     small, large = peak(200), peak(2000)
     held_rows = 1800 * 2 * len(filler)  # what keeping the extra 1800 prompts' rows in memory would cost at least
     assert large - small < held_rows / 2, (small, large)
+
+
+def test_truncated_bundle_is_reported_not_used(tmp_path):
+    bundle = SteeringBundle("mean_difference", {1: torch.nn.functional.normalize(torch.ones(8), dim=0)}, {1: 2.0},
+                            ModelIdentity("tiny"))
+    path = bundle.save(tmp_path / "mean_difference.safetensors")
+    path.write_bytes(path.read_bytes()[:-20])  # what a crash mid-copy would leave
+    with pytest.raises(ValueError):
+        SteeringBundle.load(path)
