@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "ES_LIGHTNING_CACHE"
 FINGERPRINT_FILE = "es_lightning_fingerprint.json"
-CONVERSION_FORMAT = 1
+CONVERSION_FORMAT = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,7 +97,10 @@ def _convert_locked(model: BuiltinModel, cache_dir: Path, folder: Path) -> Path:
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses save_pretrained on a GGUF-loaded model: copy the weights into a fresh one.
-    fresh = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32)
+    config = source.config
+    if hasattr(config, "quantization_config"):  # the weights are saved dequantized: no GGUF loader on reload
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(source.state_dict(), strict=False)
     missing = [key for key in missing if key not in getattr(fresh, "_tied_weights_keys", []) and "lm_head" not in key]
     if missing or unexpected:
