@@ -79,7 +79,7 @@ def test_prediction_memory_does_not_grow_with_the_number_of_prompts(run_args, tm
 
     build_cli(["fit", *run_args, "--run_name", "load"])
     ckpt = str(tmp_path / "runs" / "load" / "last.ckpt")
-    filler = " ".join(["the big old tree is green and the small dog is red"] * 4)
+    filler = " ".join(["the big old tree is green and the small dog is red"] * 8)
 
     def peak(n: int) -> int:
         prompts = tmp_path / f"prompts-{n}.jsonl"
