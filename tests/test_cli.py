@@ -128,3 +128,13 @@ def test_fit_into_a_finished_run_folder_is_refused(run_args, tmp_path):
     build_cli(["fit", *run_args, "--run_name", "once"])
     with pytest.raises(FileExistsError, match="--ckpt_path last"):
         build_cli(["fit", *run_args, "--run_name", "once"])
+
+
+def test_optimizer_and_scheduler_come_from_the_config(run_args, tmp_path):
+    cli = build_cli(["fit", *run_args, "--run_name", "sched", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.01",
+                     "--model.scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--model.scheduler.T_max", "12"])
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == 12
+    assert optimizer.param_groups[0]["lr"] < 0.01  # stepped along the cosine
