@@ -291,7 +291,7 @@ def test_tuple_block_outputs_keep_their_type():
         ({"block_path": "model.nothing"}, "does not name an nn.ModuleList"),
     ],
 )
-def test_bad_inputs_raise_clear_errors(tiny, kwargs, message):
+def test_bad_inputs_are_refused_with_clear_messages(tiny, kwargs, message):
     model = tiny["llama"].model
     before = snapshot(model)
     arguments = {"vectors": {1: torch.zeros(32)}, "coefficient": 1.0, **kwargs}
