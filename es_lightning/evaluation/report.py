@@ -315,3 +315,17 @@ def load_report(path: str | Path) -> Report:
     if path.is_dir():
         path = path / "report.json"
     return Report.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def chosen_coefficients(report: Report, dataset: str | None = None) -> dict[str, float]:
+    """Each steered method's coefficient as the evaluation chose it: the median over folds (lower middle value
+    for an even count, so the result is always a coefficient that was actually chosen in some fold)."""
+    data = report.datasets[0] if dataset is None else next((d for d in report.datasets if d.dataset == dataset), None)
+    if data is None:
+        raise ValueError(f"The report has no data set {dataset!r}; it has {[d.dataset for d in report.datasets]}.")
+    out = {}
+    for m in data.methods:
+        values = sorted(c for c in m.coefficients if c is not None)
+        if values:
+            out[m.method] = values[(len(values) - 1) // 2]
+    return out
