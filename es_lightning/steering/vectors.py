@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
+from es_lightning.steering.options import METHODS
 from es_lightning.steering.rfm import fit_rfm
-
-METHODS = ("expertsteer", "rfm_self", "mean_difference", "random")
 
 
 @dataclass
