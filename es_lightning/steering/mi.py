@@ -186,6 +186,30 @@ def mutual_information(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarra
     return _ksg_mi(za, zb, opts.k)
 
 
+def resolve_options(method: str, options: dict[str, Any]) -> MIOptions:
+    """Checked estimator settings, for callers that whiten each side once and pair them many times."""
+    return _options(method, dict(options))
+
+
+def whitened(x: torch.Tensor | np.ndarray, opts: MIOptions, side: int, name: str) -> np.ndarray:
+    """The whitened top principal components of ``x`` [n, d] that the estimators compare (see module doc)."""
+    return _whitened_components(_as_array(x, name, 2), opts, side, name)
+
+
+def mi_of_components(za: np.ndarray, zb: np.ndarray, opts: MIOptions) -> float:
+    """MI (nats) between two sets of whitened components from :func:`whitened` (same rows)."""
+    if za.shape[0] != zb.shape[0]:
+        raise ValueError(f"The two sides hold {za.shape[0]} and {zb.shape[0]} rows; pass rows that pair up.")
+    _check_sizes(za.shape[0], zb.shape[0], za.shape[1], zb.shape[1], opts)
+    return _gaussian_mi(za, zb, opts.shrinkage) if opts.method == "gaussian" else _ksg_mi(za, zb, opts.k)
+
+
+def min_rows(opts: MIOptions) -> int:
+    """The fewest paired rows the estimator accepts with these settings (full-width sides)."""
+    dims = 2 * opts.n_components
+    return dims + 2 if opts.method == "gaussian" else max(2 * opts.k + 2, dims + 2)
+
+
 def mi_matrix(
     expert_states: torch.Tensor | np.ndarray,
     target_states: torch.Tensor | np.ndarray,

@@ -1,4 +1,13 @@
-"""Step 2 of ExpertSteer: choose (expert layer, target layer) intervention pairs from an MI matrix."""
+"""Step 2 of ExpertSteer, the rule: which (expert layer, target layer) pairs to intervene on.
+
+Four rules (``PairingRule.rule``):
+
+- ``highest``: highest held-out MI between mapped expert states and target states (ours, measured in the README);
+- ``lowest``: lowest held-out MI (the paper's criterion as secondary sources report it);
+- ``separability``: where the mapped expert direction best separates held-out rows by label, ROC AUC (ours);
+- ``depth``: no statistics at all: expert layers spread evenly over ``depth_window`` (default the middle fifth,
+  relative depth 0.4-0.6), each with the target layer at the same relative depth. The baseline of every comparison.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +17,91 @@ from typing import Literal
 
 import torch
 
-Rule = Literal["lowest", "highest"]
+Rule = Literal["highest", "lowest", "separability", "depth"]
+RULES: tuple[str, ...] = ("highest", "lowest", "separability", "depth")
+DEFAULT_DEPTH_WINDOW = (0.4, 0.6)
 
 
 @dataclass
 class PairingRule:
-    """How pairs are picked from the MI matrix.
-
-    ``rule``: ``lowest`` MI (the paper's criterion as secondary sources report it: intervene where the
-    representations differ most) or ``highest`` (ours, the default: with the default models the lowest-MI
-    pairs join extreme layers, e.g. expert 17 -> target 0, whose mapped directions separate correct from wrong
-    answers at chance, held-out AUC 0.55; the highest-MI pairs join middle layers, AUC 0.81; see
-    ``benchmarks/measure_defaults.py``). ``top_k``: number of pairs. ``one_target_per_expert``:
-    each expert layer is used at most once (each target layer always is). ``depth_window``: keep only
-    target layers whose relative depth ``j / (depth - 1)`` lies in ``[low, high]``.
-    """
+    """How pairs are picked. ``top_k``: number of pairs. ``one_target_per_expert``: each expert layer is used at
+    most once (each target layer always is). ``depth_window``: keep only target layers whose relative depth
+    ``j / (depth - 1)`` lies in ``[low, high]`` (for ``depth``: where its expert layers are spread)."""
 
     rule: Rule = "highest"
     top_k: int = 3
     one_target_per_expert: bool = True
     depth_window: tuple[float, float] | None = None
 
+    def validate(self) -> None:
+        """Refuse a bad rule before any work starts."""
+        if self.rule not in RULES:
+            raise ValueError(f"Unknown pairing rule {self.rule!r}: use one of {list(RULES)}.")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
+        if self.depth_window is not None:
+            low, high = self.depth_window
+            if not 0 <= low <= high <= 1:
+                raise ValueError(f"depth_window {tuple(self.depth_window)} must satisfy 0 <= low <= high <= 1 (relative depths).")
+
+    def check_fits(self, n_expert: int, n_target: int) -> None:
+        """Refuse ``top_k`` larger than the number of pairs the captured layers allow."""
+        possible = min(n_target, n_expert if self.one_target_per_expert else n_target)
+        if self.top_k > possible:
+            raise ValueError(
+                f"top_k={self.top_k} but only {possible} distinct pairs exist with {n_expert} expert and {n_target} target "
+                f"layers captured{' (one target per expert layer)' if self.one_target_per_expert else ''}. Lower top_k or "
+                "capture more layers."
+            )
+
+
+def relative_depth(layer: int, depth: int) -> float:
+    """Position of a block in ``[0, 1]``."""
+    return layer / max(depth - 1, 1)
+
+
+def depth_partner(layer: int, expert_depth: int, target_layers: Sequence[int], target_depth: int) -> int:
+    """The captured target layer nearest to the expert layer's relative depth."""
+    wanted = relative_depth(layer, expert_depth) * (target_depth - 1)
+    return min(target_layers, key=lambda t: (abs(t - wanted), t))
+
+
+def depth_pairs(expert_layers: Sequence[int], target_layers: Sequence[int], expert_depth: int, target_depth: int,
+                rule: PairingRule) -> list[tuple[int, int]]:
+    """The ``depth`` rule: ``top_k`` expert layers evenly over the window, each with its same-depth target layer."""
+    low, high = rule.depth_window or DEFAULT_DEPTH_WINDOW
+    k = rule.top_k
+    wanted = [low + (high - low) * (n + 0.5) / k for n in range(k)] if k > 1 else [(low + high) / 2]
+    chosen: list[int] = []
+    for w in wanted:
+        free = [e for e in expert_layers if e not in chosen] or list(expert_layers)
+        chosen.append(min(free, key=lambda e: (abs(relative_depth(e, expert_depth) - w), e)))
+    pairs, used = [], set()
+    for e in chosen:
+        options = [t for t in target_layers if t not in used] or list(target_layers)
+        t = depth_partner(e, expert_depth, options, target_depth)
+        used.add(t)
+        pairs.append((e, t))
+    return sorted(pairs, key=lambda p: p[1])
+
 
 def select_pairs(
-    mi: torch.Tensor, expert_layers: Sequence[int], target_layers: Sequence[int], target_depth: int, rule: PairingRule
+    scores: torch.Tensor, expert_layers: Sequence[int], target_layers: Sequence[int], target_depth: int, rule: PairingRule,
+    highest: bool = True,
 ) -> list[tuple[int, int]]:
-    """Pairs ``(expert_layer, target_layer)`` chosen greedily by MI; every target layer appears at most once."""
-    if rule.rule not in ("lowest", "highest"):
-        raise ValueError(f"Unknown pairing rule {rule.rule!r}: use 'lowest' or 'highest'.")
-    if rule.top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {rule.top_k}.")
-    if tuple(mi.shape) != (len(expert_layers), len(target_layers)):
-        raise ValueError(f"MI matrix shape {tuple(mi.shape)} does not match {len(expert_layers)} expert x {len(target_layers)} target layers.")
+    """Pairs chosen greedily by ``scores`` [L_E, L_T] (``highest`` first, else lowest); every target layer appears
+    at most once."""
+    rule.validate()
+    if tuple(scores.shape) != (len(expert_layers), len(target_layers)):
+        raise ValueError(f"Score matrix shape {tuple(scores.shape)} does not match {len(expert_layers)} expert x {len(target_layers)} target layers.")
     allowed = list(range(len(target_layers)))
     if rule.depth_window is not None:
         low, high = rule.depth_window
-        if not 0 <= low <= high <= 1:
-            raise ValueError(f"depth_window {rule.depth_window} must satisfy 0 <= low <= high <= 1 (relative depths).")
-        allowed = [k for k, layer in enumerate(target_layers) if low <= layer / max(target_depth - 1, 1) <= high]
+        allowed = [k for k, layer in enumerate(target_layers) if low <= relative_depth(layer, target_depth) <= high]
         if not allowed:
             raise ValueError(f"No captured target layer lies in depth_window {rule.depth_window}; widen it or capture more layers.")
-    candidates = [(float(mi[i, k]), i, k) for i in range(len(expert_layers)) for k in allowed]
-    candidates.sort(key=lambda c: (c[0] if rule.rule == "lowest" else -c[0], c[1], c[2]))
+    candidates = [(float(scores[i, k]), i, k) for i in range(len(expert_layers)) for k in allowed]
+    candidates.sort(key=lambda c: (-c[0] if highest else c[0], c[1], c[2]))
     used_experts, used_targets, pairs = set(), set(), []
     for _, i, k in candidates:
         if k in used_targets or (rule.one_target_per_expert and i in used_experts):

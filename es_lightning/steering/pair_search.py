@@ -1,0 +1,339 @@
+"""Step 2 of ExpertSteer, the search: score every (expert layer i, target layer j) pair on held-out rows.
+
+For every i and j a closed-form ridge map from expert layer i to target layer j is fitted on the *fit* rows
+only, and scored on *held-out* rows (other questions): the MI between mapped expert states and target states,
+and the ROC AUC with which the mapped expert direction separates the held-out rows by label. The rule
+(:mod:`es_lightning.steering.pairing`) then picks pairs from those matrices.
+
+Bounded cost at any width: each layer is standardised (per-feature mean, one scalar scale) and reduced to its
+top ``max_components`` principal components on the fit rows. In those coordinates the expert side's Gram
+matrix is diagonal, so one SVD per expert layer serves every target layer and every ridge, and no full-width
+L_E x L_T family of maps is ever materialised: only the maps of the chosen pairs are expanded to full width.
+
+``objective``: ``paired`` (ours) maps expert layer i onto target layer j by ridge regression, with the ridge
+chosen by grouped cross-validation on the fit rows; ``reconstruction`` (the paper's, as reported) has no target
+in the map: the code is the expert layer's top ``d_T`` principal components (the closed-form optimum of an affine
+auto-encoder), so the MI is between those codes and the target states.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from es_lightning.steering.mi import METHODS as MI_METHODS
+from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, whitened
+from es_lightning.steering.pairing import PairingRule, depth_pairs, depth_partner, select_pairs
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["paired", "reconstruction"]
+
+
+@dataclass
+class PairSearchConfig:
+    """How layer pairs are searched; one config serves the fit's pairing and every evaluation fold.
+
+    ``rule``/``top_k``/``one_target_per_expert``/``depth_window``: see :class:`PairingRule`. ``mi_method`` and
+    ``mi_options``: the MI estimator (:mod:`es_lightning.steering.mi`). ``heldout_fraction``: share of questions
+    held out for scoring when no held-out rows are given. ``ridges``: the grid searched by grouped
+    ``ridge_folds``-fold cross-validation (relative to the mean Gram diagonal, as in the auto-encoder's
+    closed-form seed); a single value fixes it. ``max_components``: principal components kept per layer.
+    ``max_rows``: a seeded subsample of fit rows bounds the cost.
+    """
+
+    rule: Literal["highest", "lowest", "separability", "depth"] = "highest"
+    top_k: int = 3
+    one_target_per_expert: bool = True
+    depth_window: tuple[float, float] | None = None
+    mi_method: Literal["gaussian", "ksg"] = "gaussian"
+    mi_options: dict[str, Any] = field(default_factory=dict)
+    heldout_fraction: float = 0.3
+    ridges: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    ridge_folds: int = 3
+    max_components: int = 256
+    max_rows: int | None = 4000
+    seed: int = 0
+
+    @property
+    def pairing_rule(self) -> PairingRule:
+        return PairingRule(self.rule, self.top_k, self.one_target_per_expert, tuple(self.depth_window) if self.depth_window else None)
+
+    def validate(self) -> None:
+        """Refuse bad settings before any model is loaded."""
+        self.pairing_rule.validate()
+        if self.mi_method not in MI_METHODS:
+            raise ValueError(f"Unknown MI method {self.mi_method!r}: use one of {list(MI_METHODS)}.")
+        resolve_options(self.mi_method, self.mi_options)
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
+        if not self.ridges or any(not (isinstance(r, (int, float)) and r > 0 and math.isfinite(r)) for r in self.ridges):
+            raise ValueError(f"ridges must be a non-empty list of positive numbers, got {self.ridges!r}.")
+        if self.ridge_folds < 2:
+            raise ValueError(f"ridge_folds must be >= 2, got {self.ridge_folds}.")
+        if self.max_components < 1 or (self.max_rows is not None and self.max_rows < 10):
+            raise ValueError(f"max_components must be >= 1 and max_rows >= 10 or null; got {self.max_components}, {self.max_rows}.")
+
+    def min_heldout_rows(self) -> int:
+        """The fewest held-out rows the MI estimator accepts."""
+        return min_rows(resolve_options(self.mi_method, self.mi_options))
+
+    def check_rows(self, n_fit: int, n_heldout: int, where: str) -> None:
+        """Clear errors for too few rows to fit maps or to estimate MI."""
+        if self.rule == "depth":
+            return
+        need = self.min_heldout_rows()
+        if n_heldout < need:
+            raise ValueError(
+                f"{where}: {n_heldout} held-out rows, but {self.mi_method} MI with these options needs at least {need}. Use more "
+                "questions, a larger pairing.heldout_fraction, or a smaller pairing.mi_options.n_components."
+            )
+        if n_fit < 2 * self.ridge_folds:
+            raise ValueError(f"{where}: {n_fit} fit rows are too few for {self.ridge_folds}-fold ridge selection; use more questions.")
+
+
+@dataclass
+class PairedRows:
+    """Rows of both models' pooled states: ``expert`` [n, L_E, d_E], ``target`` [n, L_T, d_T], 0/1 ``labels``
+    (or None for unlabelled rows) and a ``groups`` key per row (the question) that splits never cut through."""
+
+    expert: torch.Tensor
+    target: torch.Tensor
+    labels: torch.Tensor | None
+    groups: Sequence[Hashable]
+
+    def __post_init__(self) -> None:
+        n = self.expert.shape[0]
+        if self.target.shape[0] != n or len(self.groups) != n or (self.labels is not None and len(self.labels) != n):
+            raise ValueError("PairedRows: expert, target, labels and groups must hold the same number of rows.")
+
+    def take(self, index: Sequence[int]) -> "PairedRows":
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return PairedRows(self.expert[idx], self.target[idx], None if self.labels is None else self.labels[idx],
+                          [self.groups[i] for i in idx.tolist()])
+
+
+def split_by_group(groups: Sequence[Hashable], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices (kept, held out): about ``fraction`` of the groups held out, whole groups only."""
+    unique = list(dict.fromkeys(groups))
+    if len(unique) < 2:
+        raise ValueError(f"Holding out rows by question needs at least 2 questions, got {len(unique)}.")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_out = min(max(int(round(fraction * len(unique))), 1), len(unique) - 1)
+    out = {unique[k] for k in order[:n_out]}
+    kept = [r for r, g in enumerate(groups) if g not in out]
+    held = [r for r, g in enumerate(groups) if g in out]
+    return kept, held
+
+
+@dataclass
+class PairSearch:
+    """What the search decided, JSON-ready: the held-out matrices, the chosen pairs and how they were chosen."""
+
+    rule: str
+    objective: str
+    expert_layers: list[int]
+    target_layers: list[int]
+    pairs: list[tuple[int, int]]
+    mi: list[list[float]] | None  # [L_E][L_T] held-out MI in nats (None for the depth rule)
+    auc: list[list[float]] | None  # [L_E][L_T] held-out ROC AUC of the mapped expert direction (None without labels)
+    depth_pairs: list[tuple[int, int]]  # what the depth rule would choose, for comparison
+    ridge: float | None
+    ridge_scores: dict[str, float] = field(default_factory=dict)  # ridge -> grouped-CV mean squared error
+    mi_method: str = "gaussian"
+    n_fit: int = 0
+    n_heldout: int = 0
+    top_k: int = 3
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        out = asdict(self)
+        out["pairs"] = [list(p) for p in self.pairs]
+        out["depth_pairs"] = [list(p) for p in self.depth_pairs]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PairSearch":
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["pairs"] = [tuple(p) for p in data["pairs"]]
+        data["depth_pairs"] = [tuple(p) for p in data.get("depth_pairs", [])]
+        return cls(**data)
+
+
+@dataclass
+class SearchOutcome:
+    """The decision plus the full-width linear maps ``[d_T, d_E]`` of the chosen expert layers (directions only)."""
+
+    result: PairSearch
+    linear: dict[int, torch.Tensor]
+
+
+@dataclass
+class _Layer:
+    """One layer standardised and reduced on the fit rows."""
+
+    basis: np.ndarray  # [d, p] principal directions
+    singular: np.ndarray  # [p]
+    fit: np.ndarray  # [n_fit, p] scores
+    heldout: np.ndarray  # [n_heldout, p] scores
+    total_ss: float  # total sum of squares of the standardised fit rows (all directions)
+    width: int
+
+
+def _reduce(fit: np.ndarray, heldout: np.ndarray, max_components: int) -> _Layer:
+    mean = fit.mean(0)
+    centred = fit - mean
+    scale = math.sqrt(float((centred ** 2).sum(1).mean()) / fit.shape[1]) or 1.0
+    centred = centred / scale
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    keep = s > 1e-8 * max(float(s[0]), 1e-30)
+    p = min(int(keep.sum()), max_components)
+    basis = vt[:p].T
+    return _Layer(basis, s[:p], centred @ basis, ((heldout - mean) / scale) @ basis, float((centred ** 2).sum()), fit.shape[1])
+
+
+def _ridge_scale(layer: _Layer, ridge: float) -> float:
+    return ridge * layer.total_ss / layer.width  # ridge x mean Gram diagonal, as in the auto-encoder's seed
+
+
+def _choose_ridge(experts: list[_Layer], targets_for: list[_Layer], groups: Sequence[Hashable], config: PairSearchConfig) -> tuple[float, dict[str, float]]:
+    """The ridge with the lowest grouped-CV squared error of the same-depth maps, averaged over expert layers."""
+    if len(config.ridges) == 1:
+        return float(config.ridges[0]), {}
+    unique = list(dict.fromkeys(groups))
+    folds = min(config.ridge_folds, len(unique))
+    order = np.random.default_rng(config.seed + 1).permutation(len(unique))
+    fold_of = {unique[k]: n % folds for n, k in enumerate(order)}
+    row_fold = np.array([fold_of[g] for g in groups])
+    errors = {float(r): 0.0 for r in config.ridges}
+    for expert, target in zip(experts, targets_for):
+        for f in range(folds):
+            train, test = row_fold != f, row_fold == f
+            x, y = expert.fit[train], target.fit[train]
+            xm, ym = x.mean(0), y.mean(0)
+            xc, yc = x - xm, y - ym
+            u, s, vt = np.linalg.svd(xc, full_matrices=False)
+            uy = u.T @ yc
+            for r in config.ridges:
+                lam = r * float((xc ** 2).sum()) / expert.width
+                w = vt.T @ ((s / (s ** 2 + lam))[:, None] * uy)
+                residual = (expert.fit[test] - xm) @ w + ym - target.fit[test]
+                errors[float(r)] += float((residual ** 2).sum())
+    best = min(errors, key=lambda r: (errors[r], r))
+    n = len(experts) * len(groups)
+    return best, {f"{r:g}": e / n for r, e in errors.items()}
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    if len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
+        return 0.5
+    return float(roc_auc_score(labels, scores))
+
+
+def search_pairs(
+    fit: PairedRows,
+    heldout: PairedRows,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    expert_depth: int,
+    target_depth: int,
+    config: PairSearchConfig,
+    objective: Objective = "paired",
+) -> SearchOutcome:
+    """Score every pair on held-out rows, choose pairs by ``config.rule`` and return the chosen maps.
+
+    ``fit`` rows fit the maps (and choose the ridge); ``heldout`` rows, of other questions, score them. Labels
+    of ``fit`` give the expert direction for the ``separability`` scores; labels of ``heldout`` score it.
+    """
+    config.validate()
+    rule = config.pairing_rule
+    rule.check_fits(len(expert_layers), len(target_layers))
+    config.check_rows(fit.expert.shape[0], heldout.expert.shape[0], "Layer-pair search")
+    if objective not in ("paired", "reconstruction"):
+        raise ValueError(f"Unknown objective {objective!r}: use 'paired' or 'reconstruction'.")
+    overlap = set(fit.groups) & set(heldout.groups)
+    if overlap:
+        raise ValueError(f"The fit and held-out rows share questions {sorted(map(str, overlap))[:3]}; hold out whole questions.")
+    if config.max_rows and fit.expert.shape[0] > config.max_rows:
+        keep = np.sort(np.random.default_rng(config.seed).permutation(fit.expert.shape[0])[: config.max_rows])
+        fit = fit.take(keep.tolist())
+    baseline = depth_pairs(expert_layers, target_layers, expert_depth, target_depth, rule)
+    d_t = fit.target.shape[-1]
+    experts = [_reduce(fit.expert[:, a].double().numpy(), heldout.expert[:, a].double().numpy(), config.max_components) for a in range(len(expert_layers))]
+    targets = [_reduce(fit.target[:, b].double().numpy(), heldout.target[:, b].double().numpy(), config.max_components) for b in range(len(target_layers))]
+    ridge, ridge_scores = None, {}
+    if objective == "paired":
+        same_depth = [targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))] for e in expert_layers]
+        ridge, ridge_scores = _choose_ridge(experts, same_depth, fit.groups, config)
+
+    labels_fit = None if fit.labels is None else fit.labels.numpy()
+    labels_held = None if heldout.labels is None else heldout.labels.numpy()
+    with_auc = labels_fit is not None and labels_held is not None and len(np.unique(labels_fit)) == 2
+    opts = resolve_options(config.mi_method, dict(config.mi_options, seed=config.mi_options.get("seed", config.seed)))
+    need_mi = config.rule != "depth"
+    target_components = [whitened(t.heldout, opts, 1, f"target layer {j}") for t, j in zip(targets, target_layers)] if need_mi else []
+    mi = np.zeros((len(experts), len(targets)))
+    auc = np.full((len(experts), len(targets)), 0.5)
+    for a, expert in enumerate(experts):
+        direction = None
+        if with_auc:
+            direction = expert.fit[labels_fit == 1].mean(0) - expert.fit[labels_fit == 0].mean(0)  # [p_E]
+        if objective == "paired":
+            lam = _ridge_scale(expert, ridge)
+            coef = (expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T  # [p_E, n_fit]
+            for b, target in enumerate(targets):
+                w = coef @ target.fit  # [p_E, p_T]
+                if need_mi:
+                    mapped = whitened(expert.heldout @ w, opts, 0, f"mapped expert layer {expert_layers[a]}")
+                    mi[a, b] = mi_of_components(mapped, target_components[b], opts)
+                if direction is not None:
+                    auc[a, b] = _auc(labels_held, target.heldout @ (direction @ w))
+        else:
+            code = expert.heldout[:, :d_t]
+            if need_mi:
+                mapped = whitened(code, opts, 0, f"encoded expert layer {expert_layers[a]}")
+                for b in range(len(targets)):
+                    mi[a, b] = mi_of_components(mapped, target_components[b], opts)
+            if direction is not None:
+                vector = np.zeros(d_t)
+                vector[: min(d_t, len(direction))] = direction[:d_t]
+                for b in range(len(targets)):
+                    auc[a, b] = _auc(labels_held, heldout.target[:, b].double().numpy() @ vector)
+
+    if config.rule == "depth":
+        pairs = baseline
+    elif config.rule == "separability":
+        if not with_auc:
+            raise ValueError("The separability rule needs 0/1 labels on the fit and held-out rows; use rule: highest for unlabelled data.")
+        pairs = select_pairs(torch.from_numpy(auc), expert_layers, target_layers, target_depth, rule, highest=True)
+    else:
+        pairs = select_pairs(torch.from_numpy(mi), expert_layers, target_layers, target_depth, rule, highest=config.rule == "highest")
+
+    linear = {}
+    for i, j in pairs:
+        expert, target = experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)]
+        if objective == "paired":
+            lam = _ridge_scale(expert, ridge)
+            w = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target.fit
+            linear[i] = torch.from_numpy(target.basis @ w.T @ expert.basis.T).float()  # [d_T, d_E]
+        else:
+            basis = np.zeros((d_t, expert.basis.shape[0]))
+            rows = min(d_t, expert.basis.shape[1])
+            basis[:rows] = expert.basis[:, :rows].T
+            linear[i] = torch.from_numpy(basis).float()
+    result = PairSearch(
+        rule=config.rule, objective=objective, expert_layers=list(expert_layers), target_layers=list(target_layers),
+        pairs=[tuple(p) for p in pairs], mi=mi.tolist() if need_mi else None, auc=auc.tolist() if with_auc else None,
+        depth_pairs=baseline, ridge=ridge, ridge_scores=ridge_scores, mi_method=config.mi_method,
+        n_fit=fit.expert.shape[0], n_heldout=heldout.expert.shape[0], top_k=config.top_k,
+    )
+    return SearchOutcome(result, linear)
+
