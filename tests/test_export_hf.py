@@ -160,7 +160,7 @@ def test_smollm2_folded_equals_hook_steering(tmp_path):
 
     loaded = load_model("smollm2-135m-instruct")
     torch.manual_seed(0)
-    layers = {12: 7.0, 15: 9.0, 17: 11.0}
+    layers = {12: 140.0, 15: 170.0, 17: 190.0}  # measured mean hidden-state norms
     bundle = SteeringBundle.from_directions(
         "expertsteer", {layer: torch.randn(576) for layer in layers}, layers, ModelIdentity.of(loaded),
     )
@@ -177,6 +177,6 @@ def test_smollm2_folded_equals_hook_steering(tmp_path):
         plain = loaded.model(**ids).logits
         folded_logits = folded(**ids).logits
         folded_gen = folded.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert (hooked - plain).abs().max() > 0.5
+    assert (hooked - plain).abs().max() > 1.0
     torch.testing.assert_close(folded_logits, hooked, atol=2e-3, rtol=1e-4)
     assert torch.equal(folded_gen, hooked_gen)

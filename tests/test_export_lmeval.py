@@ -1,0 +1,194 @@
+"""The lm-eval export, proven on lm-evaluation-harness itself: its ``steered`` model on a local multiple-choice task
+gives the per-choice log-likelihoods of es-lightning's own scoring, steered and unsteered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_mc_jsonl
+from es_lightning.evaluation.scoring import score_choices
+from es_lightning.export.cli import main as export_main
+from es_lightning.export.lmeval import hookpoints
+from es_lightning.export.source import load_source, steering_deltas
+from es_lightning.models import load_model
+from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
+from es_lightning.steering.hooks import _deltas, steer
+
+TASK = "es_export_local_mc"
+TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """No Hub access: lm-eval and datasets read only local files."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def lm_eval_loglikelihoods(tmp_path, model_dir, n_questions: int, steer_path=None) -> dict[int, list[float]]:
+    """lm-eval's per-choice log-likelihoods (``hf`` model, or ``steered`` with ``steer_path``) per doc id."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=n_questions)
+    (task_dir / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    model_args = {"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}
+    if steer_path is not None:
+        model_args["steer_path"] = str(steer_path)
+    results = simple_evaluate(
+        model="steered" if steer_path is not None else "hf", model_args=model_args, tasks=[TASK], batch_size=8,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True, bootstrap_iters=0,
+        cache_requests=False,
+    )
+    return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in results["samples"][TASK]}
+
+
+def our_loglikelihoods(model, tokenizer, path, context=None) -> dict[int, list[float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    scores = score_choices(model, tokenizer, [r["question"] for r in rows], [[" " + c for c in r["choices"]] for r in rows],
+                           context=context, batch_size=8, progress=False)
+    return {i: list(s.logprob_sum) for i, s in enumerate(scores)}
+
+
+def assert_same(theirs: dict, ours: dict, atol: float) -> None:
+    assert sorted(theirs) == sorted(ours)
+    for doc in ours:
+        torch.testing.assert_close(torch.tensor(theirs[doc]), torch.tensor(ours[doc]), atol=atol, rtol=1e-4)
+
+
+def max_shift(a: dict, b: dict) -> float:
+    return max(abs(x - y) for doc in a for x, y in zip(a[doc], b[doc]))
+
+
+def make_run(folder, loaded, layers: dict[int, float], seed: int = 0):
+    """A run folder whose ``bundles/expertsteer.safetensors`` holds random unit vectors for ``loaded``."""
+    generator = torch.Generator().manual_seed(seed)
+    width = loaded.model.config.hidden_size
+    bundle = SteeringBundle.from_directions(
+        "expertsteer", {layer: torch.randn(width, generator=generator) for layer in layers}, layers,
+        ModelIdentity.of(loaded),
+    )
+    bundle.save(folder / "bundles" / "expertsteer.safetensors")
+    return bundle
+
+
+def test_lm_eval_steered_equals_es_lightning_scoring(tmp_path, tiny_llama_dir, offline):
+    loaded = load_model(str(tiny_llama_dir))
+    bundle = make_run(tmp_path / "run", loaded, {1: 4.0, 3: 6.0})
+    steer_file = tmp_path / "expertsteer.pt"
+    assert export_main(["lm-eval", str(tmp_path / "run"), "--method", "expertsteer", "--coefficient", "0.5",
+                        "-o", str(steer_file)]) == 0
+    config = torch.load(steer_file, weights_only=True)  # plain tensors, floats and None only
+    assert sorted(config) == ["layers.1", "layers.3"]
+    assert config["layers.1"]["action"] == "add" and config["layers.1"]["bias"] is None
+    assert config["layers.1"]["head_index"] is None
+
+    n = 12
+    theirs_plain = lm_eval_loglikelihoods(tmp_path / "plain", tiny_llama_dir, n)
+    theirs_steered = lm_eval_loglikelihoods(tmp_path / "steered", tiny_llama_dir, n, steer_file)
+    data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=n)
+    ours_plain = our_loglikelihoods(loaded.model, loaded.tokenizer, data)
+    ours_steered = our_loglikelihoods(loaded.model, loaded.tokenizer, data,
+                                      context=lambda: steer(loaded.model, **bundle.steering_kwargs(0.5)))
+    assert max_shift(ours_plain, ours_steered) > 0.05  # steering moves the scores, so the comparison means something
+    assert_same(theirs_plain, ours_plain, atol=1e-4)
+    assert_same(theirs_steered, ours_steered, atol=1e-4)
+
+
+def test_exported_vectors_are_what_the_hooks_add(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    loaded = load_model(str(tiny_llama_dir))
+    bundle = make_run(tmp_path / "run", loaded, {0: 2.5, 2: 3.5})
+    ours = steering_deltas(bundle, 0.37)
+    theirs = _deltas(loaded.model, bundle.vectors, 0.37, bundle.norms, 4)
+    assert all(torch.equal(ours[layer], theirs[layer]) for layer in ours)
+    assert hookpoints(tiny_llama_dir, [0, 3])[0] == {0: "layers.0", 3: "layers.3"}
+    assert hookpoints(tiny_gpt2_dir, [0, 2])[0] == {0: "h.0", 2: "h.2"}
+
+
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, tiny_llama_dir, tiny_gpt2_dir, capsys):
+    loaded = load_model(str(tiny_llama_dir))
+    make_run(tmp_path / "run", loaded, {1: 4.0})
+    run, out = str(tmp_path / "run"), tmp_path / "out.pt"
+
+    def refused(args, message):
+        assert export_main(args) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".out.pt.*"))
+
+    refused(["lm-eval", run, "--method", "rfm_self", "--coefficient", "0.2", "-o", str(out)],
+            "The run has no 'rfm_self' bundle")
+    refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "nan", "-o", str(out)], "finite number")
+    refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "inf", "-o", str(out)], "finite number")
+    refused(["lm-eval", run, "--method", "expertsteer", "-o", str(out)], "No coefficient given")
+    refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "--model", str(tiny_gpt2_dir),
+             "-o", str(out)], "Steering vectors do not transfer between models")
+    refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "-o", str(tmp_path / "out.txt")],
+            "ending in .pt or .pth")
+    out.write_bytes(b"keep me")
+    assert export_main(["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+
+
+def test_coefficient_defaults_to_the_reports_choice(tmp_path, tiny_llama_dir, monkeypatch):
+    """The export asks load_report + chosen_coefficients (tested with the report itself) for the method's value."""
+    import es_lightning.export.source as source_module
+
+    loaded = load_model(str(tiny_llama_dir))
+    make_run(tmp_path / "run", loaded, {1: 4.0})
+    (tmp_path / "run" / "report").mkdir()
+    (tmp_path / "run" / "report" / "report.json").write_text("{}")
+    seen = {}
+
+    def fake_load(path):
+        seen["path"] = path
+        return "report"
+
+    monkeypatch.setattr(source_module, "load_report", fake_load)
+    monkeypatch.setattr(source_module, "chosen_coefficients", lambda report: {"expertsteer": -0.1, "random": 0.2})
+    source = load_source(tmp_path / "run", "expertsteer")
+    assert source.coefficient == -0.1 and "report" in source.coefficient_origin
+    assert load_source(tmp_path / "run" / "bundles" / "expertsteer.safetensors").coefficient == -0.1
+    assert seen["path"] == tmp_path / "run" / "report"
+
+
+@pytest.mark.slow
+def test_lm_eval_steered_equals_es_lightning_scoring_on_smollm2(tmp_path, offline):
+    loaded = load_model("smollm2-135m-instruct")
+    bundle = make_run(tmp_path / "run", loaded, {12: 140.0, 15: 170.0, 17: 190.0})  # measured mean norms
+    steer_file = tmp_path / "expertsteer.pt"
+    assert export_main(["lm-eval", str(tmp_path / "run"), "--method", "expertsteer", "--coefficient", "0.3",
+                        "-o", str(steer_file)]) == 0
+    n = 4
+    theirs_plain = lm_eval_loglikelihoods(tmp_path / "plain", loaded.directory, n)
+    theirs_steered = lm_eval_loglikelihoods(tmp_path / "steered", loaded.directory, n, steer_file)
+    data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=n)
+    ours_plain = our_loglikelihoods(loaded.model, loaded.tokenizer, data)
+    ours_steered = our_loglikelihoods(loaded.model, loaded.tokenizer, data,
+                                      context=lambda: steer(loaded.model, **bundle.steering_kwargs(0.3)))
+    assert max_shift(ours_plain, ours_steered) > 0.5
+    assert_same(theirs_plain, ours_plain, atol=2e-3)
+    assert_same(theirs_steered, ours_steered, atol=2e-3)
