@@ -40,8 +40,9 @@ def test_proportional_layer_map():
 def test_layer_map_errors_name_the_fix():
     with pytest.raises(ValueError, match="not captured"):
         validate_layer_map({0: 1, 2: 9, 3: 5}, [0, 2, 3], [1, 5])
-    with pytest.raises(ValueError, match="have no target"):
-        validate_layer_map({0: 1}, [0, 2, 3], [1, 5])
+    with pytest.raises(ValueError, match="is empty"):
+        validate_layer_map({}, [0, 2, 3], [1, 5])
+    assert validate_layer_map({2: 5}, [0, 2, 3], [1, 5]) == {2: 5}  # a subset: only layer 2 is trained
 
 
 def test_unknown_objective():

@@ -66,12 +66,26 @@ def test_evaluation_on_the_datamodule_split(fitted):
     assert report.datasets[0].n_questions == 4  # 15% of 30 questions, rounded
 
 
-def test_bad_evaluation_settings_fail_before_any_model_is_loaded(fitted):
+@pytest.mark.parametrize("option, value, message", [
+    ("--model.evaluation.coefficients", "[]", "evaluation.coefficients is empty"),
+    ("--model.evaluation.random_draws", "0", "random_draws must be an integer >= 1"),
+    ("--model.pairing.top_k", "7", "top_k=7 but only 2 distinct pairs"),
+    ("--model.pairing.mi_options", "{n_components: 40}", "held-out rows"),
+])
+def test_bad_evaluation_settings_fail_before_any_model_is_loaded(fitted, monkeypatch, option, value, message):
     tmp, args = fitted
-    with pytest.raises(ValueError, match="coefficient grid is empty"):
-        build_cli(["test", *args, "--model.evaluation.coefficients", "[]", "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
-    with pytest.raises(ValueError, match="random"):
-        build_cli(["test", *args, "--model.evaluation.methods", "[expertsteer]", "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    from es_lightning import module
+
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the settings were checked"))
+    with pytest.raises(ValueError, match=message):
+        build_cli(["test", *args, option, value, "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+
+
+def test_unknown_pairing_rule_is_refused_by_the_parser_with_the_choices(fitted, capsys):
+    tmp, args = fitted
+    with pytest.raises(SystemExit):
+        build_cli(["test", *args, "--model.pairing.rule", "median", "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    assert "'highest', 'lowest', 'separability', 'depth'" in capsys.readouterr().err
 
 
 def test_checkpoint_without_pairs_is_refused(fitted, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from es_lightning.data.folds import Fold, make_folds
-from es_lightning.evaluation.stats import SignTest, sign_test, summarise, verdict
+from es_lightning.evaluation.stats import RandomControl, SignTest, random_control, sign_test, summarise, verdict
 
 
 def check_partition(folds: list[Fold], n: int) -> None:
@@ -145,10 +145,27 @@ def test_summarise():
 def test_verdict_needs_both_baselines():
     strong = SignTest(9, 1, 0, 2 * 11 / 1024)  # p = 0.0215
     weak = SignTest(5, 0, 0, 0.0625)
-    assert verdict(strong, SignTest(6, 0, 0, 2 / 64)) == "gain"
-    assert verdict(strong, weak) == "no gain"  # beats no steering but not the random control
-    assert verdict(weak, strong) == "no gain"
-    assert verdict(strong, SignTest(6, 0, 0, 2 / 64), alpha=0.01) == "no gain"
-    assert verdict(SignTest(1, 9, 0, 2 * 11 / 1024), strong) == "worse"
+    beats_draws = RandomControl(0.8, 0.5, (0.5, 0.5), 1.0, 0.01, 20, 1000)
+    within_draws = RandomControl(0.55, 0.5, (0.4, 0.6), 0.5, 0.4, 20, 1000)
+    below_draws = RandomControl(0.45, 0.5, (0.4, 0.6), 0.5, 0.01, 20, 1000)
+    assert verdict(strong, beats_draws) == "gain"
+    assert verdict(strong, within_draws) == "no gain"  # beats no steering but not the random control
+    assert verdict(strong, below_draws) == "no gain"  # significant, but in the wrong direction
+    assert verdict(weak, beats_draws) == "no gain"
+    assert verdict(strong, beats_draws, alpha=0.005) == "no gain"
+    assert verdict(SignTest(1, 9, 0, 2 * 11 / 1024), beats_draws) == "worse"
     with pytest.raises(ValueError, match="alpha"):
-        verdict(strong, strong, alpha=1.5)
+        verdict(strong, beats_draws, alpha=1.5)
+
+
+def test_random_control_distribution_test():
+    rng = np.random.default_rng(0)
+    draws = rng.random((8, 200)) < 0.3
+    same = random_control(draws[0], draws, permutations=2000)
+    assert same.p_value > 0.05 and 0 <= same.percentile <= 1
+    better = random_control(rng.random(200) < 0.6, draws, permutations=2000)
+    assert better.p_value < 0.001 and better.percentile == 1.0 and better.better
+    assert better.draw_accuracies == pytest.approx(tuple(draws.mean(1)))
+    assert better.mean_accuracy == pytest.approx(draws.mean())
+    with pytest.raises(ValueError, match="draws must be"):
+        random_control(draws[0], draws[:, :10])

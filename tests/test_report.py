@@ -32,6 +32,7 @@ def make_report() -> Report:
     none = correct_array(n, set(range(8)))  # 8 right
     random = correct_array(n, set(range(9)) - {0} | {10})  # 9 right
     steer = correct_array(n, set(range(8)) - {0} | set(range(8, 17)))  # 16 right
+    draws = np.stack([correct_array(n, set(range(d, d + 8 + d % 2))) for d in range(4)])  # 8-9 right each
 
     def folds(acc_sum, acc_mean, coefficients):
         return [FoldResult(i, c, s, m, 10) for i, (s, m, c) in enumerate(zip(acc_sum, acc_mean, coefficients))]
@@ -46,7 +47,7 @@ def make_report() -> Report:
             method_result("random", folds([0.45, 0.45], [0.5, 0.4], [4.0, 2.0]), random, correct_none=none, sweep=random_sweep),
             method_result(
                 "expertsteer", folds([0.8, 0.8], [0.7, 0.9], [4.0, 2.0]), steer, correct_none=none,
-                correct_random=random, sweep=sweep,
+                random_draws=draws, sweep=sweep,
             ),
         ),
     )
@@ -55,7 +56,7 @@ def make_report() -> Report:
         n_questions=n,
         methods=(
             method_result("none", folds([0.5, 0.6], [0.5, 0.6], [None, None])),
-            method_result("expertsteer", folds([0.5, 0.6], [0.5, 0.6], [1.0, 1.0]), none, none, none),
+            method_result("expertsteer", folds([0.5, 0.6], [0.5, 0.6], [1.0, 1.0]), none, none, np.stack([none, none])),
         ),
     )
     return Report(model="tiny-llama", scoring="mean", alpha=0.05, k=2, fold_mode="random", datasets=(truthful, pubmed))
@@ -67,8 +68,9 @@ def test_method_result_tests_and_verdict():
     steer = truthful.methods[2]
     assert (steer.vs_none.wins, steer.vs_none.losses, steer.vs_none.ties) == (9, 1, 10)
     assert steer.vs_none.p_value == pytest.approx(22 / 1024)
-    assert (steer.vs_random.wins, steer.vs_random.losses) == (7, 0)
-    assert steer.vs_random.p_value == pytest.approx(2 / 128)
+    assert steer.vs_random.draw_accuracies == pytest.approx((0.4, 0.45, 0.4, 0.45))
+    assert steer.vs_random.mean_accuracy == pytest.approx(0.425) and steer.vs_random.percentile == 1.0
+    assert steer.vs_random.p_value < 0.01
     assert steer.verdict == "gain"
     assert steer.coefficients == (4.0, 2.0)
     assert steer.accuracy_mean.mean == pytest.approx(0.8) and steer.accuracy_mean.std == pytest.approx(2**0.5 * 0.1)
@@ -84,8 +86,8 @@ def test_method_result_and_sweep_errors():
         method_result("x", [fold], correct_none=[True, False])
     with pytest.raises(ValueError, match="no fold results"):
         method_result("x", [])
-    with pytest.raises(ValueError, match="same grid"):
-        sweep_curve([{0.0: 0.5, 1.0: 0.6}, {0.0: 0.5}])
+    partial = sweep_curve([{0.0: 0.5, 1.0: 0.6, 2.0: 0.2}, {0.0: 0.5, 1.0: 0.4}])  # fold 1 stopped before 2.0
+    assert partial.fold_val_accuracy[1] == (0.5, 0.4, None) and partial.mean_val_accuracy == pytest.approx((0.5, 0.5, 0.2))
     with pytest.raises(ValueError, match="Unknown scoring"):
         Report(model="m", scoring="max", alpha=0.05, k=2, fold_mode="random", datasets=())
 
@@ -105,14 +107,16 @@ def test_report_json_round_trip_and_no_temp_files(tmp_path):
 
 
 def test_markdown_table_rows():
-    text = render_markdown(make_report())
+    report = make_report()
+    text = render_markdown(report)
     rows = [line for line in text.splitlines() if line.startswith("| truthfulqa") or line.startswith("| pubmedqa")]
+    p = report.datasets[0].methods[2].vs_random.p_value
     assert rows == [
         "| truthfulqa | none | 40.0 ± 0.0 | 40.0 ± 14.1 | – | – | – | – |",
         "| truthfulqa | random | 45.0 ± 0.0 | 45.0 ± 7.1 | 4, 2 | 1 (2/1) | – | – |",
-        "| truthfulqa | expertsteer | 80.0 ± 0.0 | 80.0 ± 14.1 | 4, 2 | 0.0215 (9/1) | 0.0156 (7/0) | gain |",
+        f"| truthfulqa | expertsteer | 80.0 ± 0.0 | 80.0 ± 14.1 | 4, 2 | 0.0215 (9/1) | 42.5 / 100% / {p:.3g} | gain |",
         "| pubmedqa | none | 55.0 ± 7.1 | 55.0 ± 7.1 | – | – | – | – |",
-        "| pubmedqa | expertsteer | 55.0 ± 7.1 | 55.0 ± 7.1 | 1, 1 | 1 (0/0) | 1 (0/0) | no gain |",
+        "| pubmedqa | expertsteer | 55.0 ± 7.1 | 55.0 ± 7.1 | 1, 1 | 1 (0/0) | 40.0 / 50% / 1 | no gain |",
     ]
     assert "| 2 | 37.5 | 70.0 |" in text  # sweep table row: coefficient 2, random then expertsteer
 

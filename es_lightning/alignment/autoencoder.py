@@ -29,14 +29,19 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 class AlignmentAutoEncoder(L.LightningModule):
-    """For every captured expert layer i: encoder f_i: R^{d_E}->R^{d_T} and decoder g_i: R^{d_T}->R^{d_E}.
+    """For each trained expert layer i: encoder f_i: R^{d_E}->R^{d_T} and decoder g_i: R^{d_T}->R^{d_E}.
+
+    Which expert layers are trained, and toward which target layer (``paired``): ``layer_map`` when declared;
+    else ``planned_layer_map`` when a callback set it before ``setup`` (the layer-pair search trains only the
+    chosen pairs); else every captured expert layer toward the target layer at the same relative depth.
 
     Inputs are standardised per layer (per-feature mean, one scalar scale, from the train split only; a
     scalar scale keeps directions intact). Objectives: ``reconstruction`` (the paper as reported:
     ||h_E - g(f(h_E))||^2) and ``paired`` (ours, default: reconstruction + ``pair_weight`` *
     ||f(h_E,i) - h_T,j(i)||^2 on standardised target states). All layers run in one batched einsum.
     Weights are seeded with the closed-form solution (PCA for reconstruction, ridge least squares for
-    paired) and then trained. Layer shapes come from the DataModule's cache layout at ``setup``.
+    paired) and then trained. Layer shapes come from the DataModule's cache layout at ``setup``. ``ridge``:
+    the closed-form seed's ridge; ``null`` takes ``planned_ridge`` (chosen by the pair search) or 0.01.
     """
 
     # Init arguments that are settings of a run, not of the fitted model: kept out of the checkpoint's
@@ -49,7 +54,7 @@ class AlignmentAutoEncoder(L.LightningModule):
         pair_weight: float = 1.0,
         layer_map: dict[int, int] | None = None,
         closed_form_init: bool = True,
-        ridge: float = 1e-2,
+        ridge: float | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
     ):
@@ -68,8 +73,10 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.scheduler_factory = scheduler
         self.layout: PairedLayout | None = None
         self.layer_map: dict[int, int] = {}
+        self.planned_layer_map: dict[int, int] | None = None  # set by the layer-pair search before setup
+        self.planned_ridge: float | None = None
         self.cache_keys: dict[str, str] = {}
-        self.extra: dict[str, Any] = {}  # filled by callbacks: layer pairs, MI matrix, bundle paths
+        self.extra: dict[str, Any] = {}  # filled by callbacks: bundle paths
 
     # ------------------------------------------------------------------------------- structure
     @property
@@ -85,8 +92,11 @@ class AlignmentAutoEncoder(L.LightningModule):
                     "Fix: use the config the checkpoint was trained with, or start a new run."
                 )
             return
-        n_layers, d_e, d_t = len(layout.expert.layers), layout.expert.hidden_size, layout.target.hidden_size
-        self.layout, self.layer_map = layout, layer_map
+        trained = sorted(layer_map)
+        n_layers, d_e, d_t = len(trained), layout.expert.hidden_size, layout.target.hidden_size
+        self.layout, self.layer_map, self.trained_layers = layout, layer_map, trained
+        expert_pos = {layer: k for k, layer in enumerate(layout.expert.layers)}
+        self.register_buffer("expert_index", torch.tensor([expert_pos[i] for i in trained], dtype=torch.long))
         self.enc_weight = nn.Parameter(torch.zeros(n_layers, d_t, d_e))
         self.enc_bias = nn.Parameter(torch.zeros(n_layers, d_t))
         self.dec_weight = nn.Parameter(torch.zeros(n_layers, d_e, d_t))
@@ -97,7 +107,7 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.register_buffer("target_mean", torch.zeros(n_target, layout.target.hidden_size))
         self.register_buffer("target_scale", torch.ones(n_target))
         target_pos = {layer: k for k, layer in enumerate(layout.target.layers)}
-        self.register_buffer("paired_index", torch.tensor([target_pos[layer_map[i]] for i in layout.expert.layers]))
+        self.register_buffer("paired_index", torch.tensor([target_pos[layer_map[i]] for i in trained], dtype=torch.long))
         self.val_metrics = nn.ModuleDict({
             "mse": nn.ModuleList(MeanSquaredError() for _ in range(n_layers)),
             "explained_variance": nn.ModuleList(ExplainedVariance(multioutput="variance_weighted") for _ in range(n_layers)),
@@ -108,12 +118,14 @@ class AlignmentAutoEncoder(L.LightningModule):
     def _layer_map_for(self, layout: PairedLayout) -> dict[int, int]:
         if self.declared_layer_map is not None:
             return validate_layer_map(self.declared_layer_map, layout.expert_layers, layout.target_layers)
+        if self.planned_layer_map is not None:
+            return validate_layer_map(self.planned_layer_map, layout.expert_layers, layout.target_layers)
         return proportional_layer_map(layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers)
 
     # ----------------------------------------------------------------------------------- maths
     def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None):
-        """Standardise raw states ``[B, L, d]`` with the stored train-split statistics."""
-        xs = (expert - self.expert_mean) / self.expert_scale[:, None]
+        """Standardise raw cached states ``[B, L_cached, d]`` of the trained layers with the train-split statistics."""
+        xs = (expert[:, self.expert_index] - self.expert_mean) / self.expert_scale[:, None]
         ys = None if target is None else (target - self.target_mean) / self.target_scale[:, None]
         return xs, ys
 
@@ -127,7 +139,9 @@ class AlignmentAutoEncoder(L.LightningModule):
 
     def encoder_linear(self, expert_layer: int) -> torch.Tensor:
         """The linear part ``[d_T, d_E]`` of f_i for an expert layer (absolute block index); maps directions."""
-        return self.enc_weight[self.layout.expert_layers.index(expert_layer)].detach()
+        if expert_layer not in self.trained_layers:
+            raise ValueError(f"Expert layer {expert_layer} has no trained encoder (trained: {self.trained_layers}).")
+        return self.enc_weight[self.trained_layers.index(expert_layer)].detach()
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-layer reconstruction and pairing losses ``[L_E]`` plus the scalar total."""
@@ -148,12 +162,15 @@ class AlignmentAutoEncoder(L.LightningModule):
     @torch.no_grad()
     def fit_statistics_and_init(self, expert: torch.Tensor, target: torch.Tensor) -> None:
         """Standardisation statistics from the train split, then the closed-form seed of the weights."""
+        expert = expert[:, self.expert_index]
         self.expert_mean.copy_(expert.mean(0))
         self.expert_scale.copy_((expert - expert.mean(0)).pow(2).sum(-1).mean(0).sqrt().clamp_min(1e-6) / expert.shape[-1] ** 0.5)
         self.target_mean.copy_(target.mean(0))
         self.target_scale.copy_((target - target.mean(0)).pow(2).sum(-1).mean(0).sqrt().clamp_min(1e-6) / target.shape[-1] ** 0.5)
-        xs, ys = self.standardise(expert, target)
+        xs = (expert - self.expert_mean) / self.expert_scale[:, None]
+        ys = (target - self.target_mean) / self.target_scale[:, None]
         d_e, d_t = xs.shape[-1], ys.shape[-1]
+        ridge = self.ridge if self.ridge is not None else (self.planned_ridge if self.planned_ridge is not None else 1e-2)
         for k in range(xs.shape[1]):
             x = xs[:, k].double()
             if not self.closed_form_init:
@@ -164,7 +181,7 @@ class AlignmentAutoEncoder(L.LightningModule):
             xc = x - x_mean
             if self.objective == "paired":
                 y = ys[:, self.paired_index[k]].double()
-                w = _ridge(xc, y - y.mean(0), self.ridge)  # [d_E, d_T]
+                w = _ridge(xc, y - y.mean(0), ridge)  # [d_E, d_T]
                 enc_w, enc_b = w.T, y.mean(0) - x_mean @ w
             else:
                 _, _, vh = torch.linalg.svd(xc, full_matrices=False)
@@ -174,7 +191,7 @@ class AlignmentAutoEncoder(L.LightningModule):
                 enc_w, enc_b = basis, -(basis @ x_mean)
             code = x @ enc_w.T + enc_b
             code_mean = code.mean(0)
-            dec = _ridge(code - code_mean, xc, self.ridge)  # [d_T, d_E]
+            dec = _ridge(code - code_mean, xc, ridge)  # [d_T, d_E]
             self.enc_weight.data[k] = enc_w.float()
             self.enc_bias.data[k] = enc_b.float()
             self.dec_weight.data[k] = dec.T.float()
@@ -223,7 +240,7 @@ class AlignmentAutoEncoder(L.LightningModule):
             for k, metric in enumerate(self.val_metrics[name]):
                 value = metric.compute()
                 values.append(value)
-                self.log(f"val/{name}/layer{self.layout.expert_layers[k]}", value)
+                self.log(f"val/{name}/layer{self.trained_layers[k]}", value)
                 metric.reset()
             self.log(f"val/{name}", torch.stack(values).mean(), prog_bar=name != "mse")
 

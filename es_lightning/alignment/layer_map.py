@@ -20,22 +20,22 @@ def proportional_layer_map(
 def validate_layer_map(
     layer_map: Mapping[int, int], expert_layers: Sequence[int], target_layers: Sequence[int]
 ) -> dict[int, int]:
-    """Check a declared expert->target mapping against the captured layers; it must cover every expert layer."""
+    """Check an expert->target mapping against the captured layers: the expert layers it names are the ones trained."""
     layer_map = {int(k): int(v) for k, v in layer_map.items()}
+    if not layer_map:
+        raise ValueError("layer_map is empty: map at least one captured expert layer to a captured target layer, or set it to null.")
     unknown = sorted(set(layer_map) - set(expert_layers))
-    missing = sorted(set(expert_layers) - set(layer_map))
     bad_targets = sorted({v for v in layer_map.values() if v not in target_layers})
-    if unknown or missing or bad_targets:
+    if unknown or bad_targets:
         raise ValueError(
             "layer_map does not fit the cached layers: "
             + "; ".join(
                 part for part in (
                     f"expert layers {unknown} are not captured (captured: {list(expert_layers)})" if unknown else "",
-                    f"expert layers {missing} have no target" if missing else "",
                     f"target layers {bad_targets} are not captured (captured: {list(target_layers)})" if bad_targets else "",
                 ) if part
             )
-            + ". Fix: map every captured expert layer to a captured target layer, or set layer_map: null for the "
-            "proportional-depth default."
+            + ". Fix: map captured expert layers to captured target layers, or set layer_map: null (the layer-pair "
+            "search, or the proportional-depth map without it)."
         )
     return layer_map

@@ -1,10 +1,10 @@
-"""LayerPairingCallback: when fitting ends, MI between encoded expert layers and target layers picks pairs."""
+"""LayerPairingCallback: step 2 during ``fit``, the layer-pair search with the module's ``pairing`` settings."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -12,91 +12,123 @@ import torch
 from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.io import atomic_write_json, atomic_write_with
 from es_lightning.steering.mi import mi_matrix
-from es_lightning.steering.pairing import PairingRule, select_pairs
+from es_lightning.steering.pair_search import PairedRows, PairSearch, search_pairs
+from es_lightning.steering.pairing import depth_pairs, select_pairs
 
 log = logging.getLogger(__name__)
 
 
-def plot_mi_heatmap(mi: torch.Tensor, expert_layers, target_layers, pairs, path: Path, title: str) -> None:
-    """Heatmap PNG of the MI matrix with the chosen pairs circled (atomic write)."""
+def plot_pair_search(result: PairSearch, path: Path) -> None:
+    """Heatmap PNG of the held-out scores of every pair (MI, or AUC for the separability rule), the chosen pairs
+    circled and the same-relative-depth diagonal drawn (atomic write)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    expert_layers, target_layers = result.expert_layers, result.target_layers
+    use_auc = result.rule == "separability" or result.mi is None
+    values = result.auc if use_auc else result.mi
     fig = Figure(figsize=(max(4, 0.3 * len(target_layers) + 2), max(3, 0.3 * len(expert_layers) + 1.5)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(mi.numpy(), aspect="auto", cmap="viridis", origin="lower")
-    fig.colorbar(image, ax=ax, label="MI (nats)")
+    if values is not None:
+        image = ax.imshow(torch.tensor(values).numpy(), aspect="auto", cmap="viridis", origin="lower")
+        fig.colorbar(image, ax=ax, label="held-out ROC AUC of the mapped direction" if use_auc else "held-out MI (nats)")
     ax.set_xticks(range(len(target_layers)), [str(t) for t in target_layers], fontsize=6)
     ax.set_yticks(range(len(expert_layers)), [str(e) for e in expert_layers], fontsize=6)
     ax.set_xlabel("target layer")
     ax.set_ylabel("expert layer")
-    for e, t in pairs:
-        ax.scatter([list(target_layers).index(t)], [list(expert_layers).index(e)], s=80, facecolors="none", edgecolors="red", linewidths=1.5)
-    ax.set_title(title, fontsize=8)
+    e_depth, t_depth = max(expert_layers[-1], 1), max(target_layers[-1], 1)
+    diagonal = [(k, target_layers.index(min(target_layers, key=lambda t: abs(t - e / e_depth * t_depth)))) for k, e in enumerate(expert_layers)]
+    ax.plot([b for _, b in diagonal], [a for a, _ in diagonal], color="white", linestyle="--", linewidth=1, label="same relative depth")
+    for e, t in result.pairs:
+        ax.scatter([target_layers.index(t)], [expert_layers.index(e)], s=80, facecolors="none", edgecolors="red", linewidths=1.5)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.set_title(f"{result.objective}, rule {result.rule}, top-{result.top_k}: {[tuple(p) for p in result.pairs]}", fontsize=8)
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 class LayerPairingCallback(WhenTrainingEnds):
-    """Compute the MI matrix [L_E, L_T] between f_i(h_E,i) and h_T,j on the train split and choose pairs.
+    """Chooses the intervention pairs during ``fit`` with the module's ``pairing`` settings (``model.pairing``).
 
-    Runs on rank 0 when training ends and broadcasts the result. Stores the matrix and pairs in the
-    module (hence in ``last.ckpt``), as ``pairing.json`` and as ``mi_heatmap.png`` in the run folder.
-    ``max_samples`` caps the rows used (a seeded subsample) to bound the cost.
+    ``paired`` objective: at ``setup``, before the auto-encoders are built, the search fits a closed-form map for
+    every (expert, target) layer pair on the alignment rows and scores it on the val split's rows (other questions);
+    the auto-encoders are then trained only for the chosen pairs, seeded with the ridge the search chose.
+    ``reconstruction`` objective (the paper's as reported): when training ends, MI between the trained encoders'
+    codes and the target states, on the val split's rows. Either way the result is stored in the module (hence in
+    ``last.ckpt``), as ``pairing.json`` and as ``mi_heatmap.png`` in the run folder. Runs on rank 0 and broadcasts.
     """
 
-    def __init__(
-        self,
-        method: Literal["gaussian", "ksg"] = "gaussian",
-        rule: Literal["lowest", "highest"] = "highest",
-        top_k: int = 3,
-        one_target_per_expert: bool = True,
-        depth_window: tuple[float, float] | None = None,
-        mi_options: dict[str, Any] | None = None,
-        max_samples: int | None = 4000,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.method = method
-        self.rule = PairingRule(rule, top_k, one_target_per_expert, tuple(depth_window) if depth_window else None)
-        self.mi_options = dict(mi_options or {})
-        self.max_samples = max_samples
-        self.seed = seed
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or pl_module.is_built or pl_module.objective != "paired" or pl_module.declared_layer_map is not None:
+            return
+        datamodule = trainer.datamodule
+        layout = datamodule.layout
+        config = pl_module.pairing
+        log.info("Layer-pair search (%s rule) over %d x %d expert/target layers ...", config.rule, len(layout.expert_layers), len(layout.target_layers))
+        start = time.perf_counter()
+
+        def compute() -> dict:
+            fit = datamodule.alignment_split()
+            val = datamodule.split("val")
+            outcome = search_pairs(
+                PairedRows(fit["expert"], fit["target"], fit["label"] if (fit["label"] >= 0).all() else None, datamodule.alignment_groups()),
+                PairedRows(val["expert"], val["target"], val["label"], datamodule.split_groups("val")),
+                layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, config, "paired",
+            )
+            return outcome.result.to_dict()
+
+        result = PairSearch.from_dict(on_rank_zero(trainer, compute))
+        pl_module.pairing_result = result
+        pl_module.planned_layer_map = dict(result.pairs)
+        pl_module.planned_ridge = result.ridge
+        self._publish(trainer, result, time.perf_counter() - start)
 
     @torch.no_grad()
-    def compute(self, pl_module, datamodule) -> dict[str, Any]:
-        """The MI matrix and pairs for the module's encoders on the DataModule's train split."""
-        train = datamodule.split("train")
-        n = train["expert"].shape[0]
-        rows = torch.arange(n)
-        if self.max_samples and n > self.max_samples:
-            rows = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.max_samples]
-        expert = train["expert"][rows].to(pl_module.device)
-        target = train["target"][rows].to(pl_module.device)
-        xs, ys = pl_module.standardise(expert, target)
+    def _reconstruction_pairs(self, pl_module, datamodule) -> dict:
+        layout, config = pl_module.layout, pl_module.pairing
+        val = datamodule.split("val")
+        config.check_rows(len(val["label"]), len(val["label"]), "Layer pairing on the val split")
+        xs, ys = pl_module.standardise(val["expert"].to(pl_module.device), val["target"].to(pl_module.device))
         encoded = pl_module.encode(xs).cpu()
-        layout = pl_module.layout
-        mi = mi_matrix(encoded, ys.cpu(), method=self.method, **{"seed": self.seed, **self.mi_options}).float()
-        pairs = select_pairs(mi, layout.expert_layers, layout.target_layers, layout.target.num_layers, self.rule)
-        return {
-            "mi": mi.tolist(), "expert_layers": layout.expert_layers, "target_layers": layout.target_layers,
-            "pairs": [list(p) for p in pairs], "method": self.method, "rule": self.rule.rule, "top_k": self.rule.top_k,
-            "n_samples": len(rows),
-        }
+        rule = config.pairing_rule
+        baseline = depth_pairs(pl_module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, rule)
+        mi = None
+        if config.rule == "depth":
+            pairs = baseline
+        else:
+            if config.rule == "separability":
+                raise ValueError("The separability rule needs the paired objective; use rule: highest or lowest with objective: reconstruction.")
+            mi = mi_matrix(encoded, ys.cpu(), method=config.mi_method, **{"seed": config.seed, **config.mi_options}).float()
+            pairs = select_pairs(mi, pl_module.trained_layers, layout.target_layers, layout.target.num_layers, rule,
+                                 highest=config.rule == "highest")
+        return PairSearch(
+            rule=config.rule, objective="reconstruction", expert_layers=list(pl_module.trained_layers),
+            target_layers=list(layout.target_layers), pairs=pairs, mi=None if mi is None else mi.tolist(), auc=None,
+            depth_pairs=baseline, ridge=None, mi_method=config.mi_method, n_fit=0, n_heldout=len(val["label"]), top_k=config.top_k,
+        ).to_dict()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True
-        log.warning("Pairing layers: %s MI between %d encoded expert and %d target layers ...",
-                    self.method, len(pl_module.layout.expert_layers), len(pl_module.layout.target_layers))
-        result = on_rank_zero(trainer, lambda: self.compute(pl_module, trainer.datamodule))
-        pl_module.extra["pairing"] = result
-        if trainer.is_global_zero:
-            folder = run_dir(trainer)
-            atomic_write_json(folder / "pairing.json", result)
-            plot_mi_heatmap(torch.tensor(result["mi"]), result["expert_layers"], result["target_layers"], result["pairs"],
-                            folder / "mi_heatmap.png", f"{self.method} MI, {self.rule.rule} top-{self.rule.top_k}: {result['pairs']}")
-            log.warning("Layer pairs (expert, target): %s -> %s", result["pairs"], folder / "pairing.json")
+        if pl_module.objective != "reconstruction" and pl_module.pairing_result is not None:
+            return
+        start = time.perf_counter()
+        if pl_module.objective == "reconstruction":
+            result = PairSearch.from_dict(on_rank_zero(trainer, lambda: self._reconstruction_pairs(pl_module, trainer.datamodule)))
+        else:  # a declared layer_map: its pairs are the intervention pairs
+            layout = pl_module.layout
+            pairs = sorted(pl_module.layer_map.items(), key=lambda p: p[1])
+            result = PairSearch("declared", "paired", list(layout.expert_layers), list(layout.target_layers), pairs, None, None,
+                                [], pl_module.ridge, top_k=len(pairs))
+        pl_module.pairing_result = result
+        self._publish(trainer, result, time.perf_counter() - start)
         resave_last_checkpoint(trainer)
+
+    def _publish(self, trainer: L.Trainer, result: PairSearch, seconds: float) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = run_dir(trainer)
+        atomic_write_json(folder / "pairing.json", result.to_dict())
+        plot_pair_search(result, folder / "mi_heatmap.png")
+        log.info("Layer pairs (expert, target): %s, ridge %s (%.1f s) -> %s", [tuple(p) for p in result.pairs], result.ridge,
+                 seconds, folder / "pairing.json")

@@ -263,7 +263,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             self.trainer.strategy.barrier()
         if rank == 0:
             state = "built" if len(missing) == cache.n_shards else f"resumed ({len(missing)} of {cache.n_shards} shards built)" if missing else "reused"
-            log.warning("Paired %s cache %s: %s (%d examples)", what, state, cache.directory, len(examples))
+            log.info("Paired %s cache %s: %s (%d examples)", what, state, cache.directory, len(examples))
         still = cache.missing_shards()
         if still:
             raise RuntimeError(f"Cache shards {still} are still missing after extraction in {cache.directory}; check the logs of every rank.")
@@ -272,6 +272,15 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
     def _estimate_bytes(self, n: int) -> int:
         per_row = len(self.layout.expert.layers) * self.layout.expert.hidden_size + len(self.layout.target.layers) * self.layout.target.hidden_size
         return int(n * per_row * 4 * 1.1)
+
+    def prepare_layout(self) -> PairedLayout:
+        """Read the examples and both models' configs (no weights): what checks need before any extraction."""
+        if self.layout is None:
+            self._prepare_examples()
+            expert = describe(self.expert_spec, self.cache_dir, who="expert")
+            target = describe(self.target_spec, self.cache_dir, who="target")
+            self.layout = PairedLayout(expert, target, self.pooling)
+        return self.layout
 
     def setup(self, stage: str | None = None) -> None:
         """Read the examples, resolve both models, and build or reuse the caches (prompts only for predict)."""
@@ -282,10 +291,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             return
         if self.tensors:
             return
-        self._prepare_examples()
-        expert = describe(self.expert_spec, self.cache_dir, who="expert")
-        target = describe(self.target_spec, self.cache_dir, who="target")
-        self.layout = PairedLayout(expert, target, self.pooling)
+        self.prepare_layout()
         self.tensors, self.cache_keys["data"] = self._ensure_cache(self.examples, "labelled")
         if self.alignment_source is not None:
             align_examples, _ = self._read(self.alignment_source)
@@ -297,6 +303,16 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         """All cached tensors of one labelled split (``train``/``val``/``test``)."""
         index = torch.tensor(self.split_indices[name], dtype=torch.long)
         return {key: value[index] for key, value in self.tensors.items()}
+
+    def split_groups(self, name: str) -> list[str]:
+        """The group key (question) of every row of a labelled split, in the order of :meth:`split`."""
+        return [self.examples[i].group for i in self.split_indices[name]]
+
+    def alignment_groups(self) -> list[str]:
+        """Group keys of the rows of :meth:`alignment_split` (each ``alignment_data`` row is its own group)."""
+        if self.alignment_tensors is not None:
+            return [f"alignment/{r}" for r in range(len(self.alignment_tensors["label"]))]
+        return self.split_groups("train")
 
     def alignment_split(self) -> dict[str, torch.Tensor]:
         """The tensors that train the auto-encoders: ``alignment_data`` if configured, else the train split."""

@@ -27,8 +27,9 @@ def plot_coefficient_sweep(report: Report, path: str | Path) -> Path:
             curve = method.sweep
             if curve is None:
                 continue
-            lows = [100 * min(column) for column in zip(*curve.fold_val_accuracy)]
-            highs = [100 * max(column) for column in zip(*curve.fold_val_accuracy)]
+            columns = [[v for v in column if v is not None] for column in zip(*curve.fold_val_accuracy)]
+            lows = [100 * min(column) for column in columns]
+            highs = [100 * max(column) for column in columns]
             means = [100 * a for a in curve.mean_val_accuracy]
             (line,) = ax.plot(curve.coefficients, means, marker="o", label=method.method)
             ax.fill_between(curve.coefficients, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)

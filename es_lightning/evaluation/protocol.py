@@ -1,11 +1,12 @@
-"""The evaluation protocol: k-fold cross-validation over questions, vectors and coefficients chosen inside
-each fold's training part, accuracy on its test part, paired tests against no steering and random vectors.
+"""The evaluation protocol: k-fold cross-validation over questions, with every fitted piece inside the fold.
 
-Per fold: steering vectors come from the cached states of the fold's *train* questions (the auto-encoders
-and the layer pairs use no labels, so they are shared by all folds); each method's coefficient is chosen
-on the fold's *val* questions from a grid; the fold's *test* questions are then scored once with no
-steering, with each method at its chosen coefficient, and with the random control at each of those
-coefficients. Every question is tested exactly once over the folds.
+Per fold (``protocol: nested``, the default): the fold's *train* questions are split by question into fit and
+held-out parts; the layer-pair search (:mod:`es_lightning.steering.pair_search`) fits closed-form alignment maps
+on the fit part, scores every pair on the held-out part and chooses pairs; steering vectors of every method come
+from all train questions, mapped by that fold's maps; each method's coefficient is chosen on the fold's *val*
+questions by a sweep outwards from zero; the fold's *test* questions are then scored once with no steering, with
+each method at its chosen coefficient, and with ``random_draws`` random unit vectors at every chosen coefficient.
+No fitted piece sees a test question. ``protocol: shared`` reuses the checkpoint's auto-encoders and pairs.
 """
 
 from __future__ import annotations
@@ -13,86 +14,51 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from es_lightning.data.examples import Question
 from es_lightning.data.folds import Fold, make_folds
-from es_lightning.evaluation.report import DatasetReport, FoldResult, method_result, sweep_curve
+from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
 from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.hooks import steer
-from es_lightning.steering.vectors import METHODS, VectorInputs, compute_vectors, layer_norms
+from es_lightning.steering.pair_search import PairedRows, PairSearchConfig, search_pairs, split_by_group
+from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vectors, layer_norms, random_directions
 
 log = logging.getLogger(__name__)
 
 NONE = "none"
+DRAW = "random draw "  # variant name prefix of the random control's draws: "random draw 3"
 
 
 @dataclass
-class EvaluationConfig:
-    """How ``es-lightning test`` evaluates.
+class SharedAlignment:
+    """The ``shared`` protocol's alignment: the checkpoint's pairs and auto-encoder maps, the same in every fold."""
 
-    ``coefficients``: the grid (relative to each steered layer's mean hidden-state norm) searched on val,
-    both signs. ``folds``: k for cross-validation over questions; ``null`` uses the DataModule's own
-    train/val/test split instead. ``fold_mode``: ``random`` by question, ``group`` by the data's group field,
-    or ``contiguous`` blocks (for sets that pair adjacent rows). ``max_questions``: evaluate a seeded subset.
-    ``max_val_questions``: cap the val questions used for the coefficient sweep in each fold.
-    ``scoring``: ``mean`` (length-normalised) or ``sum`` log-likelihood picks coefficients and runs the tests;
-    accuracy is reported under both.
-    """
+    pairs: list[tuple[int, int]]
+    encoder_linear: Callable[[int], torch.Tensor]
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    coefficients: list[float] = field(default_factory=lambda: [-0.2, -0.1, 0.1, 0.2])
-    folds: int | None = 5
-    fold_mode: Literal["random", "group", "contiguous"] = "random"
-    val_fraction: float = 0.25
-    max_questions: int | None = None
-    max_val_questions: int | None = None
-    scoring: Literal["mean", "sum"] = "mean"
-    positions: Literal["all", "prompt", "generated"] = "all"
-    batch_size: int = 16
-    alpha: float = 0.05
-    seed: int = 0
-    rfm_options: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> None:
-        """Refuse bad settings before any model is loaded."""
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"Unknown evaluation methods {unknown}: use some of {list(METHODS)}.")
-        if "random" not in self.methods:
-            raise ValueError("The evaluation needs the 'random' control among its methods: a gain counts only where it beats random vectors.")
-        if not self.coefficients:
-            raise ValueError("The coefficient grid is empty: give at least one coefficient, e.g. [-0.2, -0.1, 0.1, 0.2].")
-        bad = [c for c in self.coefficients if not isinstance(c, (int, float)) or c != c or abs(c) == float("inf")]
-        if bad:
-            raise ValueError(f"Coefficients must be finite numbers, got {bad}.")
-        if self.folds is not None and self.folds < 2:
-            raise ValueError(f"folds must be >= 2 (or null for the DataModule's split), got {self.folds}.")
-        if self.fold_mode not in ("random", "group", "contiguous"):
-            raise ValueError(f"fold_mode must be 'random', 'group' or 'contiguous', got {self.fold_mode!r}.")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}.")
-        if self.max_questions is not None and self.max_questions < 2 * (self.folds or 2):
-            raise ValueError(f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; use at least {2 * (self.folds or 2)} or null.")
-        if self.max_val_questions is not None and self.max_val_questions < 1:
-            raise ValueError(f"max_val_questions must be >= 1 or null, got {self.max_val_questions}.")
-        if self.batch_size < 1 or not 0 < self.alpha < 1:
-            raise ValueError(f"batch_size must be >= 1 and alpha in (0, 1); got {self.batch_size} and {self.alpha}.")
-        if self.positions not in ("all", "prompt", "generated"):
-            raise ValueError(f"positions must be 'all', 'prompt' or 'generated', got {self.positions!r}.")
-        if self.scoring not in ("mean", "sum"):
-            raise ValueError(f"scoring must be 'mean' or 'sum', got {self.scoring!r}.")
+@dataclass
+class LayerInfo:
+    """Captured layers of both models and their depths (for the pair search's depth baseline)."""
+
+    expert_layers: list[int]
+    target_layers: list[int]
+    expert_depth: int
+    target_depth: int
 
 
 @dataclass
 class FoldPlan:
-    """What a fold's training and val parts decided: vectors per method and the chosen coefficients."""
+    """What a fold's train and val parts decided: pairs, vectors per method, random draws, chosen coefficients."""
 
     fold: Fold
+    pairs: list[tuple[int, int]]
     vectors: dict[str, dict[int, torch.Tensor]]
+    draws: list[dict[int, torch.Tensor]]
     norms: dict[int, float]
     chosen: dict[str, float]
     sweep: dict[str, dict[float, float]]  # method -> coefficient -> val accuracy (0.0 holds no steering)
@@ -120,22 +86,23 @@ def render_questions(tokenizer, questions: Sequence[Question], completion_templa
     return RenderedQuestions(prompts, choices, [q.answer for q in questions], [q.group for q in questions], [q.id for q in questions])
 
 
-def plan_folds(n_questions: int, groups: Sequence[str], config: EvaluationConfig, split: dict[str, list[int]] | None = None) -> list[Fold]:
+def plan_folds(n_questions: int, groups: Sequence[str], config: EvaluationConfig, seed: int,
+               split: dict[str, list[int]] | None = None) -> list[Fold]:
     """The folds: k-fold over questions, or one 'fold' from a given train/val/test split of question indices."""
     if config.folds is None:
         if split is None:
             raise ValueError("folds: null needs the DataModule's train/val/test split of questions.")
         return [Fold(0, tuple(split["train"]), tuple(split["val"]), tuple(split["test"]))]
     ids = [f"q{i}" for i in range(n_questions)]
-    return make_folds(ids, k=config.folds, mode=config.fold_mode, seed=config.seed,
+    return make_folds(ids, k=config.folds, mode=config.fold_mode, seed=seed,
                       groups=list(groups) if config.fold_mode == "group" else None, val_fraction=config.val_fraction)
 
 
 class Evaluator:
     """Runs the protocol on one target model for one data set.
 
-    ``states`` holds the cached example tensors (``expert``, ``target``, ``label``) and ``question_rows``
-    maps each question index to its example rows, so a fold's vectors use only its training questions.
+    ``states`` holds the cached example tensors (``expert``, ``target``, ``label``) and ``question_rows`` maps
+    each question index to its example rows, so a fold's fitted pieces use only its train questions.
     """
 
     def __init__(
@@ -145,25 +112,26 @@ class Evaluator:
         rendered: RenderedQuestions,
         states: dict[str, torch.Tensor],
         question_rows: Sequence[Sequence[int]],
-        expert_layers: Sequence[int],
-        target_layers: Sequence[int],
-        pairs: Sequence[tuple[int, int]],
-        encoder_linear: Callable[[int], torch.Tensor] | None,
+        layers: LayerInfo,
         config: EvaluationConfig,
+        vectors: VectorConfig,
+        pairing: PairSearchConfig,
+        objective: str = "paired",
+        shared: SharedAlignment | None = None,
         progress: bool = True,
         add_special_tokens: bool = True,
         block_path: str | None = None,
     ):
         config.validate()
-        self.add_special_tokens = add_special_tokens
-        self.block_path = block_path
+        vectors.validate()
+        pairing.validate()
+        if config.protocol == "shared" and shared is None:
+            raise ValueError("protocol: shared needs the checkpoint's pairs and auto-encoders; fit with LayerPairingCallback.")
         self.model, self.tokenizer, self.rendered = model, tokenizer, rendered
         self.states, self.question_rows = states, question_rows
-        self.expert_layers, self.target_layers = list(expert_layers), list(target_layers)
-        self.pairs = [tuple(p) for p in pairs]
-        self.encoder_linear = encoder_linear
-        self.config = config
-        self.progress = progress
+        self.layers, self.config, self.vector_config, self.pairing = layers, config, vectors, pairing
+        self.objective, self.shared = objective, shared
+        self.progress, self.add_special_tokens, self.block_path = progress, add_special_tokens, block_path
 
     # ----------------------------------------------------------------------------------- scoring
     def score(self, questions: Sequence[int], method: str = NONE, coefficient: float = 0.0,
@@ -183,98 +151,102 @@ class Evaluator:
         """Per-question correctness under one scoring."""
         return correctness(scores, [self.rendered.answers[q] for q in questions], normalise)
 
-    # ------------------------------------------------------------------------------------ vectors
-    def fold_vectors(self, fold: Fold) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:
-        """Vectors of every method from the fold's training questions only."""
-        rows = [r for q in fold.train for r in self.question_rows[q]]
-        index = torch.tensor(rows, dtype=torch.long)
+    # ----------------------------------------------------------------------------- fitted pieces
+    def rows_of(self, questions: Sequence[int]) -> PairedRows:
+        """The cached rows of these questions, grouped by the question's group key."""
+        rows = [(r, q) for q in questions for r in self.question_rows[q]]
+        index = torch.tensor([r for r, _ in rows], dtype=torch.long)
+        return PairedRows(self.states["expert"][index], self.states["target"][index], self.states["label"][index],
+                          [self.rendered.groups[q] for _, q in rows])
+
+    def fold_alignment(self, fold: Fold) -> tuple[list[tuple[int, int]], Callable[[int], torch.Tensor], dict]:
+        """Pairs and expert->target maps for a fold: searched inside its train questions (nested) or shared."""
+        if self.config.protocol == "shared":
+            return list(self.shared.pairs), self.shared.encoder_linear, {"protocol": "shared"}
+        seed = self.vector_config.seed + fold.index
+        groups = [self.rendered.groups[q] for q in fold.train]
+        kept, held = split_by_group(groups, self.pairing.heldout_fraction, seed)
+        info = self.layers
+        outcome = search_pairs(
+            self.rows_of([fold.train[k] for k in kept]), self.rows_of([fold.train[k] for k in held]),
+            info.expert_layers, info.target_layers, info.expert_depth, info.target_depth, self.pairing, self.objective,
+        )
+        return list(outcome.result.pairs), outcome.linear.__getitem__, {"protocol": "nested", "search": outcome.result.to_dict()}
+
+    def fold_vectors(self, fold: Fold, pairs, encoder_linear) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:
+        """Vectors of every method from the fold's train questions only."""
+        rows = self.rows_of(fold.train)
+        seed = self.vector_config.seed + fold.index
         inputs = VectorInputs(
-            expert=self.states["expert"][index], target=self.states["target"][index], labels=self.states["label"][index],
-            expert_layers=self.expert_layers, target_layers=self.target_layers, encoder_linear=self.encoder_linear,
-            rfm_options=dict(self.config.rfm_options), seed=self.config.seed + fold.index,
+            expert=rows.expert, target=rows.target, labels=rows.labels, expert_layers=self.layers.expert_layers,
+            target_layers=self.layers.target_layers, encoder_linear=encoder_linear,
+            rfm_options=dict(self.vector_config.rfm_options), seed=seed, groups=rows.groups,
         )
         vectors, diagnostics = {}, {}
-        for method in self.config.methods:
-            result = compute_vectors(method, self.pairs, inputs)
+        for method in self.vector_config.methods:
+            result = compute_vectors(method, pairs, inputs)
             vectors[method] = result.vectors
             diagnostics[method] = {str(k): v for k, v in result.diagnostics.items()}
-        norms = layer_norms(inputs.target, self.target_layers, [j for _, j in self.pairs])
+        norms = layer_norms(rows.target, self.layers.target_layers, [j for _, j in pairs])
         return vectors, norms, diagnostics
 
+    def random_draws(self, fold: Fold, pairs) -> list[dict[int, torch.Tensor]]:
+        """The fold's random control: ``random_draws`` independent unit vectors per steered layer."""
+        width = self.states["target"].shape[-1]
+        base = 1_000_003 * (self.vector_config.seed + 1) + 1009 * fold.index
+        return [random_directions([j for _, j in pairs], width, base + d) for d in range(self.config.random_draws)]
+
+    def sweep(self, fold: Fold, val: list[int], method: str, vectors, norms, base: float) -> dict[float, float]:
+        """Val accuracy per coefficient, walking outwards from zero on each side until it falls repeatedly."""
+        normalise = self.config.scoring == "mean"
+        curve = {0.0: base}
+        for side in self.config.sweep_order():
+            previous, falls = base, 0
+            for coefficient in side:
+                scores = self.score(val, method, coefficient, vectors, norms, desc=f"fold {fold.index} val, {method} x{coefficient:g}")
+                curve[coefficient] = accuracy = self.correct(scores, val, normalise).float().mean().item()
+                falls = falls + 1 if accuracy < previous else 0
+                previous = accuracy
+                if falls >= self.config.stop_after_falls:
+                    break
+        return curve
+
     def plan(self, fold: Fold) -> FoldPlan:
-        """Vectors from the fold's train part; each method's coefficient chosen on its val part."""
-        vectors, norms, diagnostics = self.fold_vectors(fold)
+        """Alignment and vectors from the fold's train part; each method's coefficient chosen on its val part."""
+        pairs, encoder_linear, alignment = self.fold_alignment(fold)
+        vectors, norms, diagnostics = self.fold_vectors(fold, pairs, encoder_linear)
         val = list(fold.val)
         if self.config.max_val_questions and len(val) > self.config.max_val_questions:
-            generator = torch.Generator().manual_seed(self.config.seed + fold.index)
+            generator = torch.Generator().manual_seed(self.vector_config.seed + fold.index)
             val = sorted(val[i] for i in torch.randperm(len(val), generator=generator)[: self.config.max_val_questions].tolist())
         normalise = self.config.scoring == "mean"
         base = self.correct(self.score(val, desc=f"fold {fold.index} val, no steering"), val, normalise).float().mean().item()
         sweep, chosen = {}, {}
-        for method in self.config.methods:
-            curve = {0.0: base}
-            for coefficient in self.config.coefficients:
-                scores = self.score(val, method, coefficient, vectors[method], norms, desc=f"fold {fold.index} val, {method} x{coefficient:g}")
-                curve[float(coefficient)] = self.correct(scores, val, normalise).float().mean().item()
+        for method in self.vector_config.methods:
+            curve = self.sweep(fold, val, method, vectors[method], norms, base)
             sweep[method] = curve
-            grid = [float(c) for c in self.config.coefficients]
-            chosen[method] = max(grid, key=lambda c: (curve[c], -abs(c), c > 0))
-        return FoldPlan(fold, vectors, norms, chosen, sweep, {"vectors": diagnostics, "n_val_scored": len(val)})
+            chosen[method] = max((c for c in curve if c != 0.0), key=lambda c: (curve[c], -abs(c), c > 0))
+        return FoldPlan(fold, pairs, vectors, self.random_draws(fold, pairs), norms, chosen, sweep,
+                        {"alignment": alignment, "vectors": diagnostics, "n_val_scored": len(val)})
 
     # -------------------------------------------------------------------------------------- test
     def test_variants(self, plan: FoldPlan) -> list[tuple[str, float]]:
-        """(method, coefficient) pairs to score on a fold's test part: none, each method, random at each choice."""
-        variants = [(NONE, 0.0)] + [(m, plan.chosen[m]) for m in self.config.methods]
-        variants += [("random", plan.chosen[m]) for m in self.config.methods if m != "random"]
+        """(variant, coefficient) pairs scored on a fold's test part: none, each method at its choice, and every
+        random draw at every coefficient a steered method chose (draws for equal coefficients are shared)."""
+        variants = [(NONE, 0.0)] + [(m, plan.chosen[m]) for m in self.vector_config.methods]
+        for coefficient in dict.fromkeys(plan.chosen[m] for m in self.vector_config.methods if m != "random"):
+            variants += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
         return list(dict.fromkeys(variants))
 
     def score_test(self, plan: FoldPlan, questions: Sequence[int]) -> dict[tuple[str, float], dict[str, torch.Tensor]]:
         """Correctness (both scorings) of every test variant on the given test questions of this fold."""
         out = {}
-        for method, coefficient in self.test_variants(plan):
-            scores = self.score(questions, method, coefficient, plan.vectors.get(method), plan.norms,
-                                desc=f"fold {plan.fold.index} test, {method} x{coefficient:g}")
-            out[(method, coefficient)] = {"mean": self.correct(scores, questions, True), "sum": self.correct(scores, questions, False)}
+        for variant, coefficient in self.test_variants(plan):
+            if variant.startswith(DRAW):
+                vectors = plan.draws[int(variant[len(DRAW):])]
+            else:
+                vectors = plan.vectors.get(variant)
+            scores = self.score(questions, variant, coefficient, vectors, plan.norms,
+                                desc=f"fold {plan.fold.index} test, {variant} x{coefficient:g}")
+            out[(variant, coefficient)] = {"mean": self.correct(scores, questions, True), "sum": self.correct(scores, questions, False)}
         return out
-
-
-def assemble_report(
-    dataset: str,
-    plans: Sequence[FoldPlan],
-    results: dict[int, dict[tuple[str, float], dict[str, torch.Tensor]]],
-    test_questions: dict[int, Sequence[int]],
-    config: EvaluationConfig,
-) -> DatasetReport:
-    """Per-method fold accuracies, spreads, sign tests (pooled over folds) and verdicts."""
-    scoring = config.scoring
-    methods = [NONE] + list(config.methods)
-    pooled: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    pooled_random: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    fold_results: dict[str, list[FoldResult]] = {m: [] for m in methods}
-    for plan in plans:
-        fold = plan.fold.index
-        if not len(test_questions.get(fold, [])):
-            continue
-        fold_scores = results[fold]
-        for method in methods:
-            coefficient = 0.0 if method == NONE else plan.chosen[method]
-            correct = fold_scores[(method, coefficient)]
-            fold_results[method].append(FoldResult(
-                fold, None if method == NONE else coefficient, correct["sum"].float().mean().item(),
-                correct["mean"].float().mean().item(), len(correct["mean"]),
-            ))
-            pooled[method].append(correct[scoring])
-            if method != NONE:
-                pooled_random[method].append(fold_scores[("random", coefficient)][scoring])
-    none = torch.cat(pooled[NONE])
-    entries = []
-    for method in methods:
-        sweep = None if method == NONE else sweep_curve([plan.sweep[method] for plan in plans])
-        if method == NONE:
-            entries.append(method_result(NONE, fold_results[NONE], alpha=config.alpha))
-        elif method == "random":
-            entries.append(method_result(method, fold_results[method], torch.cat(pooled[method]), none, sweep=sweep, alpha=config.alpha))
-        else:
-            entries.append(method_result(method, fold_results[method], torch.cat(pooled[method]), none,
-                                         torch.cat(pooled_random[method]), sweep=sweep, alpha=config.alpha))
-    return DatasetReport(dataset, sum(len(q) for q in test_questions.values()), tuple(entries))

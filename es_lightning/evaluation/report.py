@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from es_lightning.evaluation.stats import SignTest, Spread, Verdict, sign_test, summarise, verdict
+from es_lightning.evaluation.stats import RandomControl, SignTest, Spread, Verdict, random_control, sign_test, summarise, verdict
 from es_lightning.io import atomic_write_json, atomic_write_text
 
 Scoring = Literal["sum", "mean"]
 SCORINGS: tuple[str, ...] = ("sum", "mean")
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -28,23 +28,28 @@ class FoldResult:
     accuracy_sum: float  # choices ranked by summed log-prob
     accuracy_mean: float  # choices ranked by mean log-prob per token (length-normalised)
     n_test: int
+    random_draws: tuple[float, ...] | None = None  # test accuracy of each random draw at this coefficient (report's scoring)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return asdict(self)
+        out = asdict(self)
+        out["random_draws"] = None if self.random_draws is None else list(self.random_draws)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "FoldResult":
         """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+        draws = data.get("random_draws")
+        return cls(**{**data, "random_draws": None if draws is None else tuple(draws)})
 
 
 @dataclass(frozen=True)
 class SweepCurve:
-    """Validation accuracy per coefficient: one row per fold, and the mean over folds."""
+    """Validation accuracy per coefficient: one row per fold (None where a fold's sweep stopped before that
+    coefficient), and the mean over the folds that scored it."""
 
     coefficients: tuple[float, ...]
-    fold_val_accuracy: tuple[tuple[float, ...], ...]  # [fold][coefficient]
+    fold_val_accuracy: tuple[tuple[float | None, ...], ...]  # [fold][coefficient]
     mean_val_accuracy: tuple[float, ...]
 
     def to_dict(self) -> dict:
@@ -66,19 +71,16 @@ class SweepCurve:
 
 
 def sweep_curve(per_fold: Sequence[dict[float, float]]) -> SweepCurve:
-    """Build a :class:`SweepCurve` from one ``{coefficient: val accuracy}`` mapping per fold (same grid in each)."""
+    """Build a :class:`SweepCurve` from one ``{coefficient: val accuracy}`` mapping per fold; a fold may miss
+    coefficients (its sweep stopped early in that direction)."""
     if not per_fold:
         raise ValueError("sweep_curve needs the validation accuracies of at least one fold.")
-    grid = sorted(per_fold[0])
-    for index, row in enumerate(per_fold):
-        if sorted(row) != grid:
-            raise ValueError(
-                f"Fold {index} swept coefficients {sorted(row)} but fold 0 swept {grid}; "
-                f"sweep the same grid in every fold."
-            )
-    rows = tuple(tuple(float(row[c]) for c in grid) for row in per_fold)
-    mean = tuple(sum(row[i] for row in rows) / len(rows) for i in range(len(grid)))
-    return SweepCurve(coefficients=tuple(float(c) for c in grid), fold_val_accuracy=rows, mean_val_accuracy=mean)
+    grid = sorted({float(c) for row in per_fold for c in row})
+    rows = tuple(tuple(float(row[c]) if c in row else None for c in grid) for row in per_fold)
+    mean = tuple(
+        sum(v for v in column if v is not None) / sum(v is not None for v in column) for column in zip(*rows)
+    )
+    return SweepCurve(coefficients=tuple(grid), fold_val_accuracy=rows, mean_val_accuracy=mean)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class MethodResult:
     accuracy_sum: Spread
     accuracy_mean: Spread
     vs_none: SignTest | None = None  # on the pooled test predictions of all folds
-    vs_random: SignTest | None = None  # against the random control at the same coefficient per fold
+    vs_random: RandomControl | None = None  # against the random draws at the same coefficient per fold
     verdict: Verdict | None = None
     sweep: SweepCurve | None = None
 
@@ -121,7 +123,7 @@ class MethodResult:
             accuracy_sum=Spread.from_dict(data["accuracy_sum"]),
             accuracy_mean=Spread.from_dict(data["accuracy_mean"]),
             vs_none=SignTest.from_dict(data["vs_none"]) if data.get("vs_none") else None,
-            vs_random=SignTest.from_dict(data["vs_random"]) if data.get("vs_random") else None,
+            vs_random=RandomControl.from_dict(data["vs_random"]) if data.get("vs_random") else None,
             verdict=data.get("verdict"),
             sweep=SweepCurve.from_dict(data["sweep"]) if data.get("sweep") else None,
         )
@@ -132,25 +134,26 @@ def method_result(
     folds: Sequence[FoldResult],
     correct=None,
     correct_none=None,
-    correct_random=None,
+    random_draws=None,
     sweep: SweepCurve | None = None,
     alpha: float = 0.05,
+    permutations: int = 10000,
 ) -> MethodResult:
-    """Summarise a method's folds and run its paired tests.
+    """Summarise a method's folds and run its tests.
 
-    ``correct``, ``correct_none`` and ``correct_random`` are per-question correctness over all test folds
-    (same questions, same order; under the report's scoring). Tests are run against whichever baselines
-    are given; the verdict needs both.
+    ``correct`` and ``correct_none`` are per-question correctness over all test folds and ``random_draws``
+    [draws, questions] the random draws' correctness at the method's coefficient in each fold (same questions,
+    same order; under the report's scoring). Tests run against whichever baselines are given; the verdict needs both.
     """
     if not folds:
         raise ValueError(f"Method {method!r} has no fold results.")
     vs_none = vs_random = None
-    if (correct_none is not None or correct_random is not None) and correct is None:
+    if (correct_none is not None or random_draws is not None) and correct is None:
         raise ValueError(f"Method {method!r}: pass its own per-question correctness to test it against a baseline.")
     if correct_none is not None:
         vs_none = sign_test(correct, correct_none)
-    if correct_random is not None:
-        vs_random = sign_test(correct, correct_random)
+    if random_draws is not None:
+        vs_random = random_control(correct, random_draws, permutations=permutations)
     return MethodResult(
         method=method,
         folds=tuple(folds),
@@ -250,6 +253,13 @@ def _p(test: SignTest | None) -> str:
     return f"{p} ({test.wins}/{test.losses})"
 
 
+def _random(control: RandomControl | None) -> str:
+    if control is None:
+        return "–"
+    p = "<0.001" if control.p_value < 0.001 else f"{control.p_value:.3g}"
+    return f"{100 * control.mean_accuracy:.1f} / {100 * control.percentile:.0f}% / {p}"
+
+
 def _coefficients(values: Sequence[float | None]) -> str:
     if all(value is None for value in values):
         return "–"
@@ -264,19 +274,21 @@ def render_markdown(report: Report) -> str:
         "",
         (f"{report.k}-fold {report.fold_mode} cross-validation. " if report.fold_mode != "split" else "The data module's train/val/test split. ")
         + "Accuracy in %, mean ± sample std over folds. "
-        f"Coefficients are chosen per fold on its validation part; sign tests (exact, two-sided; wins/losses) "
-        f"pool all test folds and, like the coefficient choice and the verdict, use the {label} scoring. "
-        f"A gain needs p < {report.alpha:g} against both no steering and the random control.",
+        f"Coefficients are chosen per fold on its validation part. Against no steering: exact two-sided sign test "
+        f"(wins/losses) pooling all test folds. Against random: the random draws scored at the method's own "
+        f"coefficient in each fold: their mean accuracy, the share of draws the method beats, and a two-sided paired "
+        f"sign-flip permutation test of the method against the draws' mean. Tests, coefficient choice and verdict use "
+        f"the {label} scoring. A gain needs p < {report.alpha:g} against both no steering and the random draws.",
         "",
         "| Dataset | Method | Accuracy (sum) | Accuracy (mean/token) | Coefficient per fold | p vs none (W/L) "
-        "| p vs random (W/L) | Verdict |",
+        "| Random draws: mean / beaten / p | Verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for data in report.datasets:
         for m in data.methods:
             cells = [
                 data.dataset, m.method, _accuracy(m.accuracy_sum), _accuracy(m.accuracy_mean),
-                _coefficients(m.coefficients), _p(m.vs_none), _p(m.vs_random), m.verdict or "–",
+                _coefficients(m.coefficients), _p(m.vs_none), _random(m.vs_random), m.verdict or "–",
             ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     for data in report.datasets:

@@ -78,6 +78,64 @@ def sign_test(correct_a, correct_b) -> SignTest:
     return SignTest(wins=wins, losses=losses, ties=ties, p_value=p_value)
 
 
+@dataclass(frozen=True)
+class RandomControl:
+    """A method against the distribution of random unit vectors scored at the method's own coefficient.
+
+    ``draw_accuracies``: pooled test accuracy of each random draw; ``percentile``: share of draws the method beats
+    (ties count half); ``p_value``: two-sided paired sign-flip permutation test of the per-question difference
+    between the method's correctness and the mean correctness over the draws.
+    """
+
+    accuracy: float
+    mean_accuracy: float
+    draw_accuracies: tuple[float, ...]
+    percentile: float
+    p_value: float
+    n_questions: int
+    permutations: int
+    test: str = "paired sign-flip permutation test on per-question differences to the mean over draws"
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        out = asdict(self)
+        out["draw_accuracies"] = list(self.draw_accuracies)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RandomControl":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "draw_accuracies": tuple(data["draw_accuracies"])})
+
+    @property
+    def better(self) -> bool:
+        return self.accuracy > self.mean_accuracy
+
+
+def random_control(correct, draws, permutations: int = 10000, seed: int = 0) -> RandomControl:
+    """Compare per-question correctness ``correct`` [N] with ``draws`` [R, N] (each random draw's correctness on the
+    same questions, at the same coefficient per fold)."""
+    a = _as_correct(correct, "correct").astype(float)
+    d = np.asarray(draws, dtype=float)
+    if d.ndim != 2 or d.shape[1] != a.size or d.shape[0] < 1:
+        raise ValueError(f"draws must be [draws, {a.size}] per-question correctness, got shape {d.shape}.")
+    if permutations < 1:
+        raise ValueError(f"permutations must be >= 1, got {permutations}.")
+    accuracy, draw_acc = float(a.mean()), d.mean(axis=1)
+    diff = a - d.mean(axis=0)
+    observed = abs(diff.mean())
+    rng = np.random.default_rng(seed)
+    exceed = 0
+    for start in range(0, permutations, 1000):
+        signs = rng.choice((-1.0, 1.0), size=(min(1000, permutations - start), a.size))
+        exceed += int((np.abs((signs * diff).mean(axis=1)) >= observed - 1e-12).sum())
+    percentile = float(((draw_acc < accuracy).sum() + 0.5 * (draw_acc == accuracy).sum()) / len(draw_acc))
+    return RandomControl(
+        accuracy=accuracy, mean_accuracy=float(draw_acc.mean()), draw_accuracies=tuple(float(x) for x in draw_acc),
+        percentile=percentile, p_value=(exceed + 1) / (permutations + 1), n_questions=int(a.size), permutations=permutations,
+    )
+
+
 def summarise(values: Sequence[float]) -> Spread:
     """Mean, sample std, standard error, min and max of per-fold values."""
     array = np.asarray(values, dtype=float)
@@ -99,14 +157,12 @@ def significantly_better(test: SignTest, alpha: float) -> bool:
     return test.wins > test.losses and test.p_value < alpha
 
 
-def verdict(vs_none: SignTest, vs_random: SignTest, alpha: float = 0.05) -> Verdict:
-    """``"gain"`` only if the method beats both no steering and the random control (at the same coefficient).
-
-    ``"worse"`` if it is significantly worse than no steering; otherwise ``"no gain"``.
-    """
+def verdict(vs_none: SignTest, vs_random: RandomControl, alpha: float = 0.05) -> Verdict:
+    """``"gain"`` only if the method beats both no steering (sign test) and the distribution of random vectors at the
+    same coefficient (permutation test). ``"worse"`` if it is significantly worse than no steering; else ``"no gain"``."""
     if not 0 < alpha < 1:
         raise ValueError(f"The significance level alpha must be between 0 and 1, got {alpha}.")
-    if significantly_better(vs_none, alpha) and significantly_better(vs_random, alpha):
+    if significantly_better(vs_none, alpha) and vs_random.better and vs_random.p_value < alpha:
         return "gain"
     if vs_none.losses > vs_none.wins and vs_none.p_value < alpha:
         return "worse"

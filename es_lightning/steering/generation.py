@@ -1,6 +1,7 @@
 """Batched, optionally steered text generation with reproducible, batch-invariant sampling.
 
-:func:`generate` renders each prompt (chat template if configured), left-pads a batch, runs
+:func:`generate` renders each prompt (with the model's chat template when it has one, unless configured
+otherwise: see :func:`uses_chat_template`), left-pads a batch, runs
 ``model.generate`` with a KV cache and decodes only the new tokens. With a steering bundle and a nonzero
 coefficient the whole call runs inside :func:`es_lightning.steering.hooks.steer`.
 
@@ -39,22 +40,28 @@ def _is_int(value: object) -> bool:
 
 @dataclass
 class GenerationSettings:
-    """How to generate: length, greedy or sampled (with temperature, top-p and seed), chat template, batch size."""
+    """How to generate: length, greedy or sampled (with temperature, top-p and seed), chat template, batch size.
+
+    ``chat_template``: ``None`` (default) wraps each prompt in the tokenizer's chat template when it has one (an
+    instruct model answers its own turn format; without it SmolLM2-Instruct often ends at once), ``True``
+    requires the template, ``False`` feeds the prompt as plain text.
+    """
 
     max_new_tokens: int = 48
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    chat_template: bool = False
+    chat_template: bool | None = None
     batch_size: int = 8
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
-        for name in ("do_sample", "chat_template"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}.")
+        if self.chat_template is not None and not isinstance(self.chat_template, bool):
+            raise ValueError(f"chat_template must be true, false or null (when the model has one), got {self.chat_template!r}.")
         temperature = self.temperature
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
                 or not math.isfinite(temperature) or temperature <= 0:
@@ -71,6 +78,13 @@ class GenerationSettings:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}.")
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.max_new_tokens, self.seed, self.batch_size = int(self.max_new_tokens), int(self.seed), int(self.batch_size)
+
+
+def uses_chat_template(settings: GenerationSettings, tokenizer) -> bool:
+    """Whether :func:`generate` wraps prompts in the chat template: as configured, or (``None``) if there is one."""
+    if settings.chat_template is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    return settings.chat_template
 
 
 def row_seed(seed: int, prompt: str) -> int:
@@ -149,7 +163,7 @@ def generate(
 ) -> list[str]:
     """Generate one completion per prompt, in order, batched by ``settings.batch_size``.
 
-    Each prompt is rendered with the chat template if ``settings.chat_template``, left-padded, and extended by
+    Each prompt is rendered with the chat template if :func:`uses_chat_template`, left-padded, and extended by
     up to ``settings.max_new_tokens`` tokens (``use_cache=True``); only the new tokens are decoded (special
     tokens skipped, whitespace stripped). With ``steering`` and a nonzero ``coefficient`` the model is steered
     by ``coefficient * norm_j * v_j`` at ``positions`` (see :func:`es_lightning.steering.hooks.steer`). The
@@ -177,7 +191,8 @@ def generate(
         return []
     from transformers import LogitsProcessorList
 
-    texts = [render_prompt(tokenizer, prompt, settings.chat_template) for prompt in prompts]
+    chat = uses_chat_template(settings, tokenizer)
+    texts = [render_prompt(tokenizer, prompt, chat) for prompt in prompts]
     device = _model_device(model)
     outputs: list[str] = []
     context = (
@@ -190,7 +205,7 @@ def generate(
             chunk = texts[start : start + settings.batch_size]
             encoded = tokenizer(
                 chunk, return_tensors="pt", padding=True, padding_side="left",
-                add_special_tokens=not settings.chat_template,  # a chat template already writes BOS
+                add_special_tokens=not chat,  # a chat template already writes BOS
             )
             lengths = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
             if (lengths == 0).any():

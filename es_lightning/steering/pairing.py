@@ -87,11 +87,12 @@ def depth_pairs(expert_layers: Sequence[int], target_layers: Sequence[int], expe
 
 def select_pairs(
     scores: torch.Tensor, expert_layers: Sequence[int], target_layers: Sequence[int], target_depth: int, rule: PairingRule,
-    highest: bool = True,
+    highest: bool | None = None,
 ) -> list[tuple[int, int]]:
-    """Pairs chosen greedily by ``scores`` [L_E, L_T] (``highest`` first, else lowest); every target layer appears
-    at most once."""
+    """Pairs chosen greedily by ``scores`` [L_E, L_T], highest first (lowest first for the ``lowest`` rule, or as
+    ``highest`` says); every target layer appears at most once."""
     rule.validate()
+    highest = rule.rule != "lowest" if highest is None else highest
     if tuple(scores.shape) != (len(expert_layers), len(target_layers)):
         raise ValueError(f"Score matrix shape {tuple(scores.shape)} does not match {len(expert_layers)} expert x {len(target_layers)} target layers.")
     allowed = list(range(len(target_layers)))

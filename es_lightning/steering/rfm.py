@@ -13,8 +13,9 @@ slower at d=896), the RFM loop (``RFM.fit``), the AGOP (``RFM.fit_M(..., inplace
 ``bandwidth_mode="adaptive"``, which sets ``L = bandwidth * median pairwise ||x - z||_M`` on the
 training points each round, so a single bandwidth grid works for every width and every round.
 
-What this module adds: input checks, optional per-feature standardisation, the stratified
-train/validation split, the (bandwidth, ridge) grid search (on a training subsample when the data are
+What this module adds: input checks, optional per-feature standardisation, the train/validation split
+(by whole groups, e.g. questions, when ``groups`` is given; else stratified by label), the (bandwidth,
+ridge) grid search (on a training subsample when the data are
 large, then one refit on the whole training part), the mapping of the AGOP back to the original
 coordinates, the direction and its sign, and a ridge solve that warns. The one xrfm method replaced is
 ``fit_predictor_lstsq``: xrfm retries a failed solve silently (only a ``print`` when verbose), and never
@@ -160,6 +161,25 @@ def _stratified_split(classes: np.ndarray, fraction: float, rng: np.random.Gener
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(chosen))
 
 
+def _grouped_split(classes: np.ndarray, groups: Sequence, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, chosen): about ``fraction`` of the groups chosen, whole groups only (rows of one question never
+    fall on both sides), with both parts holding every class."""
+    keys = list(dict.fromkeys(groups))
+    if len(keys) < 2:
+        raise ValueError(f"The RFM's grouped validation split needs at least 2 groups (questions), got {len(keys)}.")
+    n_chosen = min(max(int(round(fraction * len(keys))), 1), len(keys) - 1)
+    for _ in range(20):
+        picked = {keys[k] for k in rng.permutation(len(keys))[:n_chosen]}
+        chosen = np.array([r for r, g in enumerate(groups) if g in picked])
+        rest = np.array([r for r, g in enumerate(groups) if g not in picked])
+        if set(classes[chosen]) == set(classes) == set(classes[rest]):
+            return rest, chosen
+    raise ValueError(
+        "No grouped validation split holds every class on both sides; give the RFM more groups (questions) with "
+        "rows of both labels, or pass groups=None for a stratified split of rows."
+    )
+
+
 def _score(model: RFM, x_val: torch.Tensor, labels: _Labels, val_idx: np.ndarray) -> float:
     pred = model.predict(x_val).detach().cpu().double().numpy()
     if labels.metric == "auc":
@@ -215,6 +235,7 @@ def fit_rfm(
     positive_class: int = 1,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    groups: Sequence | None = None,
 ) -> RFMResult:
     """Fit an RFM classifier on ``X`` [n, d] and labels ``y`` ([n] 0/1 or [n, c] one-hot); return its AGOP and direction.
 
@@ -228,6 +249,8 @@ def fit_rfm(
     Sign: the direction is flipped so that ``X @ direction`` correlates positively with membership of the
     positive class: label 1 for binary y, column ``positive_class`` (default 1) for one-hot y.
     ``seed`` fixes the split, the subsample and xrfm's internal sampling; the global torch RNG is untouched.
+    ``groups`` (one key per row, e.g. the question): the validation split takes whole groups, so rows of one
+    question never fall on both sides; without groups it is stratified by label over rows.
     """
     start = time.perf_counter()
     x_np = X.detach().cpu().double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
@@ -244,7 +267,12 @@ def fit_rfm(
     x_all = torch.from_numpy((x_np - mean) / std).float()
 
     rng = np.random.default_rng(seed)
-    train_idx, val_idx = _stratified_split(labels.classes, val_fraction, rng)
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups must hold one key per row of X ({n}), got {len(groups)}.")
+        train_idx, val_idx = _grouped_split(labels.classes, list(groups), val_fraction, rng)
+    else:
+        train_idx, val_idx = _stratified_split(labels.classes, val_fraction, rng)
     if len(train_idx) > grid_max_train:
         grid_idx = train_idx[_stratified_split(labels.classes[train_idx], grid_max_train / len(train_idx), rng)[1]]
     else:

@@ -17,8 +17,27 @@ from typing import Any
 
 import torch
 
-from es_lightning.steering.options import METHODS
+from es_lightning.steering.options import METHODS, check_methods
 from es_lightning.steering.rfm import fit_rfm
+
+RFM_OPTIONS = ("iters", "bandwidths", "regs", "val_fraction", "grid_max_train", "standardize", "device")
+
+
+@dataclass
+class VectorConfig:
+    """Which steering-vector methods run and how: the one place for methods, RFM options and seed, read by the
+    fit's bundles and by every evaluation fold. ``rfm_options`` go to :func:`es_lightning.steering.rfm.fit_rfm`."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    rfm_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse unknown methods or RFM options before any model is loaded."""
+        check_methods(self.methods, "vectors.methods")
+        unknown = sorted(set(self.rfm_options) - set(RFM_OPTIONS))
+        if unknown:
+            raise ValueError(f"Unknown vectors.rfm_options {unknown}: use some of {list(RFM_OPTIONS)}.")
 
 
 @dataclass
@@ -33,6 +52,7 @@ class VectorInputs:
     encoder_linear: Callable[[int], torch.Tensor] | None = None  # expert layer -> [d_T, d_E]
     rfm_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    groups: Sequence | None = None  # one key per row (the question): the RFM's validation split takes whole groups
 
 
 @dataclass
@@ -64,7 +84,7 @@ def expertsteer(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> Metho
         raise ValueError("expertsteer needs the trained encoder (encoder_linear); fit the alignment auto-encoder first.")
     out = MethodResult({})
     for i, j in pairs:
-        fit = fit_rfm(_expert(inputs, i), inputs.labels, seed=inputs.seed, **inputs.rfm_options)
+        fit = fit_rfm(_expert(inputs, i), inputs.labels, seed=inputs.seed, groups=inputs.groups, **inputs.rfm_options)
         weight = inputs.encoder_linear(i)
         if weight.shape[1] != fit.direction.shape[0]:
             raise ValueError(f"The encoder of expert layer {i} expects width {weight.shape[1]}, but its states have width {fit.direction.shape[0]}.")
@@ -78,7 +98,7 @@ def rfm_self(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodRe
     """RFM direction on the target's own layer-j states."""
     out = MethodResult({})
     for _, j in pairs:
-        fit = fit_rfm(_target(inputs, j), inputs.labels, seed=inputs.seed, **inputs.rfm_options)
+        fit = fit_rfm(_target(inputs, j), inputs.labels, seed=inputs.seed, groups=inputs.groups, **inputs.rfm_options)
         out.vectors[j] = _unit(fit.direction)
         out.diagnostics[j] = {"rfm_val_score": fit.val_score, "rfm_top_fraction": fit.top_fraction}
     return out
@@ -94,11 +114,15 @@ def mean_difference(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> M
     return out
 
 
+def random_directions(layers: Sequence[int], width: int, seed: int) -> dict[int, torch.Tensor]:
+    """A seeded random unit vector (uniform on the sphere) per target layer: one draw of the random control."""
+    generator = torch.Generator().manual_seed(seed)
+    return {j: _unit(torch.randn(width, generator=generator)) for j in layers}
+
+
 def random_vectors(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
     """A seeded random unit vector per steered target layer (control)."""
-    generator = torch.Generator().manual_seed(inputs.seed)
-    width = inputs.target.shape[-1]
-    return MethodResult({j: _unit(torch.randn(width, generator=generator)) for _, j in pairs})
+    return MethodResult(random_directions([j for _, j in pairs], inputs.target.shape[-1], inputs.seed))
 
 
 REGISTRY: Mapping[str, Callable[[Sequence[tuple[int, int]], VectorInputs], MethodResult]] = {

@@ -1,0 +1,74 @@
+"""How ``es-lightning test`` evaluates: folds, protocol, coefficient grid, random control, scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from es_lightning.steering.options import check_coefficients
+
+
+@dataclass
+class EvaluationConfig:
+    """Settings of the cross-validated evaluation (methods, RFM options and seed live in ``model.vectors``).
+
+    ``protocol``: ``nested`` (default) fits everything that scores a fold's test questions (alignment maps,
+    layer pairs, vectors, coefficients) on that fold's train and val questions only; ``shared`` reuses the
+    checkpoint's auto-encoders and pairs (fitted on the data module's train split) in every fold, so test
+    questions of the data module's train split were seen by the alignment: labelled as such in the report.
+    ``coefficients``: the grid (relative to each steered layer's mean hidden-state norm), swept on val from the
+    smallest magnitude outwards on each side; a side stops once val accuracy has fallen ``stop_after_falls``
+    times in a row. ``random_draws``: random unit vectors per fold, each scored at every coefficient a method
+    chose. ``folds``: k for cross-validation over questions; ``null`` uses the data module's split instead.
+    ``fold_mode``: ``random`` by question, ``group`` by the data's group field, ``contiguous`` blocks.
+    ``max_questions``: a seeded subset. ``max_val_questions``: cap on the val questions of each sweep.
+    ``scoring``: ``mean`` (length-normalised) or ``sum`` log-likelihood picks coefficients and runs the tests.
+    """
+
+    protocol: Literal["nested", "shared"] = "nested"
+    coefficients: list[float] = field(default_factory=lambda: [-0.8, -0.4, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.4, 0.8])
+    stop_after_falls: int = 2
+    random_draws: int = 8
+    permutations: int = 10000
+    folds: int | None = 5
+    fold_mode: Literal["random", "group", "contiguous"] = "random"
+    val_fraction: float = 0.25
+    max_questions: int | None = None
+    max_val_questions: int | None = None
+    scoring: Literal["mean", "sum"] = "mean"
+    positions: Literal["all", "prompt", "generated"] = "all"
+    batch_size: int = 16
+    alpha: float = 0.05
+
+    def validate(self) -> None:
+        """Refuse bad settings before any model is loaded."""
+        if self.protocol not in ("nested", "shared"):
+            raise ValueError(f"evaluation.protocol must be 'nested' or 'shared', got {self.protocol!r}.")
+        check_coefficients(self.coefficients, "evaluation.coefficients")
+        if 0 in self.coefficients:
+            raise ValueError("evaluation.coefficients must not hold 0: no steering is always scored as the baseline.")
+        if not isinstance(self.random_draws, int) or self.random_draws < 1:
+            raise ValueError(f"evaluation.random_draws must be an integer >= 1 (8 or more recommended), got {self.random_draws!r}.")
+        if self.stop_after_falls < 1 or self.permutations < 100:
+            raise ValueError(f"stop_after_falls must be >= 1 and permutations >= 100; got {self.stop_after_falls}, {self.permutations}.")
+        if self.folds is not None and self.folds < 2:
+            raise ValueError(f"folds must be >= 2 (or null for the DataModule's split), got {self.folds}.")
+        if self.fold_mode not in ("random", "group", "contiguous"):
+            raise ValueError(f"fold_mode must be 'random', 'group' or 'contiguous', got {self.fold_mode!r}.")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}.")
+        if self.max_questions is not None and self.max_questions < 2 * (self.folds or 2):
+            raise ValueError(f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; use at least {2 * (self.folds or 2)} or null.")
+        if self.max_val_questions is not None and self.max_val_questions < 1:
+            raise ValueError(f"max_val_questions must be >= 1 or null, got {self.max_val_questions}.")
+        if self.batch_size < 1 or not 0 < self.alpha < 1:
+            raise ValueError(f"batch_size must be >= 1 and alpha in (0, 1); got {self.batch_size} and {self.alpha}.")
+        if self.positions not in ("all", "prompt", "generated"):
+            raise ValueError(f"positions must be 'all', 'prompt' or 'generated', got {self.positions!r}.")
+        if self.scoring not in ("mean", "sum"):
+            raise ValueError(f"scoring must be 'mean' or 'sum', got {self.scoring!r}.")
+
+    def sweep_order(self) -> list[list[float]]:
+        """The grid as two walks outwards from zero: positive ascending, negative descending."""
+        grid = sorted({float(c) for c in self.coefficients})
+        return [c for c in ([x for x in grid if x > 0], sorted((x for x in grid if x < 0), reverse=True)) if c]

@@ -1,0 +1,160 @@
+"""The ``test`` stage of :class:`es_lightning.module.ExpertSteer`: folds planned on rank 0, test questions scored
+on every rank, results gathered, the report written on rank 0."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from es_lightning.callbacks.common import on_rank_zero
+from es_lightning.data.folds import Fold
+from es_lightning.evaluation.assemble import assemble_report
+from es_lightning.evaluation.config import EvaluationConfig
+from es_lightning.evaluation.plots import plot_coefficient_sweep
+from es_lightning.evaluation.protocol import Evaluator, FoldPlan, LayerInfo, SharedAlignment, plan_folds, render_questions
+from es_lightning.evaluation.report import Report, write_report
+from es_lightning.io import sha256_file
+from es_lightning.steering.pair_search import PairSearch, PairSearchConfig
+from es_lightning.steering.vectors import VectorConfig
+
+log = logging.getLogger(__name__)
+
+
+def gather(obj: Any) -> list[Any]:
+    """``obj`` from every rank (a one-element list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def evaluation_folds(datamodule, config: EvaluationConfig, seed: int) -> list[Fold]:
+    """The folds over the data module's questions (indices into ``all_questions``); empty parts are refused."""
+    questions = datamodule.all_questions
+    subset = list(range(len(questions)))
+    if config.max_questions and config.max_questions < len(subset):
+        subset = sorted(random.Random(seed).sample(subset, config.max_questions))
+    local_split = None
+    if config.folds is None:
+        position = {q: k for k, q in enumerate(subset)}
+        local_split = {name: [position[q] for q in idx if q in position] for name, idx in datamodule.question_split.items()}
+    local = plan_folds(len(subset), [questions[q].group for q in subset], config, seed, local_split)
+    folds = [Fold(f.index, *(tuple(subset[k] for k in part) for part in (f.train, f.val, f.test))) for f in local]
+    for fold in folds:
+        empty = [name for name, part in (("train", fold.train), ("val", fold.val), ("test", fold.test)) if not part]
+        if empty:
+            raise ValueError(
+                f"Evaluation fold {fold.index} has no {' and no '.join(empty)} questions. Use more questions, fewer "
+                f"folds, or (with folds: null) non-zero val/test fractions in data.splits."
+            )
+    return folds
+
+
+def check_folds(folds: list[Fold], datamodule, config: EvaluationConfig, pairing: PairSearchConfig) -> None:
+    """Refuse, before the target is loaded, folds whose train part is too small for the nested pair search."""
+    if config.protocol != "nested":
+        return
+    for fold in folds:
+        rows = sum(len(datamodule.question_rows[q]) for q in fold.train)
+        held = max(1, round(pairing.heldout_fraction * len(fold.train)))
+        per_question = rows / max(len(fold.train), 1)
+        pairing.check_rows(rows, int(held * per_question), f"Evaluation fold {fold.index} (nested protocol)")
+
+
+class CrossValidatedTest:
+    """State of one ``test`` run. ``start`` plans every fold (rank 0), ``step`` scores a batch of test questions,
+    ``finish`` gathers, assembles and writes the report (rank 0)."""
+
+    def __init__(self, evaluation: EvaluationConfig, vectors: VectorConfig, pairing: PairSearchConfig):
+        self.evaluation, self.vectors, self.pairing = evaluation, vectors, pairing
+        self.plans: list[FoldPlan] = []
+        self.results: list[tuple[int, int, dict]] = []  # (fold, question, {variant: {"mean", "sum"}})
+
+    def start(self, trainer, layout, objective: str, pairing_result: PairSearch, encoder_linear: Callable[[int], torch.Tensor],
+              load_target: Callable[[], Any]) -> Any:
+        """Plan all folds; returns the loaded target (the caller drops it when the stage ends)."""
+        datamodule = trainer.datamodule
+        fmt = datamodule.source.format
+        if fmt.kind != "multiple_choice":
+            raise ValueError("`test` scores multiple-choice questions; this data source is not in the multiple_choice format.")
+        folds = evaluation_folds(datamodule, self.evaluation, self.vectors.seed)
+        check_folds(folds, datamodule, self.evaluation, self.pairing)
+        target = load_target()
+        spec = datamodule.target_spec
+        rendered = render_questions(target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template)
+        shared = SharedAlignment([tuple(p) for p in pairing_result.pairs], encoder_linear)
+        layers = LayerInfo(list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers)
+        self.evaluator = Evaluator(
+            target.model, target.tokenizer, rendered, datamodule.tensors, datamodule.question_rows, layers,
+            self.evaluation, self.vectors, self.pairing, objective, shared, progress=trainer.is_global_zero,
+            add_special_tokens=not spec.chat_template, block_path=spec.block_path,
+        )
+
+        def plan_all() -> list[FoldPlan]:
+            plans = []
+            for fold in folds:
+                start = time.perf_counter()
+                plans.append(self.evaluator.plan(fold))
+                log.info("Fold %d/%d (%s protocol): pairs %s, chosen coefficients %s (%d train, %d val questions; %.0f s)",
+                         fold.index + 1, len(folds), self.evaluation.protocol, plans[-1].pairs, plans[-1].chosen,
+                         len(fold.train), len(fold.val), time.perf_counter() - start)
+            return plans
+
+        self.plans = on_rank_zero(trainer, plan_all)
+        self.fold_of = {q: plan.fold.index for plan in self.plans for q in plan.fold.test}
+        self.results = []
+        return target
+
+    def step(self, questions: list[int]) -> None:
+        """Score the test variants of these questions (each in its own fold)."""
+        by_fold: dict[int, list[int]] = {}
+        for q in questions:
+            if q in self.fold_of:
+                by_fold.setdefault(self.fold_of[q], []).append(q)
+        for fold, qs in by_fold.items():
+            scored = self.evaluator.score_test(self.plans[fold], qs)
+            for k, q in enumerate(qs):
+                self.results.append((fold, q, {variant: {s: bool(v[s][k]) for s in v} for variant, v in scored.items()}))
+
+    def finish(self, trainer, dataset_name: str, meta: dict, report_dir: Path):
+        """Gather every rank's results; on rank 0 write ``report.json``/``.md`` and the sweep plot. Returns the
+        :class:`DatasetReport`."""
+        merged: dict[tuple[int, int], dict] = {}
+        for part in gather(self.results):
+            for fold, q, values in part:
+                merged[(fold, q)] = values  # de-duplicates the sampler's padding
+        results: dict[int, dict] = {}
+        tested: dict[int, list[int]] = {}
+        for (fold, q) in sorted(merged):
+            tested.setdefault(fold, []).append(q)
+            for variant, values in merged[(fold, q)].items():
+                slot = results.setdefault(fold, {}).setdefault(variant, {"mean": [], "sum": []})
+                for s in ("mean", "sum"):
+                    slot[s].append(values[s])
+        results = {f: {v: {s: torch.tensor(x) for s, x in d.items()} for v, d in r.items()} for f, r in results.items()}
+        dataset = assemble_report(dataset_name, self.plans, results, tested, self.evaluation, self.vectors.methods)
+        if trainer.is_global_zero:
+            config = self.evaluation
+            ckpt = trainer.ckpt_path
+            report = Report(
+                model=meta["target"], scoring=config.scoring, alpha=config.alpha, k=len(self.plans),
+                fold_mode=config.fold_mode if config.folds else "split", datasets=(dataset,),
+                meta={**meta, "checkpoint": {"path": str(ckpt), "sha256": sha256_file(ckpt)} if ckpt else None,
+                      "protocol": config.protocol, "random_draws": config.random_draws,
+                      "coefficients": list(config.coefficients), "positions": config.positions,
+                      "fold_plans": [{"fold": p.fold.index, "pairs": [list(x) for x in p.pairs], "chosen": p.chosen,
+                                      "n_train": len(p.fold.train), "n_val": len(p.fold.val), "n_test": len(p.fold.test),
+                                      **p.diagnostics} for p in self.plans]},
+            )
+            json_path, md_path = write_report(report, report_dir)
+            plot_coefficient_sweep(report, report_dir / "coefficient_sweep.png")
+            log.info("Evaluation report: %s, %s, %s", json_path, md_path, report_dir / "coefficient_sweep.png")
+        return dataset
