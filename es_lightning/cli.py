@@ -1,14 +1,18 @@
-"""``es-lightning``: LightningCLI over the alignment auto-encoder and the paired cache DataModule."""
+"""``es-lightning``: LightningCLI over the alignment auto-encoder and the paired cache DataModule.
+
+``es-lightning [--quiet | --verbose] {fit,validate,test,predict} ...``: the two flags go before the subcommand
+(``test --verbose`` is Lightning's own switch for its metrics table); see :mod:`es_lightning.console`.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from es_lightning.console import configure, verbosity_from_flags
 from es_lightning.module import ExpertSteer
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_checkpoint_io, ensure_writable_dir
@@ -18,16 +22,31 @@ MIN_FREE_BYTES = 200 * 2**20  # checkpoints, bundles and reports of the default 
 
 
 class ESLightningCLI(LightningCLI):
-    """Adds ``--run_name`` and ``--output_dir``: logs and checkpoints (last + best by val/loss) go to
-    ``<output_dir>/<run_name>/``, so ``--ckpt_path last`` finds the run's last checkpoint."""
+    """Adds ``--run_name`` and ``--output_dir``: logs and ``last.ckpt`` go to ``<output_dir>/<run_name>/``, so
+    ``--ckpt_path last`` finds the run's last checkpoint; and ``--quiet`` / ``--verbose`` before the subcommand.
+
+    Only ``last.ckpt`` is written by default: layer pairs and steering bundles are computed when fitting ends
+    and recorded in it, so a mid-training "best" checkpoint could not be tested or used for prediction
+    (``--checkpoint.save_top_k`` and ``--checkpoint.monitor`` still make one, for the auto-encoders alone).
+    """
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--quiet", action="store_true", help="Print only warnings, errors and results.")
+        self.parser.add_argument("--verbose", action="store_true", help="Also print debug lines, Lightning's notes and every notice.")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` (``build_cli`` always passes them, from ``sys.argv`` or the pipeline), then set up the console."""
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        configure(verbosity_from_flags(bool(self.config.get("quiet")), bool(self.config.get("verbose"))))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_name", type=str, default="default", help="Name of the run folder under output_dir.")
         parser.add_argument("--output_dir", type=str, default="checkpoints", help="Where run folders are created.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val/loss", "checkpoint.mode": "min", "checkpoint.save_last": True,
-            "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
+            "checkpoint.monitor": None, "checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+            "checkpoint.filename": "best-{epoch}-{step}", "checkpoint.mode": "min",
         })
 
     def before_instantiate_classes(self) -> None:
@@ -57,12 +76,11 @@ class ESLightningCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None) -> ESLightningCLI:
-    """Parse ``args`` (default: ``sys.argv``) and run the chosen subcommand; returns the CLI object."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Parse ``args`` (default: ``sys.argv[1:]``) and run the chosen subcommand; returns the CLI object."""
     return ESLightningCLI(
         ExpertSteer,
         PairedHiddenStatesDataModule,
-        args=args,
+        args=list(sys.argv[1:] if args is None else args),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

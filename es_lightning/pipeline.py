@@ -1,42 +1,67 @@
 """The main job: fit -> test -> predict with one config, in one process, printing where everything is.
 
-    es-lightning-pipeline --config configs/default.yaml
+    es-lightning-pipeline --config configs/default.yaml [--quiet | --verbose]
 
 Each stage is the ordinary ``es-lightning`` subcommand (same config, same run folder), so any stage can
 be re-run on its own. Started again with the same command, the job continues where it stopped: a finished
-fit is kept (an unfinished one resumes from ``last.ckpt``), a report made from the same checkpoint is kept,
-and prediction rows already written are reused by the prediction writer.
+fit is kept (an unfinished one resumes from ``last.ckpt``); a report is kept only if it was made by this
+pipeline from the same checkpoint with the same evaluation options and data (``<report_dir>/pipeline.json``
+records that key); prediction rows already written for the same configuration and prompt file are reused
+by the prediction writer. The predictions are also written side by side to ``<run>/predictions.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
-from es_lightning.cli import build_cli
+from es_lightning.cli import ESLightningCLI, build_cli
+from es_lightning.console import configure, verbosity_from_flags
+from es_lightning.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+
+log = logging.getLogger("es_lightning.pipeline")
+
+REPORT_KEY_FILE = "pipeline.json"
 
 
-def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+def _label(row: dict) -> str:
+    return "unsteered" if row["method"] == "none" else f"{row['method']} x{row['coefficient']:g}"
+
+
+def _by_prompt(predictions: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    with open(predictions, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            rows.setdefault(row["id"], []).append(row)
+    return rows
 
 
 def side_by_side(predictions: Path, limit_chars: int = 160) -> str:
     """Unsteered and steered outputs of each prompt next to each other, as text."""
-    rows: dict[str, list[dict]] = {}
-    with open(predictions) as handle:
-        for line in handle:
-            row = json.loads(line)
-            rows.setdefault(row["id"], []).append(row)
     lines = []
-    for prompt_id, variants in rows.items():
+    for prompt_id, variants in _by_prompt(predictions).items():
         lines.append(f"[{prompt_id}] {variants[0]['prompt'].strip()}")
         for row in variants:
-            label = "unsteered" if row["method"] == "none" else f"{row['method']} x{row['coefficient']:g}"
             text = " ".join(row["output"].split())[:limit_chars]
-            lines.append(f"    {label:>24}: {text}")
+            lines.append(f"    {_label(row):>24}: {text}")
     return "\n".join(lines)
+
+
+def predictions_markdown(predictions: Path) -> str:
+    """The predictions as Markdown: per prompt, a table of each variant's full answer (empty ones marked)."""
+    out = [f"# Predictions\n\nFrom `{predictions}`: each prompt's unsteered answer and its steered answers.\n"]
+    for prompt_id, variants in _by_prompt(predictions).items():
+        prompt = " ".join(variants[0]["prompt"].split())
+        out.append(f"## {prompt_id}\n\n> {prompt}\n\n| variant | answer |\n|---|---|")
+        for row in variants:
+            answer = " ".join(row["output"].split()).replace("|", "\\|") or "*(empty)*"
+            out.append(f"| {_label(row)} | {answer} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,47 +70,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--prompts", default=None, help="JSONL prompts for the predict stage (default: the config's)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["fit", "test", "predict"])
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="print only warnings, errors and results")
+    loudness.add_argument("--verbose", action="store_true", help="also print debug lines, Lightning's notes and every notice")
     args, extra = parser.parse_known_args(argv)
+    verbosity = verbosity_from_flags(args.quiet, args.verbose)
+    configure(verbosity)
+    flags = {"quiet": ["--quiet"], "verbose": ["--verbose"], "default": []}[verbosity]
     common = ["--config", args.config, *extra]
+    stage_extra = ["--trainer.enable_progress_bar", "false", "--data.progress", "false"] if args.quiet else []
     start = time.time()
 
-    outputs: list[Path] = []
-    run_dir = _run_dir(common)
+    config = _parsed_config([*flags, *common])
+    run_dir = Path(config.trainer.default_root_dir)
+    report_dir = Path(config.model.report_dir) if config.model.report_dir else run_dir / "report"
     ckpt = run_dir / "last.ckpt"
+    outputs: list[Path] = []
+
+    def stage(title: str, subcommand: str, *more: str) -> ESLightningCLI:
+        log.info("\n=== %s ===", title)
+        began = time.time()
+        cli = build_cli([*flags, subcommand, *common, *stage_extra, *more])
+        log.info("%s: done in %.1f s", subcommand, time.time() - began)
+        return cli
+
     if "fit" not in args.skip:
-        _banner("1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors")
         if _fit_complete(ckpt):
-            print(f"fit already complete: {ckpt} holds pairs and bundles (delete the run folder to refit)")
+            log.info("\n=== 1/3 fit ===\nfit already complete: %s holds pairs and bundles (delete the run folder to refit)", ckpt)
         else:
-            build_cli(["fit", *common, *(["--ckpt_path", "last"] if ckpt.exists() else [])])
+            stage("1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors", "fit",
+                  *(["--ckpt_path", "last"] if ckpt.exists() else []))
     if not ckpt.exists():
         raise FileNotFoundError(f"No checkpoint at {ckpt}: run the fit stage first.")
 
     if "test" not in args.skip:
-        _banner("2/3 test: cross-validated multiple-choice evaluation")
-        report = run_dir / "report" / "report.json"
-        if _report_matches(report, ckpt):
-            print(f"report already made from this checkpoint: {report} (delete it to re-evaluate)")
+        key = _report_key(config, ckpt)
+        if _report_matches(report_dir, key):
+            log.info("\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
+                     "(delete it to re-evaluate)", report_dir / "report.json")
         else:
-            build_cli(["test", *common, "--ckpt_path", str(ckpt)])
-        print((run_dir / "report" / "report.md").read_text())
+            stage("2/3 test: cross-validated multiple-choice evaluation", "test", "--ckpt_path", str(ckpt), "--verbose", "false")
+            atomic_write_json(report_dir / REPORT_KEY_FILE, {"key": key, "report_sha256": sha256_file(report_dir / "report.json")})
+        print((report_dir / "report.md").read_text(), flush=True)
 
     if "predict" not in args.skip:
-        _banner("3/3 predict: unsteered vs steered generations")
         predict_args = ["--data.predict_data.path", args.prompts] if args.prompts else []
-        cli = build_cli(["predict", *common, *predict_args, "--ckpt_path", str(ckpt)])
+        cli = stage("3/3 predict: unsteered vs steered generations", "predict", *predict_args, "--ckpt_path", str(ckpt))
         writer = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "SteeredPredictionWriter")
-        print(side_by_side(writer.output_path))
-        outputs.append(writer.output_path)
+        markdown = run_dir / "predictions.md"
+        atomic_write_text(markdown, predictions_markdown(writer.output_path))
+        print(side_by_side(writer.output_path), flush=True)
+        outputs += [writer.output_path, markdown]
 
-    _banner(f"done in {(time.time() - start) / 60:.1f} min")
-    print(f"run folder: {run_dir}")
-    for name in ("last.ckpt", "pairing.json", "mi_heatmap.png", "bundles", "report/report.md", "report/report.json",
-                 "report/coefficient_sweep.png"):
-        if (run_dir / name).exists():
-            print(f"  {run_dir / name}")
-    for path in outputs:
-        print(f"  {path}")
+    print(f"\ndone in {(time.time() - start) / 60:.1f} min\nrun folder: {run_dir}")
+    for path in [run_dir / name for name in ("last.ckpt", "pairing.json", "mi_heatmap.png", "bundles")] + [
+            report_dir / name for name in ("report.md", "report.json", "coefficient_sweep.png")] + outputs:
+        if path.exists():
+            print(f"  {path}")
 
 
 def _fit_complete(ckpt: Path) -> bool:
@@ -98,23 +139,32 @@ def _fit_complete(ckpt: Path) -> bool:
     return bool(meta.get("pairing")) and bool(meta.get("bundles"))
 
 
-def _report_matches(report: Path, ckpt: Path) -> bool:
-    """True if ``report`` exists and was made from exactly this checkpoint."""
-    if not report.exists():
+def _report_key(config, ckpt: Path) -> str:
+    """What a report depends on: the checkpoint's bytes, the evaluation options, the target dtype and the data."""
+    data = {k: v for k, v in config.data.items() if k not in ("predict_data", "predict_batch_size", "progress", "num_workers")}
+    return sha256_json({"checkpoint": sha256_file(ckpt), "evaluation": config.model.evaluation,
+                        "target_dtype": config.model.target_dtype, "data": data})
+
+
+def _report_matches(report_dir: Path, key: str) -> bool:
+    """True if the pipeline made ``report_dir/report.json`` under ``key`` and the report is unchanged since."""
+    report = report_dir / "report.json"
+    try:
+        recorded = json.loads((report_dir / REPORT_KEY_FILE).read_text())
+    except (OSError, ValueError):
         return False
-    from es_lightning.io import sha256_file
-
-    recorded = (json.loads(report.read_text()).get("meta") or {}).get("checkpoint") or {}
-    return recorded.get("sha256") == sha256_file(ckpt)
+    return report.exists() and recorded.get("key") == key and recorded.get("report_sha256") == sha256_file(report)
 
 
-def _run_dir(common: list[str]) -> Path:
-    from es_lightning.cli import ESLightningCLI
+def _parsed_config(args: list[str]):
+    """The stage configuration the CLI builds from ``args`` (run folder, report folder, options), nothing run."""
     from es_lightning.data import PairedHiddenStatesDataModule
     from es_lightning.module import ExpertSteer
 
-    cli = ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False, args=common, auto_configure_optimizers=False)
-    return Path(cli.trainer.default_root_dir)
+    cli = ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False, args=args, auto_configure_optimizers=False)
+    config = cli.config
+    config.trainer.default_root_dir = cli.trainer.default_root_dir
+    return config
 
 
 if __name__ == "__main__":

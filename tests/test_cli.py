@@ -20,10 +20,11 @@ def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_fit_writes_last_and_best_checkpoints_with_everything_later_steps_need(run_args, tmp_path):
+def test_fit_writes_last_checkpoint_with_everything_later_steps_need(run_args, tmp_path):
     build_cli(["fit", *run_args, "--run_name", "r1"])
     run_dir = tmp_path / "runs" / "r1"
-    assert (run_dir / "last.ckpt").exists() and list(run_dir.glob("best-*.ckpt")) and (run_dir / "config.yaml").exists()
+    assert (run_dir / "last.ckpt").exists() and (run_dir / "config.yaml").exists()
+    assert not list(run_dir.glob("best-*.ckpt"))  # a mid-training checkpoint would carry no pairs or bundles
     ckpt = load_ckpt(run_dir / "last.ckpt")
     meta = ckpt["es_lightning"]
     assert list(meta["layout"]["target"]["layers"]) == [1, 3] and meta["layout"]["expert"]["hidden_size"] == 48
@@ -138,3 +139,18 @@ def test_optimizer_and_scheduler_come_from_the_config(run_args, tmp_path):
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == 12
     assert optimizer.param_groups[0]["lr"] < 0.01  # stepped along the cosine
+
+
+def test_quiet_and_verbose_go_before_the_subcommand(run_args, tmp_path, capsys):
+    build_cli(["--quiet", "fit", *run_args, "--run_name", "q"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "runs" / "q" / "last.ckpt").exists()
+    assert "Steering bundles written" not in out and "WARNING" not in out  # progress hidden, nothing wrong
+    build_cli(["fit", *run_args, "--run_name", "d"])
+    assert "Steering bundles written" in capsys.readouterr().out  # progress shown by default
+    with pytest.raises(ValueError, match="--quiet and --verbose exclude each other"):
+        build_cli(["--quiet", "--verbose", "fit", *run_args, "--run_name", "x"])
+    build_cli(["--verbose", "test", *run_args, "--run_name", "d", "--ckpt_path", str(tmp_path / "runs" / "d" / "last.ckpt"),
+               "--verbose", "false"])  # the subcommand's own --verbose (Lightning's results table) is untouched
+    assert "Test metric" not in capsys.readouterr().out
+

@@ -67,6 +67,33 @@ def test_changed_template_or_layers_builds_a_new_cache(tiny_gpt2_dir, tiny_llama
     assert len(keys) == 4
 
 
+@pytest.mark.parametrize("side", ["expert", "target"])
+@pytest.mark.parametrize("change", [{"chat_template": True}, {"dtype": "bfloat16"}, {"max_length": 128},
+                                    {"block_path": "model.layers"}], ids=lambda c: next(iter(c)))
+def test_cache_key_changes_with_every_setting_that_changes_the_states(side, change):
+    from dataclasses import replace
+
+    from es_lightning.models.spec import ModelInfo
+
+    info = ModelInfo("m", "/m", "f" * 16, "llama", 4, 32, (1, 3))
+    layout = cache_module.PairedLayout(info, info, "last")
+    specs = {"expert": ModelSpec("e"), "target": ModelSpec("t", layers=[1, 3])}
+    base = cache_module.cache_key(layout, specs["expert"], specs["target"], "data")
+    specs[side] = replace(specs[side], **change)
+    assert cache_module.cache_key(layout, specs["expert"], specs["target"], "data") != base
+
+
+def test_dtype_max_length_and_block_path_reach_the_cache_key(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
+    target = {"name": str(tiny_llama_dir), "layers": [1, 3]}
+    variants = [{}, {"dtype": "bfloat16"}, {"max_length": 64}, {"block_path": "model.layers"}]
+    keys = []
+    for extra in variants:
+        dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(**target, **extra))
+        dm.setup("fit")
+        keys.append(dm.cache_keys["data"])
+    assert len(set(keys)) == len(variants)
+
+
 def test_killed_build_resumes_from_finished_shards(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, monkeypatch):
     real = cache_module.PairedCache.write_shard
     calls = {"n": 0}

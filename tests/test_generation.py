@@ -104,6 +104,11 @@ def test_chat_template_is_applied(tiny, tiny_llama_dir):
     assert chat == generate(loaded.model, loaded.tokenizer, rendered, settings())
     with pytest.raises(ValueError, match="no chat template"):
         generate(loaded.model, loaded.tokenizer, PROMPTS, settings(chat_template=True))
+    # the default (None) uses a model's chat template when it has one, and plain text when it has none
+    assert GenerationSettings().chat_template is None
+    assert generate(loaded.model, tokenizer, PROMPTS[:2], settings(chat_template=None)) == chat
+    assert generate(loaded.model, tokenizer, PROMPTS[:2], settings(chat_template=False)) == generate(
+        loaded.model, loaded.tokenizer, PROMPTS[:2], settings(chat_template=None))
 
 
 @pytest.mark.parametrize(
@@ -118,7 +123,7 @@ def test_chat_template_is_applied(tiny, tiny_llama_dir):
         ({"top_p": 1.5}, "top_p"),
         ({"seed": -1}, "seed must be an int"),
         ({"batch_size": 0}, "batch_size must be a positive int"),
-        ({"chat_template": 1}, "chat_template must be true or false"),
+        ({"chat_template": 1}, "chat_template must be true, false or null"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):

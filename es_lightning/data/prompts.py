@@ -2,13 +2,17 @@
 
 The rows stay in the ``datasets.Dataset`` (memory-mapped Arrow); nothing is copied into Python objects up
 front. The checks that run at construction (prompt column present and made of non-empty strings, ids unique)
-use Arrow compute kernels on whole columns.
+use Arrow compute kernels on whole columns. A resumed ``predict`` drops the prompts already written with
+:meth:`PromptDataset.without`; :attr:`PromptDataset.fingerprint` covers the settings and the file's bytes, so
+an edited prompt file never reuses old predictions.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -18,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from es_lightning.data.sources import load_records
+from es_lightning.io import sha256_file, sha256_json
 
 DEFAULT_ID_FIELD = "id"
 
@@ -72,6 +77,8 @@ class PromptDataset(Dataset):
     row number as a string), ``prompt`` the prompt text as stored. Pickles cheaply (the table is memory-mapped),
     so it works with DataLoader workers.
     """
+
+    _keep: torch.Tensor | None = None  # rows served (a view made by `without`); None: every row
 
     def __init__(self, source: PromptSource):
         self.source = source
@@ -148,13 +155,31 @@ class PromptDataset(Dataset):
                 f"id_field: null to use row numbers."
             )
 
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the source settings and the content: a local file's bytes, else the ``datasets`` fingerprint."""
+        path = Path(self.source.path).expanduser()
+        content = sha256_file(path) if path.is_file() else getattr(self._table, "_fingerprint", None)
+        return sha256_json({"source": asdict(self.source), "content": content})
+
+    def without(self, done: Iterable[int]) -> "PromptDataset":
+        """A view without the prompts whose row numbers are in ``done``; items keep their original ``index``."""
+        done = set(done)
+        view = object.__new__(PromptDataset)
+        view.__dict__.update(self.__dict__)
+        rows = range(len(self._table)) if self._keep is None else self._keep.tolist()
+        view._keep = torch.tensor([r for r in rows if r not in done], dtype=torch.long)
+        return view
+
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._table) if self._keep is None else len(self._keep)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        if not 0 <= index < len(self._table):
-            raise IndexError(f"Prompt index {index} is out of range for {len(self._table)} prompts.")
+        if not 0 <= index < len(self):
+            raise IndexError(f"Prompt index {index} is out of range for {len(self)} prompts.")
+        if self._keep is not None:
+            index = int(self._keep[index])
         row = self._table[index]
         ident = str(row[self.id_field]) if self.id_field else str(index)
         return {"index": index, "id": ident, "prompt": row[self.source.prompt_field]}

@@ -3,6 +3,7 @@
 :func:`resolve_data_path` tries, in order:
 
 1. the configured ``path``, if that file exists (relative paths from the current directory);
+   any later step taken for a configured path is announced at WARNING with the path actually used;
 2. ``shared/data/<file name>`` in the checkout or any directory above it (the checkout lives at e.g.
    ``/work/main`` and the benchmark data at ``/work/shared/data``), searched upward from the repository
    checkout and from the current directory;
@@ -149,7 +150,7 @@ def resolve_data_path(
     found, tried = _search_shared(name, starts)
     if found is not None:
         if path is not None:
-            log.info("Data file %r not found; using %s.", path, found)
+            log.warning("Data file %r does not exist (from %s); using %s instead.", path, Path.cwd(), found)
         return str(found)
 
     if cache_dir is None:
@@ -164,6 +165,8 @@ def resolve_data_path(
     else:
         got, why = _from_hub(hub, hub_target)
         if got is not None:
+            if path is not None:
+                log.warning("Data file %r does not exist (from %s); using the Hub copy %s instead.", path, Path.cwd(), got)
             return str(got)
         hub_why = f"failed: {why}"
 

@@ -92,7 +92,7 @@ def _convert_locked(model: BuiltinModel, cache_dir: Path, folder: Path) -> Path:
     gguf = find_gguf(model, cache_dir / "gguf")
     if _converted_is_valid(folder, gguf):
         return folder
-    log.warning("Converting %s from GGUF to safetensors under %s (once; takes about a minute)", model.name, folder)
+    log.info("Converting %s from GGUF to safetensors under %s (once; takes about a minute)", model.name, folder)
     start = time.time()
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -121,7 +121,7 @@ def _convert_locked(model: BuiltinModel, cache_dir: Path, folder: Path) -> Path:
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
         }
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(record, indent=2))
-    log.warning("Converted %s in %.0f s", model.name, time.time() - start)
+    log.info("Converted %s in %.0f s", model.name, time.time() - start)
     return folder
 
 
