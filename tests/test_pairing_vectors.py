@@ -93,3 +93,21 @@ def test_layer_norms_are_mean_state_norms():
     inputs, _, _ = planted()
     norms = layer_norms(inputs.target, [10, 20], [20])
     assert norms == {20: pytest.approx(float(inputs.target[:, 1].norm(dim=-1).mean()))}
+
+
+def test_expertsteer_applies_an_equal_width_map_untransposed():
+    """With d_E == d_T a transposed map has the right shape, so only the values can tell: mapping @ u, not mapping.T @ u."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 600, 12
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    expert = torch.randn(n, 1, d, generator=g)
+    labels = (expert[:, 0] @ u > 0).long()
+    expert[:, 0] += 1.5 * (2 * labels[:, None] - 1) * u
+    mapping = torch.triu(torch.randn(d, d, generator=g)) + 3 * torch.eye(d)  # far from symmetric
+    inputs = VectorInputs(expert, expert @ mapping.T, labels, [0], [0], encoder_linear=lambda i: mapping,
+                          rfm_options={"iters": 2, "bandwidths": [1.0], "regs": [0.1]}, seed=0)
+    vector = compute_vectors("expertsteer", [(0, 0)], inputs).vectors[0]
+    right = torch.nn.functional.normalize(mapping @ u, dim=0)
+    wrong = torch.nn.functional.normalize(mapping.T @ u, dim=0)
+    assert torch.dot(vector, right) > 0.95
+    assert torch.dot(vector, right) - torch.dot(vector, wrong) > 0.2

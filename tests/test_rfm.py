@@ -126,3 +126,22 @@ def _x(n: int = 40, d: int = 4) -> torch.Tensor:
 def test_bad_input_raises_with_fix(x: torch.Tensor, y: torch.Tensor, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         fit_rfm(x, y, **options)
+
+
+def test_labels_and_their_complement_give_opposite_directions() -> None:
+    x, u, t = planted(400, 16, seed=5)
+    y = (t > 0).long()
+    a, b = fit_rfm(x, y, **CHEAP).direction, fit_rfm(x, 1 - y, **CHEAP).direction
+    assert float(a @ u) > 0.8 and float(a @ b) < -0.95  # not exactly -1: the kernel fit of 1 - y has no intercept
+
+
+def test_grouped_validation_split_keeps_each_group_on_one_side() -> None:
+    x, u, t = planted(400, 16, seed=6)
+    y = (t > 0).long()
+    groups = [f"q{r // 4}" for r in range(400)]  # 100 questions of 4 rows
+    result = fit_rfm(x, y, groups=groups, val_fraction=0.25, **CHEAP)
+    assert result.n_val == 100 and result.n_train == 300  # 25 whole groups held out
+    with pytest.raises(ValueError, match="one key per row"):
+        fit_rfm(x, y, groups=groups[:10], **CHEAP)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        fit_rfm(x, y, groups=["same"] * 400, **CHEAP)
