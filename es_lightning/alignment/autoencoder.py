@@ -207,12 +207,18 @@ class AlignmentAutoEncoder(L.LightningModule):
             self.build(datamodule.layout, self.layer_map)  # validates the layout
             self.cache_keys = dict(datamodule.cache_keys)
             return
+        if stage != "fit":
+            return  # the checkpoint, restored after setup, builds the module with its own trained layers
         self.build(datamodule.layout, self._layer_map_for(datamodule.layout))
         self.cache_keys = dict(datamodule.cache_keys)
         train = datamodule.alignment_split()
         self.fit_statistics_and_init(train["expert"], train["target"])
 
     # --------------------------------------------------------------------------------- steps
+    def on_validation_start(self) -> None:
+        if not self.is_built:
+            raise ValueError("`validate` needs fitted auto-encoders: pass --ckpt_path checkpoints/<run>/last.ckpt.")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
         self.log("train/loss", out["total"], prog_bar=True, batch_size=batch["expert"].shape[0])

@@ -238,6 +238,29 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def _full_width_map(expert: _Layer, target: _Layer, ridge: float | None, d_t: int) -> torch.Tensor:
+    """The ``[d_T, d_E]`` linear part of a map (ridge for ``paired``; ``ridge=None``: the top-``d_T`` PCA code)."""
+    if ridge is not None:
+        lam = _ridge_scale(expert, ridge)
+        w = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target.fit
+        return torch.from_numpy(target.basis @ w.T @ expert.basis.T).float()
+    basis = np.zeros((d_t, expert.basis.shape[0]))
+    rows = min(d_t, expert.basis.shape[1])
+    basis[:rows] = expert.basis[:, :rows].T
+    return torch.from_numpy(basis).float()
+
+
+def paired_maps(fit: PairedRows, expert_layers: Sequence[int], target_layers: Sequence[int], pairs: Sequence[tuple[int, int]],
+                ridge: float, max_components: int = 256) -> dict[int, torch.Tensor]:
+    """Closed-form ridge maps ``[d_T, d_E]`` of given pairs, fitted on ``fit`` rows (for measuring a fixed ridge)."""
+    out = {}
+    for i, j in pairs:
+        e = fit.expert[:, list(expert_layers).index(i)].double().numpy()
+        t = fit.target[:, list(target_layers).index(j)].double().numpy()
+        out[i] = _full_width_map(_reduce(e, e[:1], max_components), _reduce(t, t[:1], max_components), ridge, t.shape[1])
+    return out
+
+
 def search_pairs(
     fit: PairedRows,
     heldout: PairedRows,
@@ -317,18 +340,8 @@ def search_pairs(
     else:
         pairs = select_pairs(torch.from_numpy(mi), expert_layers, target_layers, target_depth, rule, highest=config.rule == "highest")
 
-    linear = {}
-    for i, j in pairs:
-        expert, target = experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)]
-        if objective == "paired":
-            lam = _ridge_scale(expert, ridge)
-            w = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target.fit
-            linear[i] = torch.from_numpy(target.basis @ w.T @ expert.basis.T).float()  # [d_T, d_E]
-        else:
-            basis = np.zeros((d_t, expert.basis.shape[0]))
-            rows = min(d_t, expert.basis.shape[1])
-            basis[:rows] = expert.basis[:, :rows].T
-            linear[i] = torch.from_numpy(basis).float()
+    linear = {i: _full_width_map(experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)], ridge, d_t)
+              for i, j in pairs}
     result = PairSearch(
         rule=config.rule, objective=objective, expert_layers=list(expert_layers), target_layers=list(target_layers),
         pairs=[tuple(p) for p in pairs], mi=mi.tolist() if need_mi else None, auc=auc.tolist() if with_auc else None,
