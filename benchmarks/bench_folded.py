@@ -59,6 +59,7 @@ def random_bundle(loaded, layers: list[int], folder: Path) -> Path:
     with torch.no_grad():
         states = model(**encoding, output_hidden_states=True).hidden_states
     mask = encoding.attention_mask.bool()
+    mask[torch.arange(len(PROMPTS)), mask.int().argmax(1)] = False  # not the first real token: an attention sink
     norms = {j: float(states[j + 1][mask].norm(dim=-1).mean()) for j in layers}
     generator = torch.Generator().manual_seed(0)
     directions = {j: torch.randn(hidden_size(model), generator=generator) for j in layers}

@@ -103,7 +103,7 @@ def load_source(
     if method is not None and bundle.method != method:
         raise ValueError(f"{str(path)!r} holds the {bundle.method!r} bundle, not {method!r}.")
     if coefficient is None:
-        run = Path(source) if Path(source).is_dir() and Path(source).name != "bundles" else _run_of_bundle(path)
+        run = _run_of_bundle(path)
         report_path = Path(report) if report is not None else (run / "report" if run is not None else None)
         coefficient, origin = default_coefficient(bundle.method, report_path)
     else:
