@@ -21,8 +21,8 @@ WIDTH = 32
 
 def _config(model_type: str, vocab: int, **special):
     from transformers import (
-        GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OlmoConfig, OPTConfig, Qwen2Config, Qwen3Config,
-        Gemma3TextConfig,
+        GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OlmoConfig, OPTConfig, Qwen2Config,
+        Qwen3Config, Gemma3TextConfig,
     )
 
     common = dict(vocab_size=vocab, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=3,
@@ -37,6 +37,8 @@ def _config(model_type: str, vocab: int, **special):
         return OlmoConfig(**common)
     if model_type == "qwen2":
         return Qwen2Config(**common)
+    if model_type == "mistral":
+        return MistralConfig(**common, sliding_window=None)
     if model_type == "gemma3_text":
         return Gemma3TextConfig(**common, head_dim=8, sliding_window=16)
     if model_type == "gpt2":
@@ -113,6 +115,8 @@ def test_folded_logits_and_generations_equal_hook_steering(tmp_path, model_type)
     assert torch.equal(folded_gen, hooked_gen)
     record = json.loads((out / EXPORT_RECORD).read_text())
     assert record["method"] == "expertsteer" and record["coefficient"] == 0.7 and record["layers"] == [0, 2]
+    if RECIPES[model_type].as_llama is not None:  # qwen2 and mistral are written as llama checkpoints
+        assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_zero_coefficient_fold_equals_the_unsteered_model(tmp_path):
@@ -123,19 +127,24 @@ def test_zero_coefficient_fold_equals_the_unsteered_model(tmp_path):
         torch.testing.assert_close(_load(out)(INPUT).logits, _load(model_dir)(INPUT).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "gemma3_text"])
 def test_architectures_without_a_foldable_bias_are_refused(tmp_path, model_type):
     model_dir = make_model(tmp_path / "model", model_type)
     bundle_path = make_bundle(tmp_path / "run", model_dir)
-    with pytest.raises(ValueError, match="Supported architectures: gpt2, gpt_neox, llama, opt"):
+    with pytest.raises(ValueError, match="Supported architectures: gpt2, gpt_neox, llama, mistral, opt, qwen2"):
         export_hf(load_source(bundle_path, coefficient=0.2), tmp_path / "out", resolve_target(SteeringBundle.load(bundle_path)))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_post_norm_opt_is_refused(tmp_path):
-    model_dir = make_model(tmp_path / "model", "opt", do_layer_norm_before=False)
+@pytest.mark.parametrize(("model_type", "overrides", "message"), [
+    ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=True"),
+    ("mistral", {"sliding_window": 16}, "sliding window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding window"),
+])
+def test_configs_the_fold_cannot_express_are_refused(tmp_path, model_type, overrides, message):
+    model_dir = make_model(tmp_path / "model", model_type, **overrides)
     bundle_path = make_bundle(tmp_path / "run", model_dir)
-    with pytest.raises(ValueError, match="do_layer_norm_before=True"):
+    with pytest.raises(ValueError, match=message):
         export_hf(load_source(bundle_path, coefficient=0.2), tmp_path / "out", resolve_target(SteeringBundle.load(bundle_path)))
 
 

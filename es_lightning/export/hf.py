@@ -33,6 +33,7 @@ class FoldRecipe:
     projection: str
     switch: str | None = None  # config flag that gives the projection a bias; None: it always has one
     requires: dict = field(default_factory=dict)  # config values the fold needs (else refused)
+    as_llama: dict | None = None  # rewrite the checkpoint as llama with these settings (same weights and names)
     note: str = ""
 
 
@@ -42,7 +43,18 @@ RECIPES: dict[str, FoldRecipe] = {
     "gpt_neox": FoldRecipe("mlp.dense_4h_to_h", note="the projection already has a bias"),
     "opt": FoldRecipe("fc2", "enable_bias", requires={"do_layer_norm_before": True},
                       note="enable_bias also adds zero biases to the other projections"),
+    # Without sliding windows these are llama with other defaults (qwen2: plus q/k/v biases), and their
+    # weights have llama's names, so the fold is written as a llama checkpoint with mlp_bias.
+    "qwen2": FoldRecipe("mlp.down_proj", "mlp_bias", requires={"sliding_window": None},
+                        as_llama={"attention_bias": True},
+                        note="written as llama: attention_bias keeps the q/k/v biases (o_proj bias zero), mlp_bias"),
+    "mistral": FoldRecipe("mlp.down_proj", "mlp_bias", requires={"sliding_window": None},
+                          as_llama={"attention_bias": False}, note="written as llama with mlp_bias"),
 }
+
+# Config keys of the rewritten architectures that llama does not have (all about sliding windows).
+_NOT_LLAMA = ("model_type", "architectures", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
+              "transformers_version")
 
 # Why the other known architectures cannot be folded with a config change alone.
 _MID_BLOCK = ("only the attention output projection can get a bias (attention_bias), and the same block's MLP "
@@ -51,8 +63,6 @@ REFUSED: dict[str, str] = {
     "qwen3": _MID_BLOCK,
     "gemma": _MID_BLOCK,
     "olmo": _MID_BLOCK,
-    "qwen2": "only q/k/v carry biases; o_proj and the MLP have none and no config switch adds one",
-    "mistral": "no projection has a bias and no config switch adds one",
     "mixtral": "no projection has a bias and no config switch adds one",
     "phi3": "no projection has a bias and no config switch adds one",
     "gemma2": "the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a constant shift",
@@ -74,10 +84,12 @@ def recipe_for(config) -> FoldRecipe:
     recipe = RECIPES[model_type]
     for key, value in recipe.requires.items():
         if getattr(config, key, None) != value:
+            why = (" (a sliding window: it cannot be written as a llama checkpoint)" if key == "sliding_window"
+                   else f"; with {key}={getattr(config, key, None)!r} the block normalises after the residual add, so no "
+                        f"bias adds a constant to its output")
             raise ValueError(
                 f"The hf export cannot fold steering into this {model_type!r} model: it needs {key}={value!r} "
-                f"(got {getattr(config, key, None)!r}); with {key}={getattr(config, key, None)!r} the block "
-                f"normalises after the residual add, so no bias adds a constant to its output."
+                f"(got {getattr(config, key, None)!r}){why}."
             )
     return recipe
 
@@ -89,7 +101,13 @@ def fold(model: torch.nn.Module, deltas: dict[int, torch.Tensor], block_path: st
     recipe = recipe_for(model.config)
     width = hidden_size(model)
     config = copy.deepcopy(model.config)
-    if recipe.switch and not getattr(config, recipe.switch, False):
+    if recipe.as_llama is not None:
+        from transformers import LlamaConfig
+
+        data = {key: value for key, value in config.to_dict().items() if key not in _NOT_LLAMA}
+        config = LlamaConfig(**{**data, **recipe.as_llama, recipe.switch: True})
+        config.architectures = ["LlamaForCausalLM"]
+    if recipe.as_llama is not None or (recipe.switch and not getattr(config, recipe.switch, False)):
         setattr(config, recipe.switch, True)
         folded = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = folded.load_state_dict(model.state_dict(), strict=False)
