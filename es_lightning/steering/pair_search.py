@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 from es_lightning.steering.mi import METHODS as MI_METHODS
 from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, whitened
@@ -193,11 +193,21 @@ def _reduce(fit: np.ndarray, heldout: np.ndarray, max_components: int) -> _Layer
     centred = fit - mean
     scale = math.sqrt(float((centred ** 2).sum(1).mean()) / fit.shape[1]) or 1.0
     centred = centred / scale
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    keep = s > 1e-8 * max(float(s[0]), 1e-30)
+    n, d = centred.shape
+    if d <= n:  # principal directions from the d x d covariance
+        values, vectors = np.linalg.eigh(centred.T @ centred)
+        order = np.argsort(values)[::-1]
+        basis_all = vectors[:, order]
+    else:  # from the n x n Gram matrix: directions X^T u / s
+        values, vectors = np.linalg.eigh(centred @ centred.T)
+        order = np.argsort(values)[::-1]
+        s_all = np.sqrt(np.clip(values[order], 0.0, None))
+        basis_all = centred.T @ vectors[:, order] / np.where(s_all > 0, s_all, 1.0)
+    s = np.sqrt(np.clip(values[order], 0.0, None))
+    keep = s > 1e-6 * max(float(s[0]), 1e-30)
     p = min(int(keep.sum()), max_components)
-    basis = vt[:p].T
-    return _Layer(basis, s[:p], centred @ basis, ((heldout - mean) / scale) @ basis, float((centred ** 2).sum()), fit.shape[1])
+    basis = basis_all[:, :p]
+    return _Layer(basis, s[:p], centred @ basis, ((heldout - mean) / scale) @ basis, float((centred ** 2).sum()), d)
 
 
 def _ridge_scale(layer: _Layer, ridge: float) -> float:
@@ -220,11 +230,11 @@ def _choose_ridge(experts: list[_Layer], targets_for: list[_Layer], groups: Sequ
             x, y = expert.fit[train], target.fit[train]
             xm, ym = x.mean(0), y.mean(0)
             xc, yc = x - xm, y - ym
-            u, s, vt = np.linalg.svd(xc, full_matrices=False)
-            uy = u.T @ yc
+            values, vectors = np.linalg.eigh(xc.T @ xc)  # [p, p]: ridge solutions for every lambda from one factorisation
+            projected = vectors.T @ (xc.T @ yc)
             for r in config.ridges:
                 lam = r * float((xc ** 2).sum()) / expert.width
-                w = vt.T @ ((s / (s ** 2 + lam))[:, None] * uy)
+                w = vectors @ (projected / (np.clip(values, 0.0, None) + lam)[:, None])
                 residual = (expert.fit[test] - xm) @ w + ym - target.fit[test]
                 errors[float(r)] += float((residual ** 2).sum())
     best = min(errors, key=lambda r: (errors[r], r))
@@ -232,10 +242,14 @@ def _choose_ridge(experts: list[_Layer], targets_for: list[_Layer], groups: Sequ
     return best, {f"{r:g}": e / n for r, e in errors.items()}
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
-        return 0.5
-    return float(roc_auc_score(labels, scores))
+def _aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each column of ``scores`` [n, k] for 0/1 ``labels`` (Mann-Whitney U from average ranks)."""
+    positive = labels == 1
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if n1 == 0 or n0 == 0:
+        return np.full(scores.shape[1], 0.5)
+    ranks = rankdata(scores, axis=0)
+    return (ranks[positive].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def _full_width_map(expert: _Layer, target: _Layer, ridge: float | None, d_t: int) -> torch.Tensor:
@@ -305,20 +319,26 @@ def search_pairs(
     target_components = [whitened(t.heldout, opts, 1, f"target layer {j}") for t, j in zip(targets, target_layers)] if need_mi else []
     mi = np.zeros((len(experts), len(targets)))
     auc = np.full((len(experts), len(targets)), 0.5)
+    widths = [t.fit.shape[1] for t in targets]
+    bounds = np.cumsum([0] + widths)
+    target_fit = np.concatenate([t.fit for t in targets], axis=1)  # [n_fit, sum p_T]
+    target_held = [t.heldout for t in targets]
     for a, expert in enumerate(experts):
         direction = None
         if with_auc:
             direction = expert.fit[labels_fit == 1].mean(0) - expert.fit[labels_fit == 0].mean(0)  # [p_E]
         if objective == "paired":
             lam = _ridge_scale(expert, ridge)
-            coef = (expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T  # [p_E, n_fit]
-            for b, target in enumerate(targets):
-                w = coef @ target.fit  # [p_E, p_T]
-                if need_mi:
-                    mapped = whitened(expert.heldout @ w, opts, 0, f"mapped expert layer {expert_layers[a]}")
+            maps = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target_fit  # [p_E, sum p_T]
+            mapped_all = expert.heldout @ maps
+            if direction is not None:
+                mapped_direction = direction @ maps
+                scores = np.stack([target_held[b] @ mapped_direction[bounds[b]:bounds[b + 1]] for b in range(len(targets))], 1)
+                auc[a] = _aucs(labels_held, scores)
+            if need_mi:
+                for b in range(len(targets)):
+                    mapped = whitened(mapped_all[:, bounds[b]:bounds[b + 1]], opts, 0, f"mapped expert layer {expert_layers[a]}")
                     mi[a, b] = mi_of_components(mapped, target_components[b], opts)
-                if direction is not None:
-                    auc[a, b] = _auc(labels_held, target.heldout @ (direction @ w))
         else:
             code = expert.heldout[:, :d_t]
             if need_mi:
@@ -328,8 +348,7 @@ def search_pairs(
             if direction is not None:
                 vector = np.zeros(d_t)
                 vector[: min(d_t, len(direction))] = direction[:d_t]
-                for b in range(len(targets)):
-                    auc[a, b] = _auc(labels_held, heldout.target[:, b].double().numpy() @ vector)
+                auc[a] = _aucs(labels_held, heldout.target.double().numpy() @ vector)
 
     if config.rule == "depth":
         pairs = baseline
