@@ -23,6 +23,8 @@ Silenced (except with ``verbose``), because they carry no information for this w
 - "Checkpoint directory ... exists and is not empty": the run folder always holds ``config.yaml`` before the
   first checkpoint (and fitting into a folder that holds ``last.ckpt`` is refused by the CLI itself);
 - "does not have many workers": our dataloaders serve tensors already in memory or a handful of prompts;
+- "The number of training batches (n) is smaller than the logging interval": a small labelled set gives a few
+  batches per epoch; the loss is still logged every ``log_every_n_steps`` global steps, across epochs;
 - ``DeprecationWarning`` / ``PendingDeprecationWarning`` raised inside libraries (e.g. jsonargparse's notes on
   the API Lightning's CLI calls): addressed to those libraries' callers, not to users; Python hides them by
   default too, test runners do not.
@@ -45,6 +47,7 @@ NOISE: tuple[tuple[str, str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "an upstream deprecation inside Lightning"),
     (r"Checkpoint directory .* exists and is not empty", "the run folder holds config.yaml before any checkpoint"),
     (r"The '\w+' does not have many workers", "in-memory tensors and short prompt lists need no workers"),
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", "logged across epochs anyway"),
 )
 # Lightning INFO records that are advertisements, hidden even at the default level (INFO is hidden anyway;
 # with --verbose Lightning's INFO is shown, but these still say nothing about the run).

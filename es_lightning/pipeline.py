@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     flags = {"quiet": ["--quiet"], "verbose": ["--verbose"], "default": []}[verbosity]
     common = ["--config", args.config, *extra]
     stage_extra = ["--trainer.enable_progress_bar", "false", "--data.progress", "false"] if args.quiet else []
+    if not args.verbose:  # Lightning's parameter table says nothing about the run (the checkpoint records the sizes)
+        stage_extra += ["--trainer.enable_model_summary", "false"]
     start = time.time()
 
     config = _parsed_config([*flags, *common])
