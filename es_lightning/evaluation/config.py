@@ -26,7 +26,7 @@ class EvaluationConfig:
     """
 
     protocol: Literal["nested", "shared"] = "nested"
-    coefficients: list[float] = field(default_factory=lambda: [-0.8, -0.4, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.4, 0.8])
+    coefficients: list[float] = field(default_factory=lambda: [-0.8, -0.4, -0.2, -0.1, 0.1, 0.2, 0.4, 0.8])
     stop_after_falls: int = 2
     random_draws: int = 8
     permutations: int = 10000

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 from scipy.spatial import cKDTree
 from scipy.special import digamma
@@ -142,13 +143,13 @@ def _top_left_singular(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` left singular vectors and values of ``x`` [n, d], exactly, from the eigendecomposition of the
     smaller Gram matrix (much faster than an SVD when one side is small)."""
     n, d = x.shape
+    gram = x @ x.T if n <= d else x.T @ x
+    size = gram.shape[0]
+    values, vectors = scipy.linalg.eigh(gram, subset_by_index=[max(size - k, 0), size - 1])
+    order = np.argsort(values)[::-1]
     if n <= d:
-        values, vectors = np.linalg.eigh(x @ x.T)
-        order = np.argsort(values)[::-1][:k]
         s = np.sqrt(np.clip(values[order], 0.0, None))
         return vectors[:, order], s
-    values, vectors = np.linalg.eigh(x.T @ x)
-    order = np.argsort(values)[::-1][:k]
     s = np.sqrt(np.clip(values[order], 0.0, None))
     return (x @ vectors[:, order]) / np.where(s > 0, s, 1.0), s
 
