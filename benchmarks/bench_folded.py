@@ -5,7 +5,8 @@ The steering is a bundle of random unit vectors on three middle blocks, scaled b
 hidden-state norm (measured on the prompts) times ``--coefficient``, or a real bundle with ``--bundle``. The
 folded checkpoint is written to a temporary folder with the export code and loaded with plain
 ``AutoModelForCausalLM.from_pretrained``. Every configuration runs once per round in a rotated order;
-the script reports median tokens/s, the median per-round ratio to unsteered, and whether the folded
+the script reports median tokens/s, the median per-round ratio to unsteered by wall-clock time and by this
+process's CPU time (which moves much less when other processes share the CPUs), and whether the folded
 model's greedy tokens equal hook steering's. It asserts nothing.
 
     python benchmarks/bench_folded.py --repeats 5 --new-tokens 32
@@ -88,9 +89,9 @@ def main() -> None:
           f"{source.method} x {source.coefficient} on blocks {source.bundle.layers}; {args.new_tokens} new tokens; "
           f"{args.repeats} rounds; export took {export_seconds:.1f} s")
 
-    def run(encoding, name: str) -> tuple[float, torch.Tensor]:
+    def run(encoding, name: str) -> tuple[float, float, torch.Tensor]:
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             if name == "unsteered":
                 out = model.generate(**encoding, **gen)
@@ -99,26 +100,33 @@ def main() -> None:
                     out = model.generate(**encoding, **gen)
             else:
                 out = folded.generate(**encoding, **gen)
-        return time.perf_counter() - begin, out[:, encoding.input_ids.shape[1]:]
+        return time.perf_counter() - begin, time.process_time() - begin_cpu, out[:, encoding.input_ids.shape[1]:]
 
     names = ["unsteered", "hook steering", "folded checkpoint"]
     rows = []
     for batch in args.batch_sizes:
         encoding = tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt", padding=True)
-        outputs = {name: run(encoding, name)[1] for name in names}  # warm-up, and keep outputs
+        outputs = {name: run(encoding, name)[2] for name in names}  # warm-up, and keep outputs
         wall: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(args.repeats):
             for name in names[round_ % 3:] + names[: round_ % 3]:
-                wall[name].append(run(encoding, name)[0])
+                seconds, cpu_seconds, _ = run(encoding, name)
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
         for name in names:
             ratios = [base / other for base, other in zip(wall["unsteered"], wall[name])]
+            cpu_ratios = [base / other for base, other in zip(cpu["unsteered"], cpu[name])]
             same = bool(torch.equal(outputs[name], outputs["hook steering"]))
             rows.append((batch, name, batch * args.new_tokens / statistics.median(wall[name]),
-                         statistics.median(ratios), min(ratios), max(ratios), same))
-    print("\n| batch | configuration | tokens/s (median) | / unsteered (median) | min..max | tokens = hook steering's |")
-    print("|---:|---|---:|---:|---:|---|")
-    for batch, name, rate, ratio, low, high, same in rows:
-        print(f"| {batch} | {name} | {rate:.1f} | {ratio:.3f} | {low:.3f}..{high:.3f} | {'yes' if same else 'no'} |")
+                         statistics.median(ratios), min(ratios), max(ratios), statistics.median(cpu_ratios),
+                         min(cpu_ratios), max(cpu_ratios), same))
+    print("\n| batch | configuration | tokens/s (wall, median) | / unsteered (wall, median) | min..max | "
+          "/ unsteered (CPU time, median) | min..max | tokens = hook steering's |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    for batch, name, rate, ratio, low, high, cpu_ratio, cpu_low, cpu_high, same in rows:
+        print(f"| {batch} | {name} | {rate:.1f} | {ratio:.3f} | {low:.3f}..{high:.3f} | {cpu_ratio:.3f} | "
+              f"{cpu_low:.3f}..{cpu_high:.3f} | {'yes' if same else 'no'} |")
 
 
 if __name__ == "__main__":
