@@ -29,7 +29,7 @@ import torch
 from scipy.stats import rankdata
 
 from es_lightning.steering.mi import METHODS as MI_METHODS
-from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, whitened
+from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, symmetric_eigh, whitened
 from es_lightning.steering.pairing import PairingRule, depth_pairs, depth_partner, select_pairs
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,11 @@ def _reduce(fit: np.ndarray, heldout: np.ndarray, max_components: int) -> _Layer
     centred = centred / scale
     n, d = centred.shape
     if d <= n:  # principal directions from the d x d covariance
-        values, vectors = np.linalg.eigh(centred.T @ centred)
+        values, vectors = symmetric_eigh(centred.T @ centred)
         order = np.argsort(values)[::-1]
         basis_all = vectors[:, order]
     else:  # from the n x n Gram matrix: directions X^T u / s
-        values, vectors = np.linalg.eigh(centred @ centred.T)
+        values, vectors = symmetric_eigh(centred @ centred.T)
         order = np.argsort(values)[::-1]
         s_all = np.sqrt(np.clip(values[order], 0.0, None))
         basis_all = centred.T @ vectors[:, order] / np.where(s_all > 0, s_all, 1.0)
@@ -230,7 +230,7 @@ def _choose_ridge(experts: list[_Layer], targets_for: list[_Layer], groups: Sequ
             x, y = expert.fit[train], target.fit[train]
             xm, ym = x.mean(0), y.mean(0)
             xc, yc = x - xm, y - ym
-            values, vectors = np.linalg.eigh(xc.T @ xc)  # [p, p]: ridge solutions for every lambda from one factorisation
+            values, vectors = symmetric_eigh(xc.T @ xc)  # [p, p]: ridge solutions for every lambda from one factorisation
             projected = vectors.T @ (xc.T @ yc)
             for r in config.ridges:
                 lam = r * float((xc ** 2).sum()) / expert.width
