@@ -171,6 +171,8 @@ def test_coefficient_defaults_to_the_reports_choice(tmp_path, tiny_llama_dir, mo
     monkeypatch.setattr(source_module, "chosen_coefficients", lambda report: {"expertsteer": -0.1, "random": 0.2})
     source = load_source(tmp_path / "run", "expertsteer")
     assert source.coefficient == -0.1 and "report" in source.coefficient_origin
+    with pytest.raises(ValueError, match="chose no coefficient for 'rfm_self'"):
+        source_module.default_coefficient("rfm_self", tmp_path / "run" / "report")
     assert load_source(tmp_path / "run" / "bundles" / "expertsteer.safetensors").coefficient == -0.1
     assert seen["path"] == tmp_path / "run" / "report"
 
@@ -192,3 +194,11 @@ def test_lm_eval_steered_equals_es_lightning_scoring_on_smollm2(tmp_path, offlin
     assert max_shift(ours_plain, ours_steered) > 0.5
     assert_same(theirs_plain, ours_plain, atol=2e-3)
     assert_same(theirs_steered, ours_steered, atol=2e-3)
+
+
+def test_an_unreadable_report_is_a_clear_error(tmp_path, tiny_llama_dir):
+    make_run(tmp_path / "run", load_model(str(tiny_llama_dir)), {1: 4.0})
+    (tmp_path / "run" / "report").mkdir()
+    (tmp_path / "run" / "report" / "report.json").write_text("{not json")
+    with pytest.raises(ValueError, match="Cannot read the evaluation report"):
+        load_source(tmp_path / "run", "expertsteer")

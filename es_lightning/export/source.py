@@ -79,7 +79,12 @@ def default_coefficient(method: str, report: Path | None) -> tuple[float, str]:
             f"No coefficient given and no evaluation report to take it from{where}: pass --coefficient "
             f"(relative to the layer's mean hidden-state norm, e.g. 0.2) or run `es-lightning test` first."
         )
-    chosen = chosen_coefficients(load_report(report))
+    try:
+        chosen = chosen_coefficients(load_report(report))
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(
+            f"Cannot read the evaluation report {str(report)!r} ({type(err).__name__}: {err}); pass --coefficient."
+        ) from err
     if method not in chosen:
         raise ValueError(
             f"The evaluation report {str(report)!r} chose no coefficient for {method!r} (it has {sorted(chosen)}); "
