@@ -76,7 +76,7 @@ class ExpertSteer(AlignmentAutoEncoder):
         evaluation: EvaluationConfig = EvaluationConfig(),
         generation: GenerationSettings = GenerationSettings(),
         predict: PredictConfig = PredictConfig(),
-        target_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        target_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
         report_dir: str | None = None,
     ):
         super().__init__(objective, pair_weight, layer_map, closed_form_init, ridge, optimizer, scheduler)

@@ -226,3 +226,21 @@ def test_val_split_of_one_class_is_reported(tiny_gpt2_dir, tiny_llama_dir, tmp_p
     source = DataSource(str(imbalanced), format=ExampleFormat(kind="text"))
     make_dm(tiny_gpt2_dir, tiny_llama_dir, imbalanced, tmp_path, data=source, splits=SplitConfig(seed=1)).setup("fit")
     assert "val split has labels of only one class" in caplog.text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_made_concrete_and_keys_the_cache_as_such(native, monkeypatch):
+    from dataclasses import replace
+
+    from es_lightning.models import loading
+    from es_lightning.models.spec import ModelInfo
+
+    monkeypatch.setattr(loading, "_cpu_has_bfloat16", lambda: native)
+    concrete = "bfloat16" if native else "float32"
+    assert loading.dtype_name("auto") == concrete and loading.resolve_dtype("auto") == getattr(torch, concrete)
+    info = ModelInfo("m", "/m", "f" * 16, "llama", 4, 32, (1, 3))
+    layout = cache_module.PairedLayout(info, info, "last")
+    auto = ModelSpec("t", dtype="auto")
+    assert cache_module.cache_key(layout, auto, auto, "d") == cache_module.cache_key(layout, *[replace(auto, dtype=concrete)] * 2, "d")
+    with pytest.raises(ValueError, match="auto"):
+        loading.resolve_dtype("float8")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from es_lightning.data.examples import Example
 from es_lightning.io import atomic_path, atomic_write_json, sha256_json
+from es_lightning.models.loading import dtype_name
 from es_lightning.models.spec import ModelInfo, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def cache_key(layout: PairedLayout, expert: ModelSpec, target: ModelSpec, data_f
     def model_part(info: ModelInfo, spec: ModelSpec) -> dict:
         return {
             "fingerprint": info.fingerprint, "layers": list(info.layers), "chat_template": spec.chat_template,
-            "dtype": spec.dtype, "max_length": spec.max_length, "block_path": spec.block_path,
+            "dtype": dtype_name(spec.dtype), "max_length": spec.max_length, "block_path": spec.block_path,
         }
 
     return sha256_json({

@@ -29,7 +29,7 @@ from es_lightning.data.sources import load_records, require_columns, rows
 from es_lightning.data.splits import SPLITS, group_split
 from es_lightning.io import ensure_writable_dir
 from es_lightning.models.capture import capture_texts
-from es_lightning.models.loading import LoadedModel, default_cache_dir, load_model
+from es_lightning.models.loading import LoadedModel, default_cache_dir, dtype_name, load_model
 from es_lightning.models.spec import ModelSpec, describe
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,9 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             return
         if self.tensors:
             return
+        device = self.trainer.strategy.root_device if self.trainer else "cpu"
+        self.expert_spec = replace(self.expert_spec, dtype=dtype_name(self.expert_spec.dtype, device))  # `auto` made concrete:
+        self.target_spec = replace(self.target_spec, dtype=dtype_name(self.target_spec.dtype, device))  # the cache key names it
         self.prepare_layout()
         self.tensors, self.cache_keys["data"] = self._ensure_cache(self.examples, "labelled")
         if self.alignment_source is not None:
