@@ -28,16 +28,8 @@ from es_lightning.models import get_blocks, hidden_size, load_model
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.hooks import steer
 
-PROMPTS = [
-    "Explain why the sky is blue.",
-    "Write a short poem about the sea.",
-    "What is the capital of France, and why is it famous?",
-    "Give three tips for learning a new language.",
-    "Describe how a bicycle works.",
-    "Summarise the plot of a detective story in two sentences.",
-    "Why do cats purr?",
-    "List the planets of the solar system in order.",
-]
+from bench_steering import PROMPTS  # the steering-overhead benchmark's prompts (this script's folder is on sys.path)
+
 
 
 def parse_args() -> argparse.Namespace:
