@@ -323,6 +323,7 @@ def search_pairs(
     bounds = np.cumsum([0] + widths)
     target_fit = np.concatenate([t.fit for t in targets], axis=1)  # [n_fit, sum p_T]
     target_held = [t.heldout for t in targets]
+    held_target_raw = heldout.target.double().numpy() if objective == "reconstruction" else None  # [n_h, L_T, d_T], once
     for a, expert in enumerate(experts):
         direction = None
         if with_auc:
@@ -348,7 +349,7 @@ def search_pairs(
             if direction is not None:
                 vector = np.zeros(d_t)
                 vector[: min(d_t, len(direction))] = direction[:d_t]
-                auc[a] = _aucs(labels_held, heldout.target.double().numpy() @ vector)
+                auc[a] = _aucs(labels_held, held_target_raw @ vector)
 
     if config.rule == "depth":
         pairs = baseline
