@@ -81,6 +81,23 @@ def test_bad_evaluation_settings_fail_before_any_model_is_loaded(fitted, monkeyp
         build_cli(["test", *args, option, value, "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
 
 
+def test_fit_with_too_few_held_out_rows_for_the_pair_search_fails_before_any_model_is_loaded(fitted, tmp_path, monkeypatch):
+    _, args = fitted
+    from es_lightning.models import loading
+
+    def refuse(*a, **k):
+        pytest.fail("a model was loaded before the pair search's rows were checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    for name in ("es_lightning.data.datamodule", "es_lightning.module"):
+        monkeypatch.setattr(f"{name}.load_model", refuse, raising=False)
+    fresh = [*args, "--data.cache_dir", str(tmp_path / "empty-cache"), "--output_dir", str(tmp_path / "runs")]
+    # 30 questions x 2 rows: the 15% val split holds 8 rows, fewer than 40 Gaussian-MI components need
+    with pytest.raises(ValueError, match="Layer-pair search during fit .* 8 held-out rows.*needs at least"):
+        build_cli(["fit", *fresh, "--model.pairing.mi_options", "{n_components: 40}"])
+    assert not (tmp_path / "empty-cache" / "paired").exists()  # nothing extracted
+
+
 def test_unknown_pairing_rule_is_refused_by_the_parser_with_the_choices(fitted, capsys):
     tmp, args = fitted
     with pytest.raises(SystemExit):
