@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "es_lightning"
-LAYERS = ["io", "models", "data", "alignment", "steering", "callbacks", "evaluation", "export", "module", "console", "cli", "pipeline"]
+LAYERS = ["io", "models", "memory", "data", "alignment", "steering", "callbacks", "evaluation", "export", "module", "console", "cli", "pipeline"]
 
 
 def layer_of(module: str) -> int | None:

@@ -1,0 +1,158 @@
+"""Memory of each stage, estimated from sizes alone: host RAM and accelerator memory as a :class:`StageEstimate`.
+
+Every function takes the compute ``device``: on ``cpu`` all bytes are host bytes; on an accelerator the
+working set is device bytes and the host keeps what stays on it (loading passes the weights through host RAM).
+The interpreter, torch and the libraries (about 0.5 GiB) are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from es_lightning.memory.shapes import ModelShape, dtype_bytes
+
+GIB = 2**30
+KERNEL_COPIES = 3  # n x n float32 matrices alive at once in an RFM fit: distances, kernel and its gradient weights
+CACHE_FIXES = ("fewer layers (data.expert.layers / data.target.layers)", "a half-precision cache (data.cache_dtype: bfloat16)",
+               "fewer examples (data.data.limit)")
+
+
+def gib(n_bytes: float) -> str:
+    """``n_bytes`` as GiB with two decimals, e.g. ``1.50 GiB``."""
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """Expected peak memory of one stage. ``dominant``: the largest term, in words; ``fixes``: the config options
+    that shrink it, named in :func:`es_lightning.memory.check.check_fits`'s error."""
+
+    stage: str
+    host_bytes: int
+    device_bytes: int
+    dominant: str
+    fixes: tuple[str, ...] = ()
+    disk_bytes: int = 0
+
+    def format(self) -> str:
+        """One line, e.g. ``rfm: host 0.41 GiB, device 0.00 GiB (dominant: ...)``."""
+        disk = f", disk {gib(self.disk_bytes)}" if self.disk_bytes else ""
+        return f"{self.stage}: host {gib(self.host_bytes)}, device {gib(self.device_bytes)}{disk} (dominant: {self.dominant})"
+
+    __str__ = format
+
+
+def _on_accelerator(device: str | torch.device) -> bool:
+    return torch.device(device).type != "cpu"
+
+
+def _place(stage: str, host: dict[str, float], work: dict[str, float], device: str | torch.device, fixes: tuple[str, ...],
+           disk: float = 0, note: str = "") -> StageEstimate:
+    """Sum the named ``host`` terms on the host and the ``work`` terms on the device (on the host on cpu); the
+    largest single term becomes ``dominant``."""
+    terms = {**work, **host}
+    name = max(terms, key=terms.get)
+    dominant = f"{name} {gib(terms[name])}" + (f"; {note}" if note else "")
+    host_total, work_total = sum(host.values()), sum(work.values())
+    if _on_accelerator(device):
+        return StageEstimate(stage, int(host_total), int(work_total), dominant, fixes, int(disk))
+    return StageEstimate(stage, int(host_total + work_total), 0, dominant, fixes, int(disk))
+
+
+def _block_activations(model: ModelShape, tokens: int, rows: int, length: int, element: int) -> dict[str, float]:
+    """One decoder block's working set under no_grad for ``rows`` texts of ``length`` tokens (``tokens`` in all):
+    residual stream, attention projections, the MLP's hidden units, and the attention scores of the eager path
+    (an upper bound: SDPA's fused kernels keep far less)."""
+    projections = tokens * (4 * model.hidden + (model.heads + 2 * model.kv_heads) * model.head_dim) * element
+    mlp = tokens * (3 if model.gated_mlp else 2) * model.intermediate * element
+    scores = rows * model.heads * length * length * element
+    return {"block activations": projections + mlp, "attention scores": scores}
+
+
+def capture_estimate(model: ModelShape, dtype: str, captured_layers: int, deepest: int, batch_tokens: int, max_length: int,
+                     shard_rows: int, side: str = "expert", device: str | torch.device = "cpu") -> StageEstimate:
+    """Extraction of one model (the other is not resident): its weights in ``dtype`` plus one batch of
+    ``batch_tokens`` tokens (texts of up to ``max_length``) and the pooled float32 states of one shard on the host.
+    No logits: the forward stops after block ``deepest``, so the LM head never runs."""
+    element = dtype_bytes(dtype)
+    rows = max(1, batch_tokens // max(1, max_length))
+    work = {f"weights ({model.parameters / 1e9:.2f}B params in {dtype})": float(model.weight_bytes(dtype))}
+    work.update(_block_activations(model, batch_tokens, rows, min(max_length, batch_tokens), element))
+    host = {"pooled states of one shard": 2.0 * shard_rows * captured_layers * model.hidden * 4}  # rows, then stacked
+    if _on_accelerator(device):
+        host["weights passing through host RAM while loading"] = float(model.weight_bytes(dtype))
+    fixes = (f"fewer or shallower layers (data.{side}.layers)", f"lower precision (data.{side}.dtype: bfloat16)",
+             "a smaller token budget (data.extract_batch_tokens)", "a smaller model")
+    return _place(f"capture {side}", host, work, device, fixes, note=f"no logits: the forward stops after block {deepest}")
+
+
+def cache_estimate(n_rows: int, expert_layers: int, expert_hidden: int, target_layers: int, target_hidden: int,
+                   cache_dtype: str = "float32") -> StageEstimate:
+    """The paired cache: disk bytes, and the host bytes resident once every row has been read (memory-mapped
+    shards are paged in as stages read them; a stage reading a subset holds less)."""
+    per_row = (expert_layers * expert_hidden + target_layers * target_hidden) * dtype_bytes(cache_dtype) + 8
+    total = float(n_rows) * per_row
+    return _place("cache", {"cached rows": total}, {}, "cpu", CACHE_FIXES, disk=total, note=f"{n_rows} rows in {cache_dtype}")
+
+
+def pair_search_estimate(n_fit: int, n_heldout: int, expert_layers: int, expert_hidden: int, target_layers: int,
+                         target_hidden: int, max_components: int = 256, max_rows: int | None = 4000) -> StageEstimate:
+    """The layer-pair search (numpy, host only): every layer's PCA-reduced float64 features,
+    (n_fit + n_heldout) x max_components x (L_E + L_T), plus one layer at full width while it is being reduced."""
+    n_fit = min(n_fit, max_rows) if max_rows else n_fit
+    rows, width = n_fit + n_heldout, max(expert_hidden, target_hidden)
+    components = min(max_components, n_fit, width)
+    reduced = rows * components * (expert_layers + target_layers) * 8.0
+    one_layer = rows * width * 8.0 * 3 + min(n_fit, width) ** 2 * 8.0 * 2 + width * components * 8.0
+    terms = {"PCA-reduced features of every layer": reduced, "one layer at full width (float64)": one_layer}
+    fixes = ("fewer principal components (model.pairing.max_components)", "fewer rows (model.pairing.max_rows)",
+             "fewer layers (data.expert.layers / data.target.layers)")
+    return _place("pair search", terms, {}, "cpu", fixes)
+
+
+def autoencoder_estimate(pairs: int, expert_hidden: int, target_hidden: int, batch_size: int, n_train: int,
+                         device: str | torch.device = "cpu") -> StageEstimate:
+    """Auto-encoders of the chosen pairs: 2 x k x d_T x d_E float32 weights with gradients and AdamW's two moments,
+    a batch, and the closed-form seed (one pair's train rows and d_E x d_E Gram at a time). The cached rows
+    themselves are counted by :func:`cache_estimate`."""
+    weights = pairs * (2.0 * expert_hidden * target_hidden + expert_hidden + target_hidden) * 4
+    batch = batch_size * pairs * (expert_hidden + target_hidden) * 4.0 * 4
+    seed = n_train * (expert_hidden + target_hidden) * 4.0 + expert_hidden**2 * 4.0 * 2
+    work = {f"weights, gradients and AdamW state of {pairs} pair(s)": 4 * weights, "batch": batch, "closed-form seed": seed}
+    fixes = ("fewer pairs (model.pairing.top_k)", "a smaller batch (data.batch_size)")
+    host = {"checkpoint copy of the weights": weights} if _on_accelerator(device) else {}
+    return _place("auto-encoders", host, work, device, fixes)
+
+
+def rfm_estimate(n_rows: int, width: int, max_rows: int | None = 10_000, val_fraction: float = 0.2,
+                 device: str | torch.device = "cpu") -> StageEstimate:
+    """One RFM fit on ``min(n_rows, max_rows)`` rows of width d: the n_train^2 x 4-byte Laplace kernel
+    (:data:`KERNEL_COPIES` such matrices at once), the train x val kernel, the Mahalanobis matrix and AGOP
+    (d x d), and the features (float64 copies on the host)."""
+    n = min(n_rows, max_rows) if max_rows else n_rows
+    n_train = math.ceil((1 - val_fraction) * n)
+    kernel = float(n_train) ** 2 * 4
+    work = {f"kernel n^2 x 4 B ({KERNEL_COPIES} x {gib(kernel)} at n_train={n_train})": KERNEL_COPIES * kernel,
+            "validation kernel": float(n - n_train) * n_train * 4, "features": n * width * 4.0 * 2,
+            "Mahalanobis matrix and AGOP": width**2 * 4.0 * 2}
+    host = {"float64 features and their standardised copy": n * width * 8.0 * 2}
+    fixes = ("fewer rows (model.vectors.rfm_options.max_rows)",)
+    return _place("rfm", host, work, device, fixes)
+
+
+def evaluation_estimate(model: ModelShape, dtype: str, batch_choices: int, prompt_tokens: int, completion_tokens: int,
+                        device: str | torch.device = "cpu") -> StageEstimate:
+    """Scoring multiple-choice questions with the target: its weights, the prompts' KV cache, one batch's block
+    activations, and the completion logits batch x completion x vocab (upcast to float32, with a logsumexp copy)."""
+    element = dtype_bytes(dtype)
+    length = prompt_tokens + completion_tokens
+    work = {f"weights ({model.parameters / 1e9:.2f}B params in {dtype})": float(model.weight_bytes(dtype))}
+    work.update(_block_activations(model, batch_choices * length, batch_choices, length, element))
+    work["logits (float32)"] = batch_choices * (completion_tokens + 1) * model.vocab * 4.0 * 2
+    work["KV cache"] = batch_choices * prompt_tokens * model.layers * 2 * model.kv_heads * model.head_dim * float(element)
+    host = {"weights passing through host RAM while loading": float(model.weight_bytes(dtype))} if _on_accelerator(device) else {}
+    fixes = ("lower precision (model.target_dtype: bfloat16)", "a smaller batch (model.evaluation.batch_size)", "a smaller model")
+    return _place("evaluation", host, work, device, fixes)

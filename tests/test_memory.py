@@ -1,0 +1,136 @@
+"""Memory estimates: parameter counts from configs, how each stage scales, and the errors that name the fix."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from es_lightning.memory import (
+    ModelShape,
+    RunSettings,
+    announce,
+    autoencoder_estimate,
+    cache_estimate,
+    capture_estimate,
+    check_devices,
+    check_fits,
+    check_weights_fit,
+    estimate_stages,
+    evaluation_estimate,
+    pair_search_estimate,
+    read_shape,
+    rfm_estimate,
+    shape_from_config,
+)
+from es_lightning.memory import available, check
+
+LLAMA_8B = ModelShape("llama-8b", hidden=4096, layers=32, vocab=128256, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_gemma_dir"])
+def test_parameter_count_from_the_config_matches_the_model(fixture, request):
+    from transformers import AutoModelForCausalLM
+
+    folder = request.getfixturevalue(fixture)
+    exact = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+    assert read_shape(folder).parameters == pytest.approx(exact, rel=0.02)  # biases and q/k norms left out
+
+
+def test_llama_8b_parameters_and_weight_bytes():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=128256, intermediate_size=14336,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    shape = shape_from_config(config, "llama")
+    assert shape.parameters == 8_030_261_248  # Llama-3.1-8B's published count
+    assert shape.weight_bytes("bfloat16") * 2 == shape.weight_bytes("float32")
+
+
+def test_cache_bytes_double_with_rows_and_halve_in_bfloat16():
+    base = cache_estimate(1000, 28, 3584, 32, 4096, "float32")
+    assert base.disk_bytes == base.host_bytes > 0 and base.device_bytes == 0
+    assert cache_estimate(2000, 28, 3584, 32, 4096, "float32").host_bytes == pytest.approx(2 * base.host_bytes, rel=1e-6)
+    assert cache_estimate(1000, 28, 3584, 32, 4096, "bfloat16").disk_bytes == pytest.approx(base.disk_bytes / 2, rel=1e-3)
+    assert cache_estimate(1000, 14, 3584, 16, 4096, "float32").host_bytes == pytest.approx(base.host_bytes / 2, rel=1e-3)
+
+
+def test_rfm_grows_as_n_squared_and_stops_at_the_row_cap():
+    small, large = rfm_estimate(20_000, 64, max_rows=None), rfm_estimate(40_000, 64, max_rows=None)
+    assert large.host_bytes / small.host_bytes == pytest.approx(4, rel=0.01)  # kernel-dominated at d=64
+    assert "kernel n^2" in small.dominant
+    assert rfm_estimate(40_000, 64, max_rows=10_000) == rfm_estimate(10_000, 64, max_rows=10_000)
+
+
+def test_pair_search_is_linear_in_rows_up_to_its_cap():
+    a = pair_search_estimate(1000, 300, 28, 3584, 32, 4096, max_rows=None)
+    b = pair_search_estimate(2000, 600, 28, 3584, 32, 4096, max_rows=None)
+    assert 1.9 < b.host_bytes / a.host_bytes < 2.3  # linear terms plus the small n_fit^2 Gram
+    assert pair_search_estimate(8000, 300, 28, 3584, 32, 4096, max_rows=4000) == pair_search_estimate(4000, 300, 28, 3584, 32, 4096, max_rows=4000)
+
+
+def test_accelerator_moves_the_working_set_to_the_device():
+    cpu = capture_estimate(LLAMA_8B, "bfloat16", 32, 31, 4096, 256, 256, "target", "cpu")
+    gpu = capture_estimate(LLAMA_8B, "bfloat16", 32, 31, 4096, 256, 256, "target", "cuda")
+    assert cpu.device_bytes == 0 and gpu.device_bytes > LLAMA_8B.weight_bytes("bfloat16")
+    assert gpu.host_bytes >= LLAMA_8B.weight_bytes("bfloat16")  # loading passes the weights through host RAM
+    assert "no logits" in cpu.dominant and "weights" in cpu.dominant
+    ae = autoencoder_estimate(3, 3584, 4096, 64, 8000, "cuda")
+    assert ae.device_bytes > 16 * 3 * 2 * 3584 * 4096  # weights, gradients and two AdamW moments, 4 bytes each
+
+
+def test_evaluation_counts_the_logits():
+    small = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda")
+    large = evaluation_estimate(LLAMA_8B, "bfloat16", 32, 64, 16, "cuda")
+    logits = 16 * 17 * LLAMA_8B.vocab * 4 * 2
+    assert large.device_bytes - small.device_bytes >= logits
+
+
+def test_run_plan_lists_every_stage():
+    stages = estimate_stages(LLAMA_8B, LLAMA_8B, RunSettings(800, 200, 32, 31, 32, 31))
+    assert [s.stage for s in stages] == ["capture expert", "capture target", "cache", "pair search", "auto-encoders", "rfm", "evaluation"]
+    assert all("GiB" in s.format() for s in stages)
+
+
+def test_check_fits_names_the_fix_when_memory_is_short(monkeypatch, caplog):
+    estimate = rfm_estimate(10_000, 4096)
+    with pytest.raises(MemoryError, match=r"rfm stage will not fit.*model\.vectors\.rfm_options\.max_rows"):
+        check_fits(estimate, "cpu", host_free=2**20)
+    monkeypatch.setattr(check, "host_available_bytes", lambda: 2**20)
+    with pytest.raises(MemoryError, match=r"data\.cache_dtype: bfloat16"):
+        announce(cache_estimate(10_000, 28, 3584, 32, 4096))
+    with pytest.raises(MemoryError, match=r"cuda memory .* free.*model\.target_dtype: bfloat16"):
+        check_fits(evaluation_estimate(LLAMA_8B, "float32", 16, 64, 16, "cuda"), "cuda", host_free=2**50, device_free=2**30)
+    monkeypatch.setattr(check, "host_available_bytes", lambda: 2**50)
+    with caplog.at_level(logging.INFO, logger="es_lightning.memory.check"):
+        assert announce(estimate) is estimate
+    assert "Memory estimate, rfm: host" in caplog.text
+
+
+def test_weights_that_do_not_fit_name_the_dtype_option():
+    with pytest.raises(MemoryError, match=r"8\.03B parameters.*data\.target\.dtype: bfloat16"):
+        check_weights_fit(LLAMA_8B, "float32", "cpu", "data.target.dtype", free=20 * 2**30)
+    with pytest.raises(MemoryError, match="a smaller model") as error:
+        check_weights_fit(LLAMA_8B, "bfloat16", "cpu", "data.target.dtype", free=10 * 2**30)
+    assert "bfloat16 (half" not in str(error.value)
+    check_weights_fit(LLAMA_8B, "bfloat16", "cpu", "data.target.dtype", free=20 * 2**30)
+
+
+@pytest.mark.parametrize(("devices", "found", "fails"), [
+    (2, 1, True), (1, 1, False), ("auto", 0, True), ("auto", 2, False), ([0, 3], 2, True), ("0,1", 2, False), (-1, 0, True),
+])
+def test_devices_are_checked_against_the_visible_gpus(monkeypatch, devices, found, fails):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: found)
+    if fails:
+        with pytest.raises(ValueError, match=rf"but {found} are visible.*Fix: --trainer\.devices"):
+            check_devices("gpu", devices)
+    else:
+        check_devices("gpu", devices)
+    check_devices("cpu", 8)  # CPU processes are never refused
+
+
+def test_host_memory_is_read_from_proc():
+    free = available.host_available_bytes()
+    assert 0 < free < 2**50
+    assert available.device_available_bytes("cpu") == free
