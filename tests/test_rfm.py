@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 from xrfm.rfm_src import RFM
 
-from es_lightning.steering.rfm import KERNEL, _RFM, _ridge_solve, fit_rfm, rfm_direction
+from es_lightning.steering.rfm import KERNEL, _RFM, _ridge_solve, cap_rows, fit_rfm, rfm_direction
 
 CHEAP = {"bandwidths": (1.0,), "regs": (0.1,), "iters": 1}
 
@@ -145,3 +147,47 @@ def test_grouped_validation_split_keeps_each_group_on_one_side() -> None:
         fit_rfm(x, y, groups=groups[:10], **CHEAP)
     with pytest.raises(ValueError, match="at least 2 groups"):
         fit_rfm(x, y, groups=["same"] * 400, **CHEAP)
+
+
+def test_row_cap_keeps_whole_groups_deterministically() -> None:
+    groups = [f"q{r // 3}" for r in range(300)] + [f"w{r // 5}" for r in range(100)]  # 100 + 20 groups, sizes 3 and 5
+    kept = cap_rows(groups, 100, seed=0)
+    assert len(kept) <= 100 and len(kept) >= 96  # filled up to the cap but for the last group that would overflow it
+    chosen = {groups[r] for r in kept}
+    assert sorted(kept) == sorted(r for r, g in enumerate(groups) if g in chosen)  # every row of a chosen group
+    assert np.array_equal(kept, cap_rows(groups, 100, seed=0))
+    assert not np.array_equal(kept, cap_rows(groups, 100, seed=1))
+
+
+def test_fit_above_the_cap_subsamples_and_logs_the_kernel(caplog: pytest.LogCaptureFixture) -> None:
+    x, u, t = planted(400, 16, seed=6)
+    y, groups = (t > 0).long(), [f"q{r // 4}" for r in range(400)]
+    with caplog.at_level(logging.INFO, logger="es_lightning.steering.rfm"):
+        capped = fit_rfm(x, y, groups=groups, max_rows=200, **CHEAP)
+    assert capped.n_input == 400 and capped.n_train + capped.n_val == 200
+    assert "RFM on a seeded 200 of 400 rows (whole questions; max_rows=200)" in caplog.text and "n_train^2" in caplog.text
+    again = fit_rfm(x, y, groups=groups, max_rows=200, **CHEAP)
+    assert torch.equal(capped.direction, again.direction)
+
+
+def test_rows_within_the_cap_change_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    x, _, t = planted(300, 16, seed=2)
+    y = (t > 0).long()
+    with caplog.at_level(logging.INFO, logger="es_lightning.steering.rfm"):
+        capped = fit_rfm(x, y, max_rows=300, **CHEAP)
+    assert "seeded" not in caplog.text
+    assert torch.equal(capped.direction, fit_rfm(x, y, max_rows=None, **CHEAP).direction)
+    with pytest.raises(ValueError, match="max_rows must be at least 10"):
+        fit_rfm(x, y, max_rows=5, **CHEAP)
+
+
+def test_device_argument_reaches_the_kernel_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from es_lightning.steering import rfm
+
+    seen = []
+    original = rfm._fit_one
+    monkeypatch.setattr(rfm, "_fit_one", lambda *args: seen.append(args[-1]) or original(*args))
+    x, _, t = planted(200, 8, seed=3)
+    fit_rfm(x, (t > 0).long(), device="cpu", **CHEAP)
+    fit_rfm(x.numpy(), (t > 0).long(), **CHEAP)  # default: the device of X (cpu for arrays)
+    assert seen == [torch.device("cpu"), torch.device("cpu")]

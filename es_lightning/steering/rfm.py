@@ -27,10 +27,17 @@ rule ``∇_x f = D⁻¹ ∇_s f`` with ``D = diag(σ)``, so the AGOP in the orig
 ``D⁻¹ M_s D⁻¹``; ``RFMResult.agop`` and ``RFMResult.direction`` are always in the original coordinates
 of ``X`` (a feature with tiny σ gets a large weight there, because a unit step along it is many
 standard deviations).
+
+Memory and device: the kernel matrix of the final refit is n_train x n_train float32 (n_train^2 x 4 bytes, about
+three such matrices alive at once: distances, kernel, gradient weights), so rows beyond ``max_rows`` (default
+10,000: 8,000 training rows, 0.24 GiB per matrix) are dropped first by a seeded subsample of whole groups. The fit
+runs on ``device`` (callers pass the trainer's root device; default: the device of ``X``) in float32 whatever the
+model dtype: a Cholesky solve of the kernel in half precision is unsound.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +47,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from xrfm.rfm_src import RFM
+
+log = logging.getLogger(__name__)
 
 KERNEL = "l2_high_dim"
 _MAX_RIDGE_RAISES = 6
@@ -64,6 +73,7 @@ class RFMResult:
     n_train: int = 0
     n_val: int = 0
     n_grid_train: int = 0  # training points used in the grid search
+    n_input: int = 0  # rows given; more than n_train + n_val when max_rows subsampled them
     fit_seconds: float = 0.0  # wall time of the whole fit_rfm call
 
 
@@ -114,6 +124,9 @@ class _Labels:
     classes: np.ndarray  # [n] class index per row
     positive: np.ndarray  # [n] float, 1 for the positive class
     metric: str
+
+    def take(self, rows: np.ndarray) -> "_Labels":
+        return _Labels(self.targets[torch.from_numpy(rows)], self.classes[rows], self.positive[rows], self.metric)
 
 
 def _check_labels(y: torch.Tensor | np.ndarray, n: int, positive_class: int) -> _Labels:
@@ -180,6 +193,28 @@ def _grouped_split(classes: np.ndarray, groups: Sequence, fraction: float, rng: 
     )
 
 
+def cap_rows(groups: Sequence, max_rows: int, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded subsample of whole groups holding at most ``max_rows`` rows (groups are taken
+    in a seeded random order; one that would overflow the cap is skipped)."""
+    members: dict = {}
+    for row, group in enumerate(groups):
+        members.setdefault(group, []).append(row)
+    keys = list(members)
+    chosen: list[int] = []
+    for k in np.random.default_rng([seed, 1]).permutation(len(keys)):  # its own stream: the split's draws are unchanged
+        rows = members[keys[k]]
+        if len(chosen) + len(rows) <= max_rows:
+            chosen.extend(rows)
+        if len(chosen) == max_rows:
+            break
+    return np.sort(np.array(chosen, dtype=np.int64))
+
+
+def kernel_bytes(n_train: int) -> int:
+    """Bytes of one n_train x n_train float32 kernel matrix."""
+    return 4 * n_train * n_train
+
+
 def _score(model: RFM, x_val: torch.Tensor, labels: _Labels, val_idx: np.ndarray) -> float:
     pred = model.predict(x_val).detach().cpu().double().numpy()
     if labels.metric == "auc":
@@ -234,8 +269,9 @@ def fit_rfm(
     standardize: bool = True,
     positive_class: int = 1,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     groups: Sequence | None = None,
+    max_rows: int | None = 10_000,
 ) -> RFMResult:
     """Fit an RFM classifier on ``X`` [n, d] and labels ``y`` ([n] 0/1 or [n, c] one-hot); return its AGOP and direction.
 
@@ -251,14 +287,36 @@ def fit_rfm(
     ``seed`` fixes the split, the subsample and xrfm's internal sampling; the global torch RNG is untouched.
     ``groups`` (one key per row, e.g. the question): the validation split takes whole groups, so rows of one
     question never fall on both sides; without groups it is stratified by label over rows.
+
+    ``max_rows`` (default 10,000; None: no cap): above it, a seeded subsample of whole groups (of rows without
+    ``groups``) is fitted, and an INFO line says so. The kernel takes n_train^2 x 4 bytes per matrix, about three
+    at once. ``device``: where the kernels are computed, in float32; pass the trainer's root device
+    (``trainer.strategy.root_device``); None: the device of ``X`` (cpu for arrays).
     """
     start = time.perf_counter()
+    if device is None:
+        device = X.device if isinstance(X, torch.Tensor) else "cpu"
     x_np = X.detach().cpu().double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
     _check_options(x_np.shape, iters, bandwidths, regs, val_fraction, grid_max_train)
-    n, d = x_np.shape
+    if max_rows is not None and max_rows < 10:
+        raise ValueError(f"max_rows must be at least 10 or None (no cap), got {max_rows!r}; the default is 10000.")
+    n_input, d = x_np.shape
     if not np.isfinite(x_np).all():
         raise ValueError("X contains NaN or Inf values; drop or impute those rows before fitting the RFM.")
-    labels = _check_labels(y, n, positive_class)
+    labels = _check_labels(y, n_input, positive_class)
+    if groups is not None and len(groups) != n_input:
+        raise ValueError(f"groups must hold one key per row of X ({n_input}), got {len(groups)}.")
+    if max_rows is not None and n_input > max_rows:
+        kept = cap_rows(list(groups) if groups is not None else range(n_input), max_rows, seed)
+        if not len(kept):
+            raise ValueError(f"Every group has more than max_rows={max_rows} rows; raise max_rows.")
+        x_np, labels = x_np[kept], labels.take(kept)
+        groups = [groups[r] for r in kept] if groups is not None else None
+        n_train = len(kept) - round(val_fraction * len(kept))
+        log.info("RFM on a seeded %d of %d rows (whole %s; max_rows=%d): its n_train^2 float32 kernel takes %.2f GiB "
+                 "per matrix at n_train~%d, about 3 alive at once.", len(kept), n_input,
+                 "questions" if groups is not None else "rows", max_rows, kernel_bytes(n_train) / 2**30, n_train)
+    n = len(x_np)
     _check_class_counts(labels.classes, labels.targets.shape[1] if labels.metric == "accuracy" else 2)
 
     mean = x_np.mean(axis=0)
@@ -268,8 +326,6 @@ def fit_rfm(
 
     rng = np.random.default_rng(seed)
     if groups is not None:
-        if len(groups) != n:
-            raise ValueError(f"groups must hold one key per row of X ({n}), got {len(groups)}.")
         train_idx, val_idx = _grouped_split(labels.classes, list(groups), val_fraction, rng)
     else:
         train_idx, val_idx = _stratified_split(labels.classes, val_fraction, rng)
@@ -317,6 +373,7 @@ def fit_rfm(
         n_train=len(train_idx),
         n_val=len(val_idx),
         n_grid_train=len(grid_idx),
+        n_input=n_input,
         fit_seconds=time.perf_counter() - start,
     )
 
