@@ -16,6 +16,7 @@ from es_lightning.console import configure, verbosity_from_flags
 from es_lightning.module import ExpertSteer
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_checkpoint_io, ensure_writable_dir
+from es_lightning.memory import check_devices
 
 
 MIN_FREE_BYTES = 200 * 2**20  # checkpoints, bundles and reports of the default run need well under this
@@ -51,6 +52,7 @@ class ESLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_devices(config.trainer.accelerator, config.trainer.devices)  # before Lightning's own, less clear error
         run_dir = Path(config.output_dir) / config.run_name
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir)

@@ -18,6 +18,7 @@ from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.stage import CrossValidatedTest, check_folds, evaluation_folds
 from es_lightning.evaluation.report import chosen_coefficients, load_report
 from es_lightning.io import sha256_file, sha256_json
+from es_lightning.memory import check_model_fits
 from es_lightning.models.loading import LoadedModel, load_model
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.generation import GenerationSettings, generate, uses_chat_template
@@ -96,8 +97,9 @@ class ExpertSteer(AlignmentAutoEncoder):
 
     # ---------------------------------------------------------------------------------- checks
     def prepare_data(self) -> None:
-        """Settings checked against the data and the models' configs before any model weights are loaded: the
-        pairing's ``top_k`` against the captured layers, and enough held-out rows for the pair search (the val
+        """Settings checked against the data and the models' configs before any model weights are loaded: each
+        model's weights in its dtype against the free memory of the trainer's device, the pairing's ``top_k``
+        against the captured layers, and enough held-out rows for the pair search (the val
         split during ``fit``; each fold's train questions in a nested ``test``)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "prepare_layout"):
@@ -106,6 +108,12 @@ class ExpertSteer(AlignmentAutoEncoder):
         if stage not in ("fit", "test"):
             return
         layout = datamodule.prepare_layout()
+        device = self.trainer.strategy.root_device  # each model is checked alone: they are loaded one at a time
+        for side in ("target",) if stage == "test" else ("expert", "target"):
+            own = side == "target" and stage == "test"  # test loads the target in model.target_dtype when set
+            dtype = (own and self.target_dtype) or getattr(datamodule, f"{side}_spec").dtype
+            option = "model.target_dtype" if own else f"data.{side}.dtype"
+            check_model_fits(getattr(layout, side).directory, getattr(layout, side).name, dtype, device, option)
         if self.objective == "paired" and self.declared_layer_map is None:
             self.pairing.pairing_rule.check_fits(len(layout.expert_layers), len(layout.target_layers))
         if stage == "fit" and self.objective == "paired" and self.declared_layer_map is None:

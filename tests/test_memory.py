@@ -134,3 +134,31 @@ def test_host_memory_is_read_from_proc():
     free = available.host_available_bytes()
     assert 0 < free < 2**50
     assert available.device_available_bytes("cpu") == free
+
+
+def _no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pre-flight check")
+
+    monkeypatch.setattr("es_lightning.models.loading.load_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+
+
+def test_more_devices_than_gpus_fails_before_any_model_loads(monkeypatch, run_args, tmp_path):
+    from es_lightning.cli import main
+
+    _no_model_loads(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"trainer\.devices=2 asks for 2 gpu device\(s\), but 0 are visible"):
+        main(["fit", *run_args, "--trainer.accelerator", "gpu", "--trainer.devices", "2"])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_too_large_for_free_memory_fails_before_loading(monkeypatch, run_args, tmp_path):
+    from es_lightning.cli import main
+
+    _no_model_loads(monkeypatch)
+    monkeypatch.setattr(check, "device_available_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"in float32, but cpu has 0\.00 GiB free\. Fix: data\.expert\.dtype: bfloat16"):
+        main(["fit", *run_args])
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))

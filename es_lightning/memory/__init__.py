@@ -1,6 +1,6 @@
 """Memory estimates per stage from the configs alone, and checks that refuse work that will not fit."""
 
-from es_lightning.memory.check import announce, check_devices, check_fits, check_weights_fit
+from es_lightning.memory.check import announce, check_devices, check_fits, check_model_fits, check_weights_fit
 from es_lightning.memory.estimate import (
     StageEstimate,
     autoencoder_estimate,
@@ -15,6 +15,6 @@ from es_lightning.memory.shapes import ModelShape, read_shape, shape_from_config
 
 __all__ = [
     "ModelShape", "RunSettings", "StageEstimate", "announce", "autoencoder_estimate", "cache_estimate", "capture_estimate",
-    "check_devices", "check_fits", "check_weights_fit", "estimate_stages", "evaluation_estimate", "pair_search_estimate", "read_shape",
+    "check_devices", "check_fits", "check_model_fits", "check_weights_fit", "estimate_stages", "evaluation_estimate", "pair_search_estimate", "read_shape",
     "rfm_estimate", "shape_from_config",
 ]

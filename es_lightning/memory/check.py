@@ -10,7 +10,8 @@ import torch
 
 from es_lightning.memory.available import accelerator_count, device_available_bytes, host_available_bytes
 from es_lightning.memory.estimate import StageEstimate, gib
-from es_lightning.memory.shapes import ModelShape
+from es_lightning.memory.shapes import ModelShape, read_shape
+from es_lightning.models.loading import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def check_devices(accelerator: str, devices) -> None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None and accelerator != "mps" else ""
     raise ValueError(
-        f"trainer.devices={devices!r} asks for {wanted if wanted is not None else 'at least one'} {accelerator} "
+        f"trainer.devices={devices} asks for {wanted if wanted is not None else 'at least one'} {accelerator} "
         f"device(s), but {found} are visible{where}. Fix: --trainer.devices {max(found, 1) if found else 1} "
         f"{'(or auto)' if found else 'with --trainer.accelerator cpu'}, or run where more are available."
     )
@@ -84,3 +85,9 @@ def check_weights_fit(shape: ModelShape, dtype: str, device: str | torch.device,
         f"{shape.name} has {shape.parameters / 1e9:.2f}B parameters: {gib(needed)} in {dtype}, but {torch.device(device)} "
         f"has {gib(free)} free. Fix: {half}a smaller model, or a device with more memory."
     )
+
+
+def check_model_fits(directory: str, name: str, dtype: str, device: str | torch.device, option: str) -> None:
+    """:func:`check_weights_fit` for a model directory (its config only) and a config dtype (``auto`` resolved for
+    ``device`` as the loader does)."""
+    check_weights_fit(read_shape(directory, name), dtype_name(dtype, device), device, option)
