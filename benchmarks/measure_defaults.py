@@ -56,7 +56,7 @@ def main() -> None:
     dm, model = cli.datamodule, cli.model
     dm.setup("fit")
     layout = dm.layout
-    split = {name: dm.split(name) for name in ("train", "val", "test")}
+    split = {name: dm.states(name, layout.expert_layers, layout.target_layers) for name in ("train", "val", "test")}
     rows = {name: PairedRows(s["expert"], s["target"], s["label"], dm.split_groups(name)) for name, s in split.items()}
     test = split["test"]
     e_index, t_index = layout.expert_layers.index, layout.target_layers.index
@@ -112,7 +112,8 @@ def main() -> None:
 
     seeded = autoencoder()
     seeded.build(layout, dict(pairs))
-    seeded.fit_statistics_and_init(dm.alignment_split()["expert"], dm.alignment_split()["target"])
+    alignment = dm.states("alignment", layout.expert_layers, layout.target_layers)
+    seeded.fit_statistics_and_init(alignment["expert"], alignment["target"])
     start = time.perf_counter()
     trained = autoencoder()
     L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

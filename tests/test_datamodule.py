@@ -21,9 +21,14 @@ def make_dm(expert_dir, target_dir, data_path, cache_dir, **kwargs):
     return PairedHiddenStatesDataModule(expert, target, source, cache_dir=str(cache_dir), shard_size=16, batch_size=8, progress=False, **kwargs)
 
 
-def build_log(dm):
+def build_log(dm, side="target"):
     path = Path(dm.cache_dir) / "paired" / dm.cache_keys["data"] / "build-log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [entry for line in path.read_text().splitlines() if (entry := json.loads(line))["side"] == side]
+
+
+def everything(dm, side):
+    """Every cached layer of every row of one side, read through the store."""
+    return dm.store.read(side, None, dm.store.layers(side))
 
 
 def test_batches_pair_two_models_of_different_widths_and_tokenizers(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
@@ -50,7 +55,7 @@ def test_cache_round_trip_equals_fresh_extraction(tiny_gpt2_dir, tiny_llama_dir,
     loaded = load_model(str(tiny_llama_dir))
     texts = [e.prompt + e.completion for e in dm.examples[:10]]
     fresh, _ = capture_texts(loaded.model, loaded.tokenizer, texts, [1, 3], "last", batch_size=4)
-    torch.testing.assert_close(again.tensors["target"][:10], fresh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(everything(again, "target")[:10], fresh, rtol=1e-5, atol=1e-5)
 
 
 def test_changed_template_or_layers_builds_a_new_cache(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
@@ -98,11 +103,11 @@ def test_killed_build_resumes_from_finished_shards(tiny_gpt2_dir, tiny_llama_dir
     real = cache_module.PairedCache.write_shard
     calls = {"n": 0}
 
-    def dying(self, shard, *args, **kwargs):
-        if calls["n"] == 2:
+    def dying(self, shard, side, *args, **kwargs):
+        if calls["n"] == 7:  # all 5 expert sides and 2 target sides written
             raise KeyboardInterrupt("killed")
         calls["n"] += 1
-        return real(self, shard, *args, **kwargs)
+        return real(self, shard, side, *args, **kwargs)
 
     monkeypatch.setattr(cache_module.PairedCache, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -110,23 +115,25 @@ def test_killed_build_resumes_from_finished_shards(tiny_gpt2_dir, tiny_llama_dir
     monkeypatch.setattr(cache_module.PairedCache, "write_shard", real)
     resumed = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
     resumed.setup("fit")
-    assert sorted(entry["shard"] for entry in build_log(resumed)) == [0, 1, 2, 3, 4]  # each shard extracted once
+    for side in ("expert", "target"):
+        assert sorted(entry["shard"] for entry in build_log(resumed, side)) == [0, 1, 2, 3, 4]  # each shard side extracted once
     assert not list((Path(resumed.cache_dir) / "paired" / resumed.cache_keys["data"]).glob("*.tmp"))
     fresh = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path / "fresh")
     fresh.setup("fit")
-    torch.testing.assert_close(resumed.tensors["expert"], fresh.tensors["expert"])
+    for side in ("expert", "target"):
+        torch.testing.assert_close(everything(resumed, side), everything(fresh, side))
 
 
 def test_corrupted_shard_is_rebuilt(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, caplog):
     dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
     dm.setup("fit")
-    shard = Path(dm.cache_dir) / "paired" / dm.cache_keys["data"] / "shard-00001.safetensors"
+    shard = Path(dm.cache_dir) / "paired" / dm.cache_keys["data"] / "shard-00001.target.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, as a crash mid-copy would leave it
     again = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
     again.setup("fit")
     assert "rebuilt" in caplog.text
     assert [entry["shard"] for entry in build_log(again)].count(1) == 2
-    torch.testing.assert_close(again.tensors["target"], dm.tensors["target"])
+    torch.testing.assert_close(everything(again, "target"), everything(dm, "target"))
 
 
 def test_alignment_source_trains_on_unlabelled_texts(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
@@ -207,7 +214,8 @@ def test_two_runs_on_one_cache_do_not_collide(tiny_gpt2_dir, tiny_llama_dir, mc_
         f"dm = PairedHiddenStatesDataModule(ModelSpec({str(tiny_gpt2_dir)!r}), ModelSpec({str(tiny_llama_dir)!r}, layers=[1, 3]),\n"
         f"    DataSource({str(mc_jsonl)!r}), cache_dir={str(tmp_path / 'cache')!r}, shard_size=8, progress=False)\n"
         "dm.setup('fit')\n"
-        "print(hashlib.sha256(dm.tensors['expert'].numpy().tobytes() + dm.tensors['target'].numpy().tobytes()).hexdigest())\n"
+        "states = [dm.store.read(side, None, dm.store.layers(side)) for side in ('expert', 'target')]\n"
+        "print(hashlib.sha256(states[0].numpy().tobytes() + states[1].numpy().tobytes()).hexdigest())\n"
     )
     procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -216,7 +224,7 @@ def test_two_runs_on_one_cache_do_not_collide(tiny_gpt2_dir, tiny_llama_dir, mc_
     assert len(digests) == 1
     key_dir = next((tmp_path / "cache" / "paired").iterdir())
     shards = [json.loads(line)["shard"] for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
-    assert sorted(shards) == list(range(10))  # 79 examples / 8 per shard: each built exactly once by one of the runs
+    assert sorted(shards) == sorted(list(range(10)) * 2)  # 79 examples / 8 per shard: each built exactly once by one of the runs
     assert not list(key_dir.glob("*.tmp"))
 
 

@@ -73,8 +73,9 @@ def test_chosen_map_carries_directions_between_the_true_layers():
     linear = outcome.linear[0]  # expert 0 -> target 7
     assert linear.shape == (12, 10)
     labels = rows.labels.bool()
-    expert_direction = rows.expert[labels, 0].mean(0) - rows.expert[~labels, 0].mean(0)
-    target_direction = rows.target[labels, 7].mean(0) - rows.target[~labels, 7].mean(0)
+    expert, target = rows.expert.layer(0), rows.target.layer(7)
+    expert_direction = expert[labels].mean(0) - expert[~labels].mean(0)
+    target_direction = target[labels].mean(0) - target[~labels].mean(0)
     assert torch.nn.functional.cosine_similarity(linear @ expert_direction, target_direction, dim=0) > 0.8
 
 

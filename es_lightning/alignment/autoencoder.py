@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -161,18 +162,31 @@ class AlignmentAutoEncoder(L.LightningModule):
     # ---------------------------------------------------------------------------- initialisation
     @torch.no_grad()
     def fit_statistics_and_init(self, expert: torch.Tensor, target: torch.Tensor) -> None:
-        """Standardisation statistics from the train split, then the closed-form seed of the weights."""
-        expert = expert[:, self.expert_index]
-        self.expert_mean.copy_(expert.mean(0))
-        self.expert_scale.copy_((expert - expert.mean(0)).pow(2).sum(-1).mean(0).sqrt().clamp_min(1e-6) / expert.shape[-1] ** 0.5)
-        self.target_mean.copy_(target.mean(0))
-        self.target_scale.copy_((target - target.mean(0)).pow(2).sum(-1).mean(0).sqrt().clamp_min(1e-6) / target.shape[-1] ** 0.5)
-        xs = (expert - self.expert_mean) / self.expert_scale[:, None]
-        ys = (target - self.target_mean) / self.target_scale[:, None]
-        d_e, d_t = xs.shape[-1], ys.shape[-1]
+        """Standardisation statistics and the closed-form seed from in-memory train states ``[n, L_cached, d]``."""
+        expert_pos = {layer: k for k, layer in enumerate(self.layout.expert.layers)}
+        target_pos = {layer: k for k, layer in enumerate(self.layout.target.layers)}
+        self.init_from_layers(lambda i: expert[:, expert_pos[i]], lambda j: target[:, target_pos[j]])
+
+    @staticmethod
+    def _statistics(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = states.mean(0)
+        return mean, (states - mean).pow(2).sum(-1).mean().sqrt().clamp_min(1e-6) / states.shape[-1] ** 0.5
+
+    @torch.no_grad()
+    def init_from_layers(self, expert_layer: Callable[[int], torch.Tensor], target_layer: Callable[[int], torch.Tensor]) -> None:
+        """Standardisation statistics from the train split, then the closed-form seed of the weights.
+
+        ``expert_layer(i)``/``target_layer(j)`` return the train states ``[n, d]`` of one block; each layer is read
+        on its own (every target layer once for its statistics, each trained pair once more for its seed), so the
+        whole cache is never in memory."""
+        for b, j in enumerate(self.layout.target.layers):
+            self.target_mean[b], self.target_scale[b] = self._statistics(target_layer(j).double())
         ridge = self.ridge if self.ridge is not None else (self.planned_ridge if self.planned_ridge is not None else 1e-2)
-        for k in range(xs.shape[1]):
-            x = xs[:, k].double()
+        for k, i in enumerate(self.trained_layers):
+            raw = expert_layer(i).double()
+            self.expert_mean[k], self.expert_scale[k] = self._statistics(raw)
+            x = (raw - self.expert_mean[k].double()) / self.expert_scale[k].double()
+            d_e, d_t = x.shape[-1], self.layout.target.hidden_size
             if not self.closed_form_init:
                 nn.init.xavier_uniform_(self.enc_weight.data[k])
                 nn.init.xavier_uniform_(self.dec_weight.data[k])
@@ -180,7 +194,8 @@ class AlignmentAutoEncoder(L.LightningModule):
             x_mean = x.mean(0)
             xc = x - x_mean
             if self.objective == "paired":
-                y = ys[:, self.paired_index[k]].double()
+                b = int(self.paired_index[k])
+                y = (target_layer(self.layout.target.layers[b]).double() - self.target_mean[b].double()) / self.target_scale[b].double()
                 w = _ridge(xc, y - y.mean(0), ridge)  # [d_E, d_T]
                 enc_w, enc_b = w.T, y.mean(0) - x_mean @ w
             else:
@@ -211,8 +226,8 @@ class AlignmentAutoEncoder(L.LightningModule):
             return  # the checkpoint, restored after setup, builds the module with its own trained layers
         self.build(datamodule.layout, self._layer_map_for(datamodule.layout))
         self.cache_keys = dict(datamodule.cache_keys)
-        train = datamodule.alignment_split()
-        self.fit_statistics_and_init(train["expert"], train["target"])
+        self.init_from_layers(lambda i: datamodule.states("alignment", expert_layers=[i])["expert"][:, 0],
+                              lambda j: datamodule.states("alignment", target_layers=[j])["target"][:, 0])
 
     # --------------------------------------------------------------------------------- steps
     def on_validation_start(self) -> None:

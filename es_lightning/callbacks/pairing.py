@@ -69,11 +69,12 @@ class LayerPairingCallback(WhenTrainingEnds):
         start = time.perf_counter()
 
         def compute() -> dict:
-            fit = datamodule.alignment_split()
-            val = datamodule.split("val")
+            fit_labels = datamodule.states("alignment")["label"]  # states are read one layer at a time by the search
             outcome = search_pairs(
-                PairedRows(fit["expert"], fit["target"], fit["label"] if (fit["label"] >= 0).all() else None, datamodule.alignment_groups()),
-                PairedRows(val["expert"], val["target"], val["label"], datamodule.split_groups("val")),
+                PairedRows(datamodule.layer_rows("alignment", "expert"), datamodule.layer_rows("alignment", "target"),
+                           fit_labels if (fit_labels >= 0).all() else None, datamodule.alignment_groups()),
+                PairedRows(datamodule.layer_rows("val", "expert"), datamodule.layer_rows("val", "target"),
+                           datamodule.states("val")["label"], datamodule.split_groups("val")),
                 layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, config, "paired",
             )
             return outcome.result.to_dict()
@@ -87,7 +88,7 @@ class LayerPairingCallback(WhenTrainingEnds):
     @torch.no_grad()
     def _reconstruction_pairs(self, pl_module, datamodule) -> dict:
         layout, config = pl_module.layout, pl_module.pairing
-        val = datamodule.split("val")
+        val = datamodule.states("val", expert_layers=layout.expert_layers, target_layers=layout.target_layers)  # every layer is scored
         config.check_rows(len(val["label"]), len(val["label"]), "Layer pairing on the val split")
         xs, ys = pl_module.standardise(val["expert"].to(pl_module.device), val["target"].to(pl_module.device))
         encoded = pl_module.encode(xs).cpu()

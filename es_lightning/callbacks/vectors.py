@@ -27,14 +27,15 @@ def bundles_for(pl_module, datamodule, config: VectorConfig) -> list[SteeringBun
     for i, j in pairs:
         if i not in layout.expert_layers or j not in layout.target_layers:
             raise ValueError(f"Pair {(i, j)} is not among the cached layers; the pairing and the cache disagree.")
-    states = datamodule.split("train")
+    expert_layers, target_layers = list(dict.fromkeys(i for i, _ in pairs)), list(dict.fromkeys(j for _, j in pairs))
+    states = datamodule.states("train", expert_layers, target_layers)  # only the chosen pairs' layers
     inputs = VectorInputs(
         expert=states["expert"], target=states["target"], labels=states["label"],
-        expert_layers=layout.expert_layers, target_layers=layout.target_layers,
+        expert_layers=expert_layers, target_layers=target_layers,
         encoder_linear=lambda i: pl_module.encoder_linear(i).cpu(), rfm_options=dict(config.rfm_options), seed=config.seed,
         groups=datamodule.split_groups("train"),
     )
-    norms = layer_norms(states["target"], layout.target_layers, [j for _, j in pairs])
+    norms = layer_norms(states["target"], target_layers, [j for _, j in pairs])
     target = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)
     expert = ModelIdentity(layout.expert.name, layout.expert.fingerprint, layout.expert.model_type)
     bundles = []

@@ -1,10 +1,12 @@
 """The paired hidden-state cache: both models' pooled block outputs for the same examples, in shards.
 
-Layout under ``<cache_dir>/paired/<key>/``: ``meta.json`` (what the key covers, sizes) and
-``shard-NNNNN.safetensors`` (``expert [n, L_E, d_E]``, ``target [n, L_T, d_T]``, ``label [n]``,
-``row [n]``, float32), plus ``build-log.jsonl`` with one line per shard extraction. Every file is
-written to a temporary name and renamed, so readers never see half a file and two runs that build the
-same shard at once both leave a whole one.
+Layout under ``<cache_dir>/paired/<key>/``: ``meta.json`` (what the key covers, sizes, storage dtype) and per shard
+one file per model, ``shard-NNNNN.expert.safetensors`` (``states [n, L_E, d_E]``) and
+``shard-NNNNN.target.safetensors`` (``states [n, L_T, d_T]``), each with ``label [n]`` and ``row [n]``; states are
+stored in ``dtype`` (float32, bfloat16 or float16) and read back as float32 (:mod:`es_lightning.data.store`).
+One file per model lets extraction run one model at a time over every shard. ``build-log.jsonl`` has one line
+per shard side extracted. Every file is written to a temporary name and renamed, so readers never see half a
+file and two runs that build the same shard at once both leave a whole one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from es_lightning.data.examples import Example
 from es_lightning.io import atomic_path, atomic_write_json, sha256_json
@@ -30,7 +32,29 @@ from es_lightning.models.spec import ModelInfo, ModelSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+SIDES = ("expert", "target")
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CacheDtypeError(ValueError):
+    """A cache written in one storage precision, read with another."""
+
+
+def check_cache_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``cache_dtype`` setting, with a clear error for anything else."""
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype={name!r} is not supported: use one of {list(CACHE_DTYPES)}.")
+    return CACHE_DTYPES[name]
+
+
+def dtype_mismatch(found: str, expected: str, where: str, alternative: str = "") -> CacheDtypeError:
+    """The error for a cache stored in ``found`` read by a run configured for ``expected``."""
+    alternative = alternative or f"delete it to rebuild it in {expected}"
+    return CacheDtypeError(
+        f"{where} stores hidden states in {found}, but this run reads the cache as {expected} (data.cache_dtype). "
+        f"Fix: set data.cache_dtype: {found}, or {alternative}."
+    )
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,7 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return sha256_json([[e.id, e.group, e.prompt, e.completion, e.label] for e in examples])
 
 
-def cache_key(layout: PairedLayout, expert: ModelSpec, target: ModelSpec, data_fingerprint: str) -> str:
+def cache_key(layout: PairedLayout, expert: ModelSpec, target: ModelSpec, data_fingerprint: str, dtype: str = "float32") -> str:
     """A key that changes whenever anything that affects the cached numbers changes."""
     def model_part(info: ModelInfo, spec: ModelSpec) -> dict:
         return {
@@ -73,22 +97,24 @@ def cache_key(layout: PairedLayout, expert: ModelSpec, target: ModelSpec, data_f
         }
 
     return sha256_json({
-        "format": CACHE_FORMAT, "pooling": layout.pooling, "data": data_fingerprint,
+        "format": CACHE_FORMAT, "pooling": layout.pooling, "data": data_fingerprint, "cache_dtype": dtype,
         "expert": model_part(layout.expert, expert), "target": model_part(layout.target, target),
     })[:20]
 
 
 class PairedCache:
-    """Shards of paired hidden states for ``n`` examples under one key."""
+    """Shards of paired hidden states for ``n`` examples under one key, stored in ``dtype``."""
 
-    def __init__(self, root: str | Path, key: str, n_examples: int, shard_size: int, layout: PairedLayout):
+    def __init__(self, root: str | Path, key: str, n_examples: int, shard_size: int, layout: PairedLayout, dtype: str = "float32"):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
+        self.storage = check_cache_dtype(dtype)
         self.directory = Path(root) / "paired" / key
         self.key = key
         self.n_examples = n_examples
         self.shard_size = shard_size
         self.layout = layout
+        self.dtype = dtype
 
     @property
     def n_shards(self) -> int:
@@ -97,20 +123,35 @@ class PairedCache:
     def shard_rows(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.n_examples))
 
-    def shard_path(self, shard: int) -> Path:
-        return self.directory / f"shard-{shard:05d}.safetensors"
+    def shard_path(self, shard: int, side: str) -> Path:
+        return self.directory / f"shard-{shard:05d}.{side}.safetensors"
+
+    def info(self, side: str):
+        """The :class:`ModelInfo` of one side."""
+        return self.layout.expert if side == "expert" else self.layout.target
 
     def write_meta(self, extra: dict) -> None:
         """Write ``meta.json`` (atomic; identical content from every writer)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.directory / "meta.json", {
-            "format": CACHE_FORMAT, "key": self.key, "n_examples": self.n_examples,
-            "shard_size": self.shard_size, "layout": self.layout.to_dict(), **extra,
+            "format": CACHE_FORMAT, "key": self.key, "n_examples": self.n_examples, "shard_size": self.shard_size,
+            "cache_dtype": self.dtype, "layout": self.layout.to_dict(), **extra,
         })
 
-    def shard_is_valid(self, shard: int) -> bool:
-        """True if the shard file exists, opens, and its metadata and shapes match this cache."""
-        path = self.shard_path(shard)
+    def check_meta(self) -> None:
+        """Refuse a cache folder whose ``meta.json`` names another storage dtype than this run's."""
+        path = self.directory / "meta.json"
+        if path.exists():
+            found = json.loads(path.read_text()).get("cache_dtype", "float32")
+            if found != self.dtype:
+                raise dtype_mismatch(found, self.dtype, f"The cache {self.directory}")
+
+    def shard_is_valid(self, shard: int, side: str) -> bool:
+        """True if one side's shard file exists, opens, and its metadata and shapes match this cache.
+
+        A shard stored in another dtype than this cache's is a :class:`CacheDtypeError`, not a silent rebuild.
+        """
+        path = self.shard_path(shard, side)
         if not path.exists():
             return False
         rows = self.shard_rows(shard)
@@ -118,38 +159,44 @@ class PairedCache:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+                stored = handle.get_slice("states").get_dtype() if "states" in shapes else None
         except Exception as err:  # noqa: BLE001 - any unreadable shard is rebuilt
             log.warning("Cache shard %s is unreadable (%s); it will be rebuilt.", path.name, err)
             return False
-        expected = {
-            "expert": [len(rows), len(self.layout.expert.layers), self.layout.expert.hidden_size],
-            "target": [len(rows), len(self.layout.target.layers), self.layout.target.hidden_size],
-            "label": [len(rows)], "row": [len(rows)],
-        }
-        if meta.get("key") != self.key or meta.get("rows") != f"{rows.start}:{rows.stop}" or shapes != expected:
+        if meta.get("key") == self.key and meta.get("dtype", "float32") != self.dtype:
+            raise dtype_mismatch(meta.get("dtype", "float32"), self.dtype, f"Cache shard {path}")
+        info = self.info(side)
+        expected = {"states": [len(rows), len(info.layers), info.hidden_size], "label": [len(rows)], "row": [len(rows)]}
+        if meta.get("key") != self.key or meta.get("rows") != f"{rows.start}:{rows.stop}" or shapes != expected or stored != _SAFETENSORS_DTYPES[self.dtype]:
             log.warning("Cache shard %s does not match this cache's metadata; it will be rebuilt.", path.name)
             return False
         return True
 
-    def missing_shards(self) -> list[int]:
-        return [s for s in range(self.n_shards) if not self.shard_is_valid(s)]
+    def missing_shards(self, side: str | None = None) -> list[int]:
+        """Shards lacking a valid file for ``side`` (either side when None)."""
+        sides = SIDES if side is None else (side,)
+        return [s for s in range(self.n_shards) if not all(self.shard_is_valid(s, x) for x in sides)]
 
-    def write_shard(self, shard: int, expert: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, rank: int = 0) -> None:
-        """Write one shard atomically and append a line to the build log."""
+    def write_shard(self, shard: int, side: str, states: torch.Tensor, labels: torch.Tensor, rank: int = 0) -> None:
+        """Write one side of one shard atomically (states in the cache's dtype) and append a line to the build log."""
         rows = self.shard_rows(shard)
-        tensors = {
-            "expert": expert.float().contiguous(), "target": target.float().contiguous(),
-            "label": labels.long().contiguous(), "row": torch.arange(rows.start, rows.stop),
-        }
-        with atomic_path(self.shard_path(shard)) as tmp:
-            save_file(tensors, str(tmp), metadata={"key": self.key, "rows": f"{rows.start}:{rows.stop}"})
+        if not torch.isfinite(states).all():
+            raise FloatingPointError(f"Non-finite {side} hidden states in shard {shard}; load the model in float32 or bfloat16.")
+        stored = states.to(self.storage)
+        if not torch.isfinite(stored).all():
+            raise FloatingPointError(
+                f"The {side} hidden states of shard {shard} overflow {self.dtype} (largest magnitude "
+                f"{float(states.abs().max()):.3g}). Fix: set data.cache_dtype: bfloat16 or float32."
+            )
+        tensors = {"states": stored.contiguous(), "label": labels.long().contiguous(), "row": torch.arange(rows.start, rows.stop)}
+        metadata = {"key": self.key, "rows": f"{rows.start}:{rows.stop}", "side": side, "dtype": self.dtype}
+        with atomic_path(self.shard_path(shard, side)) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         with open(self.directory / "build-log.jsonl", "a") as handle:
-            handle.write(json.dumps({"shard": shard, "rank": rank, "pid": os.getpid(), "time": time.time()}) + "\n")
+            handle.write(json.dumps({"shard": shard, "side": side, "rank": rank, "pid": os.getpid(), "time": time.time()}) + "\n")
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """All shards concatenated: ``expert``, ``target``, ``label`` in example order."""
-        parts = [load_file(str(self.shard_path(s))) for s in range(self.n_shards)]
-        return {name: torch.cat([p[name] for p in parts]) for name in ("expert", "target", "label")}
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 @contextlib.contextmanager
@@ -164,28 +211,23 @@ def shard_lock(cache: PairedCache, shard: int) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def build_shards(
+def build_side(
     cache: PairedCache,
+    side: str,
     shards: Sequence[int],
     examples: Sequence[Example],
-    extract: Callable[[str, list[Example], Callable[[int], None]], torch.Tensor],
+    extract: Callable[[list[Example], Callable[[int], None]], torch.Tensor],
     progress: Callable[[int], None],
     rank: int = 0,
 ) -> None:
-    """Extract and write the given shards; ``extract(side, examples, on_batch)`` returns pooled states.
+    """Extract and write one side of the given shards; ``extract(examples, on_batch)`` returns pooled states.
 
     Each shard is built under its lock and re-checked first: a shard another run finished meanwhile is reused.
     """
     for shard in shards:
         with shard_lock(cache, shard):
-            if cache.shard_is_valid(shard):
-                progress(2 * len(cache.shard_rows(shard)))
+            if cache.shard_is_valid(shard, side):
+                progress(len(cache.shard_rows(shard)))
                 continue
-            _build_one(cache, shard, examples, extract, progress, rank)
-
-
-def _build_one(cache: PairedCache, shard: int, examples, extract, progress, rank: int) -> None:
-    chunk = [examples[i] for i in cache.shard_rows(shard)]
-    expert = extract("expert", chunk, progress)
-    target = extract("target", chunk, progress)
-    cache.write_shard(shard, expert, target, torch.tensor([e.label for e in chunk]), rank=rank)
+            chunk = [examples[i] for i in cache.shard_rows(shard)]
+            cache.write_shard(shard, side, extract(chunk, progress), torch.tensor([e.label for e in chunk]), rank=rank)

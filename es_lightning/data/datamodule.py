@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -10,10 +11,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from es_lightning.data.adapters import adapt_rows
-from es_lightning.data.cache import PairedCache, PairedLayout, build_shards, cache_key, examples_fingerprint
+from es_lightning.data.cache import PairedLayout, check_cache_dtype, dtype_mismatch
 from es_lightning.data.examples import (
     Example,
     ExampleFormat,
@@ -23,13 +23,13 @@ from es_lightning.data.examples import (
     examples_from_text_rows,
     questions_from_rows,
 )
+from es_lightning.data.extraction import Extraction
 from es_lightning.data.prompts import PromptDataset, PromptSource, collate_prompts
 from es_lightning.data.resolve import resolve_data_path
 from es_lightning.data.sources import load_records, require_columns, rows
 from es_lightning.data.splits import SPLITS, group_split
-from es_lightning.io import ensure_writable_dir
-from es_lightning.models.capture import capture_texts
-from es_lightning.models.loading import LoadedModel, default_cache_dir, dtype_name, load_model
+from es_lightning.data.store import CacheStore, LayerRows, PairedStates
+from es_lightning.models.loading import default_cache_dir, dtype_name
 from es_lightning.models.spec import ModelSpec, describe
 
 log = logging.getLogger(__name__)
@@ -63,21 +63,6 @@ class SplitConfig:
     test_path: str | None = None
 
 
-class PairedStates(Dataset):
-    """Rows of a paired cache as dicts ``{"expert", "target", "label", "index"}``."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], indices: list[int]):
-        self.tensors = tensors
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int) -> dict[str, torch.Tensor | int]:
-        i = self.indices[item]
-        return {"expert": self.tensors["expert"][i], "target": self.tensors["target"][i], "label": self.tensors["label"][i], "index": i}
-
-
 class QuestionIndices(Dataset):
     """``0..n-1`` as ``{"question": i}`` items: what ``es-lightning test`` iterates over."""
 
@@ -96,8 +81,11 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     Batches are ``{"expert": [B, L_E, d_E], "target": [B, L_T, d_T], "label": [B], "index": [B]}`` in float32.
     The training loader serves the optional ``alignment_data`` (unlabelled texts, label -1) when given,
-    else the labelled train split. Under DDP each rank extracts its share of the shards once; every rank
-    then reads the whole cache.
+    else the labelled train split. Extraction runs one model at a time (:mod:`es_lightning.data.extraction`)
+    in batches of at most ``extract_batch_size`` texts and ``extract_batch_tokens`` padded tokens (null: rows
+    only); under DDP each rank extracts its share of the shards once. The cache stores states in
+    ``cache_dtype`` (``float32``, ``bfloat16`` or ``float16``: half the disk) and every read is memory-mapped and
+    returns float32: :meth:`states` reads the rows and layers a stage asks for, never the whole cache.
     """
 
     def __init__(
@@ -110,6 +98,8 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         pooling: Literal["last", "mean"] = "last",
         batch_size: int = 64,
         extract_batch_size: int = 16,
+        extract_batch_tokens: int | None = 4096,
+        cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         shard_size: int = 256,
         cache_dir: str | None = None,
         num_workers: int = 0,
@@ -122,6 +112,9 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             raise ValueError(f"pooling={pooling!r} is not supported: use 'last' or 'mean'.")
         if batch_size < 1 or extract_batch_size < 1:
             raise ValueError("batch_size and extract_batch_size must be positive integers.")
+        if extract_batch_tokens is not None and extract_batch_tokens < 1:
+            raise ValueError(f"extract_batch_tokens must be a positive integer or null, got {extract_batch_tokens}.")
+        check_cache_dtype(cache_dtype)
         self.expert_spec = expert
         self.target_spec = target
         self.source = data
@@ -130,6 +123,8 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.pooling = pooling
         self.batch_size = batch_size
         self.extract_batch_size = extract_batch_size
+        self.extract_batch_tokens = extract_batch_tokens
+        self.cache_dtype = cache_dtype
         self.shard_size = shard_size
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.num_workers = num_workers
@@ -144,10 +139,9 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.question_rows: list[list[int]] = []  # example rows of each question in all_questions
         self.question_split: dict[str, list[int]] = {}  # indices into all_questions per split
         self.split_indices: dict[str, list[int]] = {}
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.alignment_tensors: dict[str, torch.Tensor] | None = None
+        self.store: CacheStore | None = None
+        self.alignment_store: CacheStore | None = None
         self.cache_keys: dict[str, str] = {}
-        self._loaded: dict[str, LoadedModel] = {}
 
     # ----------------------------------------------------------------------------------- examples
     def _read(self, source: DataSource) -> tuple[list[Example], list[Question]]:
@@ -220,58 +214,15 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
                     )
 
     # ------------------------------------------------------------------------------------ caching
-    def _model(self, side: str) -> LoadedModel:
-        if side not in self._loaded:
-            spec = self.expert_spec if side == "expert" else self.target_spec
-            device = self.trainer.strategy.root_device if self.trainer else "cpu"
-            self._loaded[side] = load_model(spec.name, self.cache_dir, spec.dtype, device=device)
-        return self._loaded[side]
-
-    def _extract(self, side: str, examples: list[Example], on_batch) -> torch.Tensor:
-        from es_lightning.models.prompting import render_example
-
-        spec = self.expert_spec if side == "expert" else self.target_spec
-        info = self.layout.expert if side == "expert" else self.layout.target
-        loaded = self._model(side)
-        texts = [render_example(loaded.tokenizer, e.prompt, e.completion, spec.chat_template) for e in examples]
-        states, truncated = capture_texts(
-            loaded.model, loaded.tokenizer, texts, list(info.layers), self.pooling, spec.max_length,
-            self.extract_batch_size, add_special_tokens=not spec.chat_template, block_path=spec.block_path,
-            on_batch=on_batch,
+    def _extraction(self) -> Extraction:
+        trainer = self.trainer
+        return Extraction(
+            self.expert_spec, self.target_spec, self.layout, self.cache_dir, self.shard_size, self.cache_dtype,
+            self.extract_batch_size, self.extract_batch_tokens, self.progress,
+            device=trainer.strategy.root_device if trainer else "cpu",
+            rank=trainer.global_rank if trainer else 0, world=trainer.world_size if trainer else 1,
+            barrier=trainer.strategy.barrier if trainer else None,
         )
-        if truncated:
-            log.warning(
-                "%d of %d texts exceed %s max_length=%d tokens for %s and were truncated from the left "
-                "(raise max_length to keep them whole).", truncated, len(texts), side, spec.max_length, spec.name,
-            )
-        return states
-
-    def _ensure_cache(self, examples: list[Example], what: str) -> tuple[dict[str, torch.Tensor], str]:
-        key = cache_key(self.layout, self.expert_spec, self.target_spec, examples_fingerprint(examples))
-        cache = PairedCache(self.cache_dir, key, len(examples), self.shard_size, self.layout)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        missing = cache.missing_shards()
-        mine = [s for s in missing if s % world == rank]
-        if missing:
-            if rank == 0:
-                ensure_writable_dir(cache.directory.parent, min_free_bytes=self._estimate_bytes(len(examples)), what="cache")
-                cache.write_meta({"what": what})
-            todo = sum(len(cache.shard_rows(s)) for s in mine) * 2
-            with tqdm(total=todo, desc=f"Extracting {what} hidden states (rank {rank})", disable=not self.progress or todo == 0, unit="text") as bar:
-                build_shards(cache, mine, examples, self._extract, bar.update, rank=rank)
-        if world > 1:
-            self.trainer.strategy.barrier()
-        if rank == 0:
-            state = "built" if len(missing) == cache.n_shards else f"resumed ({len(missing)} of {cache.n_shards} shards built)" if missing else "reused"
-            log.info("Paired %s cache %s: %s (%d examples)", what, state, cache.directory, len(examples))
-        still = cache.missing_shards()
-        if still:
-            raise RuntimeError(f"Cache shards {still} are still missing after extraction in {cache.directory}; check the logs of every rank.")
-        return cache.load(), key
-
-    def _estimate_bytes(self, n: int) -> int:
-        per_row = len(self.layout.expert.layers) * self.layout.expert.hidden_size + len(self.layout.target.layers) * self.layout.target.hidden_size
-        return int(n * per_row * 4 * 1.1)
 
     def prepare_layout(self) -> PairedLayout:
         """Read the examples and both models' configs (no weights): what checks need before any extraction."""
@@ -289,40 +240,65 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
                 raise ValueError("`predict` needs prompts: set data.predict_data.path (a JSONL file with a 'prompt' field).")
             self.prompts = PromptDataset(self.predict_source)
             return
-        if self.tensors:
+        if self.store is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer else "cpu"
         self.expert_spec = replace(self.expert_spec, dtype=dtype_name(self.expert_spec.dtype, device))  # `auto` made concrete:
         self.target_spec = replace(self.target_spec, dtype=dtype_name(self.target_spec.dtype, device))  # the cache key names it
         self.prepare_layout()
-        self.tensors, self.cache_keys["data"] = self._ensure_cache(self.examples, "labelled")
+        extraction = self._extraction()
+        self.store = extraction.ensure(self.examples, "labelled")
+        self.cache_keys["data"] = self.store.cache.key
         if self.alignment_source is not None:
             align_examples, _ = self._read(self.alignment_source)
-            self.alignment_tensors, self.cache_keys["alignment"] = self._ensure_cache(align_examples, "alignment")
-        self._loaded.clear()  # free both models: everything downstream reads the cache
+            self.alignment_store = extraction.ensure(align_examples, "alignment")
+            self.cache_keys["alignment"] = self.alignment_store.cache.key
 
     # --------------------------------------------------------------------------------- accessors
-    def split(self, name: str) -> dict[str, torch.Tensor]:
-        """All cached tensors of one labelled split (``train``/``val``/``test``)."""
-        index = torch.tensor(self.split_indices[name], dtype=torch.long)
-        return {key: value[index] for key, value in self.tensors.items()}
+    def _rows(self, split: str | Sequence[int]) -> tuple[CacheStore, list[int]]:
+        """The store and rows of a split name (``train``/``val``/``test``/``alignment``) or of explicit example rows."""
+        if self.store is None:
+            raise RuntimeError("The paired cache is not set up: call datamodule.setup('fit') first.")
+        if split == "alignment":
+            if self.alignment_store is not None:
+                return self.alignment_store, list(range(len(self.alignment_store)))
+            split = "train"
+        if isinstance(split, str):
+            if split not in self.split_indices:
+                raise ValueError(f"Unknown split {split!r}: use one of {list(self.split_indices) + ['alignment']} or a list of rows.")
+            return self.store, list(self.split_indices[split])
+        return self.store, list(split)
+
+    def states(self, split: str | Sequence[int], expert_layers: Sequence[int] = (), target_layers: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+        """Float32 states of a split (or of example rows) at only the requested layers (block indices, in the given
+        order): ``expert [n, len(expert_layers), d_E]`` and ``target [n, len(target_layers), d_T]`` when requested,
+        and always ``label [n]``. ``alignment`` is the auto-encoders' data: ``alignment_data`` if set, else train."""
+        store, rows = self._rows(split)
+        out = {"label": store.labels[torch.as_tensor(rows, dtype=torch.long)]}
+        if expert_layers:
+            out["expert"] = store.read("expert", rows, expert_layers)
+        if target_layers:
+            out["target"] = store.read("target", rows, target_layers)
+        return out
+
+    def layer_rows(self, split: str | Sequence[int], side: str) -> LayerRows:
+        """One side's states of a split (or rows) at every cached layer, read one layer at a time on demand."""
+        store, rows = self._rows(split)
+        return LayerRows(store, side, rows)
 
     def split_groups(self, name: str) -> list[str]:
-        """The group key (question) of every row of a labelled split, in the order of :meth:`split`."""
+        """The group key (question) of every row of a labelled split, in the order of :meth:`states`."""
         return [self.examples[i].group for i in self.split_indices[name]]
 
     def alignment_groups(self) -> list[str]:
-        """Group keys of the rows of :meth:`alignment_split` (each ``alignment_data`` row is its own group)."""
-        if self.alignment_tensors is not None:
-            return [f"alignment/{r}" for r in range(len(self.alignment_tensors["label"]))]
+        """Group keys of the rows of the ``alignment`` split (each ``alignment_data`` row is its own group)."""
+        if self.alignment_store is not None:
+            return [f"alignment/{r}" for r in range(len(self.alignment_store))]
         return self.split_groups("train")
 
-    def alignment_split(self) -> dict[str, torch.Tensor]:
-        """The tensors that train the auto-encoders: ``alignment_data`` if configured, else the train split."""
-        return self.alignment_tensors if self.alignment_tensors is not None else self.split("train")
-
-    def _loader(self, tensors: dict[str, torch.Tensor], indices: list[int], shuffle: bool) -> DataLoader:
-        dataset = PairedStates(tensors, indices)
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        store, rows = self._rows(split)
+        dataset = PairedStates(store, rows, store.layers("expert"), store.layers("target"))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # A DistributedSampler even on one process: its shuffle depends only on (seed, epoch), so a resumed
         # run sees the same batches as an uninterrupted one, and Lightning keeps it as is under DDP.
@@ -330,12 +306,10 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        if self.alignment_tensors is not None:
-            return self._loader(self.alignment_tensors, list(range(len(self.alignment_tensors["label"]))), True)
-        return self._loader(self.tensors, self.split_indices["train"], True)
+        return self._loader("alignment", True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.tensors, self.split_indices["val"], False)
+        return self._loader("val", False)
 
     def test_dataloader(self) -> DataLoader:
         """Indices into ``all_questions``: the evaluation decides which are tested in which fold."""
@@ -351,13 +325,17 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
-        return {"cache_keys": dict(self.cache_keys), "layout": self.layout.to_dict() if self.layout else None,
+        return {"cache_keys": dict(self.cache_keys), "cache_dtype": self.cache_dtype, "layout": self.layout.to_dict() if self.layout else None,
                 "expert": asdict(self.expert_spec), "target": asdict(self.target_spec)}
 
     def load_state_dict(self, state: dict) -> None:
         """On resume, refuse a checkpoint whose cache (models, layers, data) differs from this run's."""
         if not self.cache_keys or not state.get("cache_keys"):
             return
+        saved_dtype = state.get("cache_dtype", "float32")
+        if saved_dtype != self.cache_dtype:
+            raise dtype_mismatch(saved_dtype, self.cache_dtype, "The checkpoint's paired cache",
+                                 "resume or test with the config the checkpoint was made with, or start a new run without --ckpt_path")
         if state["cache_keys"].get("data") != self.cache_keys.get("data"):
             saved = PairedLayout.from_dict(state["layout"]) if state.get("layout") else None
             detail = ""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from es_lightning.data.examples import Question
+from es_lightning.data.store import CacheStore, LayerRows
 from es_lightning.data.folds import Fold, make_folds
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
@@ -101,8 +102,9 @@ def plan_folds(n_questions: int, groups: Sequence[str], config: EvaluationConfig
 class Evaluator:
     """Runs the protocol on one target model for one data set.
 
-    ``states`` holds the cached example tensors (``expert``, ``target``, ``label``) and ``question_rows`` maps
-    each question index to its example rows, so a fold's fitted pieces use only its train questions.
+    ``store`` reads the cached example states (memory-mapped, only the rows and layers a step needs) and
+    ``question_rows`` maps each question index to its example rows, so a fold's fitted pieces use only its train
+    questions. The pair search reads one layer at a time; vectors read only the chosen pairs' layers.
     """
 
     def __init__(
@@ -110,7 +112,7 @@ class Evaluator:
         model: torch.nn.Module,
         tokenizer,
         rendered: RenderedQuestions,
-        states: dict[str, torch.Tensor],
+        store: CacheStore,
         question_rows: Sequence[Sequence[int]],
         layers: LayerInfo,
         config: EvaluationConfig,
@@ -128,7 +130,7 @@ class Evaluator:
         if config.protocol == "shared" and shared is None:
             raise ValueError("protocol: shared needs the checkpoint's pairs and auto-encoders; fit with LayerPairingCallback.")
         self.model, self.tokenizer, self.rendered = model, tokenizer, rendered
-        self.states, self.question_rows = states, question_rows
+        self.store, self.question_rows = store, question_rows
         self.layers, self.config, self.vector_config, self.pairing = layers, config, vectors, pairing
         self.objective, self.shared = objective, shared
         self.progress, self.add_special_tokens, self.block_path = progress, add_special_tokens, block_path
@@ -153,11 +155,11 @@ class Evaluator:
 
     # ----------------------------------------------------------------------------- fitted pieces
     def rows_of(self, questions: Sequence[int]) -> PairedRows:
-        """The cached rows of these questions, grouped by the question's group key."""
+        """The cached rows of these questions (read one layer at a time on demand), grouped by the question's group key."""
         rows = [(r, q) for q in questions for r in self.question_rows[q]]
-        index = torch.tensor([r for r, _ in rows], dtype=torch.long)
-        return PairedRows(self.states["expert"][index], self.states["target"][index], self.states["label"][index],
-                          [self.rendered.groups[q] for _, q in rows])
+        index = [r for r, _ in rows]
+        return PairedRows(LayerRows(self.store, "expert", index), LayerRows(self.store, "target", index),
+                          self.store.labels[torch.tensor(index, dtype=torch.long)], [self.rendered.groups[q] for _, q in rows])
 
     def fold_alignment(self, fold: Fold) -> tuple[list[tuple[int, int]], Callable[[int], torch.Tensor], dict]:
         """Pairs and expert->target maps for a fold: searched inside its train questions (nested) or shared."""
@@ -177,9 +179,11 @@ class Evaluator:
         """Vectors of every method from the fold's train questions only."""
         rows = self.rows_of(fold.train)
         seed = self.vector_config.seed + fold.index
+        expert_layers, target_layers = list(dict.fromkeys(i for i, _ in pairs)), list(dict.fromkeys(j for _, j in pairs))
+        target = self.store.read("target", rows.target.rows, target_layers)  # only the chosen pairs' layers
         inputs = VectorInputs(
-            expert=rows.expert, target=rows.target, labels=rows.labels, expert_layers=self.layers.expert_layers,
-            target_layers=self.layers.target_layers, encoder_linear=encoder_linear,
+            expert=self.store.read("expert", rows.expert.rows, expert_layers), target=target, labels=rows.labels,
+            expert_layers=expert_layers, target_layers=target_layers, encoder_linear=encoder_linear,
             rfm_options=dict(self.vector_config.rfm_options), seed=seed, groups=rows.groups,
         )
         vectors, diagnostics = {}, {}
@@ -187,12 +191,12 @@ class Evaluator:
             result = compute_vectors(method, pairs, inputs)
             vectors[method] = result.vectors
             diagnostics[method] = {str(k): v for k, v in result.diagnostics.items()}
-        norms = layer_norms(rows.target, self.layers.target_layers, [j for _, j in pairs])
+        norms = layer_norms(target, target_layers, [j for _, j in pairs])
         return vectors, norms, diagnostics
 
     def random_draws(self, fold: Fold, pairs) -> list[dict[int, torch.Tensor]]:
         """The fold's random control: ``random_draws`` independent unit vectors per steered layer."""
-        width = self.states["target"].shape[-1]
+        width = self.store.width("target")
         base = 1_000_003 * (self.vector_config.seed + 1) + 1009 * fold.index
         return [random_directions([j for _, j in pairs], width, base + d) for d in range(self.config.random_draws)]
 

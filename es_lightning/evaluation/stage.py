@@ -93,7 +93,7 @@ class CrossValidatedTest:
         shared = SharedAlignment([tuple(p) for p in pairing_result.pairs], encoder_linear)
         layers = LayerInfo(list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers)
         self.evaluator = Evaluator(
-            target.model, target.tokenizer, rendered, datamodule.tensors, datamodule.question_rows, layers,
+            target.model, target.tokenizer, rendered, datamodule.store, datamodule.question_rows, layers,
             self.evaluation, self.vectors, self.pairing, objective, shared, progress=trainer.is_global_zero,
             add_special_tokens=not spec.chat_template, block_path=spec.block_path,
         )

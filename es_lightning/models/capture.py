@@ -95,6 +95,22 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_special
     return out, truncated
 
 
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches by length: at most ``max_rows`` rows and, when ``max_tokens`` is set, at most
+    that many padded tokens (rows x longest row) per batch; a single longer text forms its own batch."""
+    if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"Batch limits must be positive: max_rows={max_rows}, max_tokens={max_tokens}.")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:  # ascending lengths: the newest row is the longest of its batch
+        batch = batches[-1] if batches else None
+        if batch is None or len(batch) >= max_rows or (max_tokens is not None and (len(batch) + 1) * lengths[i] > max_tokens):
+            batches.append([i])
+        else:
+            batch.append(i)
+    return batches
+
+
 @torch.no_grad()
 def capture_texts(
     model: nn.Module,
@@ -107,21 +123,21 @@ def capture_texts(
     add_special_tokens: bool = True,
     block_path: str | None = None,
     on_batch=None,
+    batch_tokens: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Pooled block outputs ``[n, len(layers), d]`` for raw texts, batched by length; returns (states, n_truncated).
 
-    Texts are sorted by length so batches carry little padding, then put back in input order.
+    Texts are sorted by length so batches carry little padding, then put back in input order. A batch holds at
+    most ``batch_size`` texts and, when ``batch_tokens`` is set, at most that many padded tokens.
     ``on_batch(k)`` is called after each batch of k texts (for progress bars).
     """
     ids, truncated = tokenize_texts(tokenizer, texts, max_length, add_special_tokens)
     if any(len(row) == 0 for row in ids):
         raise ValueError("A text tokenized to zero tokens; remove empty texts from the data.")
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[torch.Tensor | None] = [None] * len(ids)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in token_batches([len(row) for row in ids], batch_size, batch_tokens):
         width = max(len(ids[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

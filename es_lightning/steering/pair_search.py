@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -99,25 +99,67 @@ class PairSearchConfig:
             raise ValueError(f"{where}: {n_fit} fit rows are too few for {self.ridge_folds}-fold ridge selection; use more questions.")
 
 
+class LayerStates(Protocol):
+    """One model's pooled states of ``len(self)`` rows, read one cached layer at a time (``layer(position)`` is
+    ``[n, width]`` float32), so the search never holds every layer at full width. The data module's readers
+    (:class:`es_lightning.data.store.LayerRows`) read each layer from the memory-mapped cache on demand."""
+
+    width: int
+
+    def __len__(self) -> int: ...
+
+    def layer(self, position: int) -> torch.Tensor: ...
+
+    def take(self, index: Sequence[int]) -> "LayerStates": ...
+
+
+@dataclass
+class TensorLayers:
+    """:class:`LayerStates` over an in-memory tensor ``[n, L, d]``."""
+
+    states: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.states.shape[-1]
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    def layer(self, position: int) -> torch.Tensor:
+        return self.states[:, position]
+
+    def take(self, index: Sequence[int]) -> "TensorLayers":
+        return TensorLayers(self.states[torch.as_tensor(list(index), dtype=torch.long)])
+
+
 @dataclass
 class PairedRows:
-    """Rows of both models' pooled states: ``expert`` [n, L_E, d_E], ``target`` [n, L_T, d_T], 0/1 ``labels``
-    (or None for unlabelled rows) and a ``groups`` key per row (the question) that splits never cut through."""
+    """Rows of both models' pooled states: ``expert`` and ``target`` as :class:`LayerStates` (a tensor
+    ``[n, L, d]`` is wrapped in :class:`TensorLayers`), 0/1 ``labels`` (or None for unlabelled rows) and a
+    ``groups`` key per row (the question) that splits never cut through."""
 
-    expert: torch.Tensor
-    target: torch.Tensor
+    expert: LayerStates
+    target: LayerStates
     labels: torch.Tensor | None
     groups: Sequence[Hashable]
 
     def __post_init__(self) -> None:
-        n = self.expert.shape[0]
-        if self.target.shape[0] != n or len(self.groups) != n or (self.labels is not None and len(self.labels) != n):
+        if isinstance(self.expert, torch.Tensor):
+            self.expert = TensorLayers(self.expert)
+        if isinstance(self.target, torch.Tensor):
+            self.target = TensorLayers(self.target)
+        n = len(self.expert)
+        if len(self.target) != n or len(self.groups) != n or (self.labels is not None and len(self.labels) != n):
             raise ValueError("PairedRows: expert, target, labels and groups must hold the same number of rows.")
 
+    def __len__(self) -> int:
+        return len(self.expert)
+
     def take(self, index: Sequence[int]) -> "PairedRows":
-        idx = torch.as_tensor(list(index), dtype=torch.long)
-        return PairedRows(self.expert[idx], self.target[idx], None if self.labels is None else self.labels[idx],
-                          [self.groups[i] for i in idx.tolist()])
+        index = list(index)
+        labels = None if self.labels is None else self.labels[torch.as_tensor(index, dtype=torch.long)]
+        return PairedRows(self.expert.take(index), self.target.take(index), labels, [self.groups[i] for i in index])
 
 
 def split_by_group(groups: Sequence[Hashable], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -269,8 +311,8 @@ def paired_maps(fit: PairedRows, expert_layers: Sequence[int], target_layers: Se
     """Closed-form ridge maps ``[d_T, d_E]`` of given pairs, fitted on ``fit`` rows (for measuring a fixed ridge)."""
     out = {}
     for i, j in pairs:
-        e = fit.expert[:, list(expert_layers).index(i)].double().numpy()
-        t = fit.target[:, list(target_layers).index(j)].double().numpy()
+        e = fit.expert.layer(list(expert_layers).index(i)).double().numpy()
+        t = fit.target.layer(list(target_layers).index(j)).double().numpy()
         out[i] = _full_width_map(_reduce(e, e[:1], max_components), _reduce(t, t[:1], max_components), ridge, t.shape[1])
     return out
 
@@ -293,19 +335,23 @@ def search_pairs(
     config.validate()
     rule = config.pairing_rule
     rule.check_fits(len(expert_layers), len(target_layers))
-    config.check_rows(fit.expert.shape[0], heldout.expert.shape[0], "Layer-pair search")
+    config.check_rows(len(fit), len(heldout), "Layer-pair search")
     if objective not in ("paired", "reconstruction"):
         raise ValueError(f"Unknown objective {objective!r}: use 'paired' or 'reconstruction'.")
     overlap = set(fit.groups) & set(heldout.groups)
     if overlap:
         raise ValueError(f"The fit and held-out rows share questions {sorted(map(str, overlap))[:3]}; hold out whole questions.")
-    if config.max_rows and fit.expert.shape[0] > config.max_rows:
-        keep = np.sort(np.random.default_rng(config.seed).permutation(fit.expert.shape[0])[: config.max_rows])
+    if config.max_rows and len(fit) > config.max_rows:
+        keep = np.sort(np.random.default_rng(config.seed).permutation(len(fit))[: config.max_rows])
         fit = fit.take(keep.tolist())
     baseline = depth_pairs(expert_layers, target_layers, expert_depth, target_depth, rule)
-    d_t = fit.target.shape[-1]
-    experts = [_reduce(fit.expert[:, a].double().numpy(), heldout.expert[:, a].double().numpy(), config.max_components) for a in range(len(expert_layers))]
-    targets = [_reduce(fit.target[:, b].double().numpy(), heldout.target[:, b].double().numpy(), config.max_components) for b in range(len(target_layers))]
+    d_t = fit.target.width
+
+    def reduce(fit_side: LayerStates, held_side: LayerStates, position: int) -> _Layer:  # one full-width layer at a time
+        return _reduce(fit_side.layer(position).double().numpy(), held_side.layer(position).double().numpy(), config.max_components)
+
+    experts = [reduce(fit.expert, heldout.expert, a) for a in range(len(expert_layers))]
+    targets = [reduce(fit.target, heldout.target, b) for b in range(len(target_layers))]
     ridge, ridge_scores = None, {}
     if objective == "paired":
         same_depth = [targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))] for e in expert_layers]
@@ -323,7 +369,7 @@ def search_pairs(
     bounds = np.cumsum([0] + widths)
     target_fit = np.concatenate([t.fit for t in targets], axis=1)  # [n_fit, sum p_T]
     target_held = [t.heldout for t in targets]
-    held_target_raw = heldout.target.double().numpy() if objective == "reconstruction" else None  # [n_h, L_T, d_T], once
+    raw_directions = np.zeros((d_t, len(experts)))  # reconstruction: each expert layer's direction, scored on raw target states
     for a, expert in enumerate(experts):
         direction = None
         if with_auc:
@@ -347,9 +393,10 @@ def search_pairs(
                 for b in range(len(targets)):
                     mi[a, b] = mi_of_components(mapped, target_components[b], opts)
             if direction is not None:
-                vector = np.zeros(d_t)
-                vector[: min(d_t, len(direction))] = direction[:d_t]
-                auc[a] = _aucs(labels_held, held_target_raw @ vector)
+                raw_directions[: min(d_t, len(direction)), a] = direction[:d_t]
+    if objective == "reconstruction" and with_auc:
+        for b in range(len(targets)):  # one raw held-out target layer at a time
+            auc[:, b] = _aucs(labels_held, heldout.target.layer(b).double().numpy() @ raw_directions)
 
     if config.rule == "depth":
         pairs = baseline
@@ -366,7 +413,7 @@ def search_pairs(
         rule=config.rule, objective=objective, expert_layers=list(expert_layers), target_layers=list(target_layers),
         pairs=[tuple(p) for p in pairs], mi=mi.tolist() if need_mi else None, auc=auc.tolist() if with_auc else None,
         depth_pairs=baseline, ridge=ridge, ridge_scores=ridge_scores, mi_method=config.mi_method,
-        n_fit=fit.expert.shape[0], n_heldout=heldout.expert.shape[0], top_k=config.top_k,
+        n_fit=len(fit), n_heldout=len(heldout), top_k=config.top_k,
     )
     return SearchOutcome(result, linear)
 

@@ -44,8 +44,8 @@ class VectorConfig:
 class VectorInputs:
     """What every method may use: labelled train-split states of both models and the encoder map."""
 
-    expert: torch.Tensor  # [n, L_E, d_E] raw pooled states
-    target: torch.Tensor  # [n, L_T, d_T]
+    expert: torch.Tensor  # [n, len(expert_layers), d_E] raw pooled states (only the layers the pairs need)
+    target: torch.Tensor  # [n, len(target_layers), d_T]
     labels: torch.Tensor  # [n] 0/1
     expert_layers: Sequence[int]
     target_layers: Sequence[int]

@@ -1,0 +1,120 @@
+"""Build or reuse a paired cache, one model at a time: load the expert, extract every missing shard's expert side,
+free it, then the same for the target. The two models are never resident together."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from es_lightning.data.cache import SIDES, PairedCache, PairedLayout, build_side, cache_key, check_cache_dtype, examples_fingerprint
+from es_lightning.data.examples import Example
+from es_lightning.data.store import CacheStore
+from es_lightning.io import ensure_writable_dir
+from es_lightning.models import loading
+from es_lightning.models.capture import capture_texts
+from es_lightning.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Extraction:
+    """What extraction needs: both models' specs, the layout, where and how the cache is stored, batch limits.
+
+    ``batch_size`` caps the rows of an extraction batch, ``batch_tokens`` (None: rows only) its padded tokens.
+    ``rank``/``world``: under DDP each rank builds the shards ``s`` with ``s % world == rank``; ``barrier``
+    waits for every rank.
+    """
+
+    expert: ModelSpec
+    target: ModelSpec
+    layout: PairedLayout
+    cache_dir: Path
+    shard_size: int
+    dtype: str = "float32"
+    batch_size: int = 16
+    batch_tokens: int | None = 4096
+    progress: bool = True
+    device: str | torch.device = "cpu"
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] | None = None
+
+    def cache_for(self, examples: Sequence[Example]) -> PairedCache:
+        """The cache (not yet checked) of these examples under this configuration."""
+        key = cache_key(self.layout, self.expert, self.target, examples_fingerprint(examples), self.dtype)
+        return PairedCache(self.cache_dir, key, len(examples), self.shard_size, self.layout, self.dtype)
+
+    def ensure(self, examples: list[Example], what: str) -> CacheStore:
+        """Build the missing shards of this rank (expert side, then target side) and return a store of the cache."""
+        cache = self.cache_for(examples)
+        cache.check_meta()
+        missing = {side: cache.missing_shards(side) for side in SIDES}
+        any_missing = sorted(set(missing["expert"]) | set(missing["target"]))
+        if any_missing:
+            if self.rank == 0:
+                ensure_writable_dir(cache.directory.parent, min_free_bytes=self.estimate_bytes(len(examples)), what="cache")
+                cache.write_meta({"what": what})
+            for side in SIDES:
+                mine = [s for s in missing[side] if s % self.world == self.rank]
+                if mine:
+                    self._build(cache, side, mine, examples, what)
+        if self.world > 1 and self.barrier is not None:
+            self.barrier()
+        if self.rank == 0:
+            state = ("built" if len(any_missing) == cache.n_shards else
+                     f"resumed ({len(any_missing)} of {cache.n_shards} shards built)" if any_missing else "reused")
+            log.info("Paired %s cache %s: %s (%d examples, %s)", what, state, cache.directory, len(examples), self.dtype)
+        still = cache.missing_shards()
+        if still:
+            raise RuntimeError(f"Cache shards {still} are still missing after extraction in {cache.directory}; check the logs of every rank.")
+        return CacheStore(cache)
+
+    def _build(self, cache: PairedCache, side: str, shards: list[int], examples: list[Example], what: str) -> None:
+        spec = self.expert if side == "expert" else self.target
+        loaded = loading.load_model(spec.name, self.cache_dir, spec.dtype, device=self.device)
+        try:
+            todo = sum(len(cache.shard_rows(s)) for s in shards)
+            with tqdm(total=todo, desc=f"Extracting {what} {side} hidden states (rank {self.rank})", disable=not self.progress,
+                      unit="text") as bar:
+                build_side(cache, side, shards, examples, lambda chunk, on_batch: self._extract(loaded, side, chunk, on_batch),
+                           bar.update, rank=self.rank)
+        finally:
+            del loaded
+            free_memory(self.device)
+
+    def _extract(self, loaded, side: str, examples: list[Example], on_batch) -> torch.Tensor:
+        from es_lightning.models.prompting import render_example
+
+        spec = self.expert if side == "expert" else self.target
+        info = self.layout.expert if side == "expert" else self.layout.target
+        texts = [render_example(loaded.tokenizer, e.prompt, e.completion, spec.chat_template) for e in examples]
+        states, truncated = capture_texts(
+            loaded.model, loaded.tokenizer, texts, list(info.layers), self.layout.pooling, spec.max_length,
+            self.batch_size, add_special_tokens=not spec.chat_template, block_path=spec.block_path,
+            on_batch=on_batch, batch_tokens=self.batch_tokens,
+        )
+        if truncated:
+            log.warning(
+                "%d of %d texts exceed %s max_length=%d tokens for %s and were truncated from the left "
+                "(raise max_length to keep them whole).", truncated, len(texts), side, spec.max_length, spec.name,
+            )
+        return states
+
+    def estimate_bytes(self, n: int) -> int:
+        """Disk bytes of a cache of ``n`` examples in this dtype, with 10% headroom."""
+        per_row = sum(len(info.layers) * info.hidden_size for info in (self.layout.expert, self.layout.target))
+        return int(n * per_row * torch.finfo(check_cache_dtype(self.dtype)).bits // 8 * 1.1)
+
+
+def free_memory(device: str | torch.device) -> None:
+    """Return freed model memory: a garbage collection, and the CUDA cache when on a GPU."""
+    gc.collect()
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
