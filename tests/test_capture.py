@@ -78,3 +78,18 @@ def test_nan_hidden_state_names_the_layer(loaded):
             capture_hidden_states(loaded.model, batch["input_ids"], batch["attention_mask"], [0, 1, 2], "last")
     finally:
         handle.remove()
+
+
+def test_token_budget_batches_give_the_states_of_row_batches(loaded):
+    from es_lightning.models.capture import token_batches, tokenize_texts
+
+    texts = TEXTS * 3 + ["the cat", "is big and red and good and old and new and small"]
+    layers = [0, num_layers(loaded.model) - 1]
+    by_rows, _ = capture_texts(loaded.model, loaded.tokenizer, texts, layers, "last", batch_size=4)
+    by_tokens, _ = capture_texts(loaded.model, loaded.tokenizer, texts, layers, "last", batch_size=64, batch_tokens=24)
+    torch.testing.assert_close(by_tokens, by_rows, rtol=1e-5, atol=1e-5)
+    lengths = [len(row) for row in tokenize_texts(loaded.tokenizer, texts, 512)[0]]
+    batches = token_batches(lengths, 64, 24)
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))  # every text once
+    assert len(batches) > 2 and all(len(b) * max(lengths[i] for i in b) <= 24 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 3 for b in token_batches(lengths, 3, None))
