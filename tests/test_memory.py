@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from es_lightning.memory import (
     RunSettings,
     announce,
     autoencoder_estimate,
+    cache_bytes,
     cache_estimate,
     capture_estimate,
     check_devices,
@@ -50,10 +52,12 @@ def test_llama_8b_parameters_and_weight_bytes():
 
 def test_cache_bytes_double_with_rows_and_halve_in_bfloat16():
     base = cache_estimate(1000, 28, 3584, 32, 4096, "float32")
-    assert base.disk_bytes == base.host_bytes > 0 and base.device_bytes == 0
-    assert cache_estimate(2000, 28, 3584, 32, 4096, "float32").host_bytes == pytest.approx(2 * base.host_bytes, rel=1e-6)
+    assert base.disk_bytes == cache_bytes(1000, 28, 3584, 32, 4096) > 0 and base.device_bytes == 0
+    assert cache_estimate(2000, 28, 3584, 32, 4096, "float32").disk_bytes == pytest.approx(2 * base.disk_bytes, rel=1e-6)
     assert cache_estimate(1000, 28, 3584, 32, 4096, "bfloat16").disk_bytes == pytest.approx(base.disk_bytes / 2, rel=1e-3)
-    assert cache_estimate(1000, 14, 3584, 16, 4096, "float32").host_bytes == pytest.approx(base.host_bytes / 2, rel=1e-3)
+    assert cache_bytes(1000, 14, 3584, 16, 4096) == pytest.approx(base.disk_bytes / 2, rel=1e-3)
+    # writing holds one shard, whatever n: reads are memory-mapped
+    assert cache_estimate(4000, 28, 3584, 32, 4096, shard_rows=256).host_bytes == base.host_bytes < base.disk_bytes / 3
 
 
 def test_rfm_grows_as_n_squared_and_stops_at_the_row_cap():
@@ -100,6 +104,9 @@ def test_check_fits_names_the_fix_when_memory_is_short(monkeypatch, caplog):
     monkeypatch.setattr(check, "host_available_bytes", lambda: 2**20)
     with pytest.raises(MemoryError, match=r"data\.cache_dtype: bfloat16"):
         announce(cache_estimate(10_000, 28, 3584, 32, 4096))
+    monkeypatch.setattr(check.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    with pytest.raises(MemoryError, match=r"disk .* free under .*data\.cache_dtype: bfloat16"):
+        check_fits(cache_estimate(10_000, 28, 3584, 32, 4096), host_free=2**50, disk_path="/nonexistent/cache")
     with pytest.raises(MemoryError, match=r"cuda memory .* free.*model\.target_dtype: bfloat16"):
         check_fits(evaluation_estimate(LLAMA_8B, "float32", 16, 64, 16, "cuda"), "cuda", host_free=2**50, device_free=2**30)
     monkeypatch.setattr(check, "host_available_bytes", lambda: 2**50)

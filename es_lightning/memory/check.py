@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -17,12 +19,17 @@ log = logging.getLogger(__name__)
 
 
 def check_fits(estimate: StageEstimate, device: str | torch.device = "cpu", *, host_free: int | None = None,
-               device_free: int | None = None) -> None:
-    """Raise ``MemoryError`` naming the options that shrink the stage when ``estimate`` exceeds the free host RAM
-    or the free memory of ``device`` (measured now unless ``host_free``/``device_free`` are given)."""
+               device_free: int | None = None, disk_path: str | Path | None = None) -> None:
+    """Raise ``MemoryError`` naming the options that shrink the stage when ``estimate`` exceeds the free host RAM,
+    the free memory of ``device`` (measured now unless ``host_free``/``device_free`` are given) or, with
+    ``disk_path``, the free disk there."""
     device = torch.device(device)
     host_free = host_available_bytes() if host_free is None else host_free
     short = []
+    if disk_path is not None and estimate.disk_bytes:
+        disk_free = shutil.disk_usage(_existing(Path(disk_path))).free
+        if estimate.disk_bytes > disk_free:
+            short.append(f"disk {gib(estimate.disk_bytes)} > {gib(disk_free)} free under {disk_path}")
     if estimate.host_bytes > host_free:
         short.append(f"host RAM {gib(estimate.host_bytes)} > {gib(host_free)} available")
     if device.type != "cpu" and estimate.device_bytes:
@@ -37,10 +44,17 @@ def check_fits(estimate: StageEstimate, device: str | torch.device = "cpu", *, h
         )
 
 
-def announce(estimate: StageEstimate, device: str | torch.device = "cpu") -> StageEstimate:
-    """Log ``estimate`` at INFO, then :func:`check_fits` it on ``device``; call right before the stage starts."""
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def announce(estimate: StageEstimate, device: str | torch.device = "cpu", disk_path: str | Path | None = None) -> StageEstimate:
+    """Log ``estimate`` at INFO, then :func:`check_fits` it on ``device`` (and the disk at ``disk_path``); call right
+    before the stage starts, with the device the estimate was made for."""
     log.info("Memory estimate, %s", estimate.format())
-    check_fits(estimate, device)
+    check_fits(estimate, device, disk_path=disk_path)
     return estimate
 
 

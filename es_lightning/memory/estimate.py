@@ -89,13 +89,22 @@ def capture_estimate(model: ModelShape, dtype: str, captured_layers: int, deepes
     return _place(f"capture {side}", host, work, device, fixes, note=f"no logits: the forward stops after block {deepest}")
 
 
+def cache_bytes(n_rows: int, expert_layers: int, expert_hidden: int, target_layers: int, target_hidden: int,
+                cache_dtype: str = "float32") -> int:
+    """Bytes of a paired cache of ``n_rows`` rows in ``cache_dtype``: on disk, and resident once every row is read."""
+    return n_rows * ((expert_layers * expert_hidden + target_layers * target_hidden) * dtype_bytes(cache_dtype) + 8)
+
+
 def cache_estimate(n_rows: int, expert_layers: int, expert_hidden: int, target_layers: int, target_hidden: int,
-                   cache_dtype: str = "float32") -> StageEstimate:
-    """The paired cache: disk bytes, and the host bytes resident once every row has been read (memory-mapped
-    shards are paged in as stages read them; a stage reading a subset holds less)."""
-    per_row = (expert_layers * expert_hidden + target_layers * target_hidden) * dtype_bytes(cache_dtype) + 8
-    total = float(n_rows) * per_row
-    return _place("cache", {"cached rows": total}, {}, "cpu", CACHE_FIXES, disk=total, note=f"{n_rows} rows in {cache_dtype}")
+                   cache_dtype: str = "float32", shard_rows: int = 256) -> StageEstimate:
+    """Writing the paired cache: one shard of float32 states and its converted copy on the host, :func:`cache_bytes`
+    on disk. Reads are memory-mapped, so the whole cache is resident only if a stage reads every row and layer (the
+    page cache can reclaim it); the stages' estimates count what they read."""
+    total = cache_bytes(n_rows, expert_layers, expert_hidden, target_layers, target_hidden, cache_dtype)
+    widest = max(expert_layers * expert_hidden, target_layers * target_hidden)
+    shard = {"one shard being written": min(shard_rows, n_rows) * widest * (4.0 + dtype_bytes(cache_dtype))}
+    note = f"{n_rows} rows in {cache_dtype}: {gib(total)} on disk, resident only as far as stages read it"
+    return _place("cache", shard, {}, "cpu", CACHE_FIXES, disk=total, note=note)
 
 
 def pair_search_estimate(n_fit: int, n_heldout: int, expert_layers: int, expert_hidden: int, target_layers: int,

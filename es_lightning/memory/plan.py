@@ -52,7 +52,7 @@ def estimate_stages(expert: ModelShape, target: ModelShape, s: RunSettings) -> l
                          s.shard_rows, "expert", s.device),
         capture_estimate(target, s.target_dtype, s.target_layers, s.target_deepest, s.extract_batch_tokens, s.max_length,
                          s.shard_rows, "target", s.device),
-        cache_estimate(n_rows, s.expert_layers, expert.hidden, s.target_layers, target.hidden, s.cache_dtype),
+        cache_estimate(n_rows, s.expert_layers, expert.hidden, s.target_layers, target.hidden, s.cache_dtype, s.shard_rows),
         pair_search_estimate(s.n_train, s.n_heldout, s.expert_layers, expert.hidden, s.target_layers, target.hidden,
                              s.max_components, s.pairing_max_rows),
         autoencoder_estimate(s.top_k, expert.hidden, target.hidden, s.batch_size, s.n_train, s.device),
