@@ -175,22 +175,23 @@ def run_stages(subcommand: str, config: Path, run_name: str, extra: list[str], s
     return [json.loads(line) for line in stages_file.read_text().splitlines()]
 
 
-def estimates(expert: Path, target: Path, n_rows: int, args: argparse.Namespace) -> dict[str, object]:
-    """The memory estimator's prediction for each measured stage (host bytes, this CPU run)."""
+def estimates(expert: Path, target: Path, n_rows: int, args: argparse.Namespace) -> dict[str, float]:
+    """The memory estimator's prediction (MiB) for each measured stage's host bytes on this CPU run, and for the
+    cache on disk."""
     from es_lightning.memory import RunSettings, estimate_stages, read_shape
 
     e, t = read_shape(expert, "expert"), read_shape(target, "target")
     val = 0.25 if args.quick else 0.15
     n_train, n_heldout = round(n_rows * (1 - 2 * val)), round(n_rows * val)
-    length = 2 * args.words + 8
     settings = RunSettings(n_train, n_heldout, e.layers, e.layers - 1, t.layers, t.layers - 1,
                            cache_dtype=args.cache_dtype or "float32", extract_batch_tokens=args.extract_batch_tokens or 4096,
-                           max_length=length, max_components=256, top_k=3, batch_size=256,
+                           max_length=2 * args.words + 8, max_components=256, top_k=3, batch_size=256,
                            prompt_tokens=args.words + 4, completion_tokens=args.words // 2 + 1)
     by_name = {s.stage: s for s in estimate_stages(e, t, settings)}
-    return {"capture+cache": max(by_name["capture expert"], by_name["capture target"], key=lambda s: s.host_bytes),
-            "cache": by_name["cache"], "pair search": by_name["pair search"], "auto-encoders": by_name["auto-encoders"],
-            "vectors": by_name["rfm"], "evaluation": by_name["evaluation"]}
+    mib = {name: s.host_bytes / 2**20 for name, s in by_name.items()}
+    return {"capture+cache": max(mib["capture expert"], mib["capture target"]) + mib["cache"], "pair search": mib["pair search"],
+            "auto-encoders": mib["auto-encoders"], "vectors": mib["rfm"], "evaluation": mib["evaluation"],
+            "cache on disk": by_name["cache"].disk_bytes / 2**20}
 
 
 def growth(ns: list[int], values: list[float]) -> tuple[float, float]:
@@ -253,9 +254,9 @@ def main() -> None:
         if not args.no_test:
             stages += run_stages("test", write_config(work / f"{tag}-test.yaml", "test", args, work, expert, target, data, n // 2, cache),
                                  tag, [*extra, "--ckpt_path", str(work / "runs" / tag / "last.ckpt")], work / f"{tag}-stages.jsonl")
-        predicted = {k: v.host_bytes / 2**20 for k, v in estimates(expert, target, n, args).items()}
+        predicted = estimates(expert, target, n, args)
         results.append({"n": n, "stages": stages, "cache_mib": cache_mib, "estimate_mib": predicted})
-        print(f"\nn = {n}: cache on disk {cache_mib:.1f} MiB (estimate {predicted['cache']:.1f} MiB)", flush=True)
+        print(f"\nn = {n}: cache on disk {cache_mib:.1f} MiB (estimate {predicted['cache on disk']:.1f} MiB)", flush=True)
         print(f"  {'stage':<20} {'seconds':>9} {'peak RSS MiB':>13} {'rise MiB':>9} {'estimate MiB':>13}")
         for row in stages:
             guess = predicted.get(row["stage"])
