@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from es_lightning.module import ExpertSteer
 from es_lightning.cli import ESLightningCLI
@@ -10,6 +12,13 @@ from es_lightning.data import PairedHiddenStatesDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "tests" / "conf").rglob("*.yaml"))
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+# Configs that ask for GPUs are instantiated on CPU where none is visible (the GPU request itself is checked below).
+ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+
+
+def wants_gpu(path: Path) -> bool:
+    return (yaml.safe_load(path.read_text()).get("trainer") or {}).get("accelerator") == "gpu"
 
 
 def test_configs_exist():
@@ -20,7 +29,9 @@ def test_configs_exist():
 def test_config_parses_and_instantiates(path, tmp_path):
     cli = ESLightningCLI(
         ExpertSteer, PairedHiddenStatesDataModule, run=False,
-        args=["--config", str(path), "--output_dir", str(tmp_path)], auto_configure_optimizers=False,
+        args=["--config", str(path), "--output_dir", str(tmp_path),
+              *(ON_CPU if wants_gpu(path) and not torch.cuda.is_available() else [])],
+        auto_configure_optimizers=False,
     )
     assert isinstance(cli.model, ExpertSteer)
     assert isinstance(cli.datamodule, PairedHiddenStatesDataModule)
@@ -47,3 +58,26 @@ def test_wrong_types_and_nan_coefficients_are_refused(override, message, capsys)
                        args=["--config", str(CONFIGS[0]), *override], auto_configure_optimizers=False)
     text = str(error.value) + capsys.readouterr().err
     assert message in text
+
+
+def test_paper_configs_ask_for_every_gpu_with_ddp_in_bfloat16_on_existing_data():
+    assert len(PAPER) >= 3
+    for path in PAPER:
+        config = yaml.safe_load(path.read_text())
+        assert config["trainer"]["accelerator"] == "gpu" and config["trainer"]["devices"] == "auto", path.name
+        assert config["trainer"]["strategy"] == "ddp", path.name
+        data = config["data"]
+        assert data["expert"]["dtype"] == data["target"]["dtype"] == config["model"]["target_dtype"] == "bfloat16", path.name
+        assert "/" in data["expert"]["name"] and "/" in data["target"]["name"], path.name  # Hub ids
+        text = path.read_text()
+        assert "Expected memory per stage" in text and "Expected time per stage: not measured" in text, path.name
+        if (ROOT.parent / "shared" / "data").is_dir():  # paths are relative to the checkout, as in every shipped config
+            assert (ROOT / data["data"]["path"]).is_file(), data["data"]["path"]
+        assert (ROOT / data["predict_data"]["path"]).is_file(), data["predict_data"]["path"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
+def test_paper_config_without_a_gpu_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="--trainer.accelerator cpu"):
+        ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
+                       args=["--config", str(PAPER[0]), "--output_dir", str(tmp_path)], auto_configure_optimizers=False)
