@@ -153,3 +153,30 @@ def test_a_build_killed_at_any_point_resumes_with_each_shard_side_extracted_once
 
 
 loaded_model = loading.load_model
+
+
+@pytest.mark.parametrize("objective", ["paired", "reconstruction"])
+def test_training_reads_only_the_trained_layers_and_learns_what_full_batches_learn(built, monkeypatch, objective):
+    import lightning as L
+
+    from es_lightning.alignment import AlignmentAutoEncoder
+
+    def fit(serve_all: bool):
+        if serve_all:
+            monkeypatch.setattr(AlignmentAutoEncoder, "batch_layers", property(lambda self: None))
+        module = AlignmentAutoEncoder(objective=objective, layer_map={1: 3}, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+        reads = []
+        real = type(built.store).read
+        monkeypatch.setattr(type(built.store), "read", lambda self, side, rows, layers: reads.append((side, len(rows), tuple(layers))) or real(self, side, rows, layers))
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module, datamodule=built)
+        monkeypatch.undo()
+        return module, {r for r in reads if r[1] <= built.batch_size}  # batch reads (the seed reads one layer of all train rows)
+
+    subset, subset_reads = fit(False)
+    full, full_reads = fit(True)
+    assert {layers for side, _, layers in subset_reads if side == "expert"} == {(1,)}
+    assert {layers for side, _, layers in subset_reads if side == "target"} <= {(3,), ()}
+    assert {layers for _, _, layers in full_reads} == {(0, 1, 2), (1, 3)}
+    for name in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
+        torch.testing.assert_close(getattr(subset, name), getattr(full, name), rtol=1e-5, atol=1e-6)

@@ -124,11 +124,42 @@ class AlignmentAutoEncoder(L.LightningModule):
         return proportional_layer_map(layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers)
 
     # ----------------------------------------------------------------------------------- maths
+    @property
+    def batch_layers(self) -> tuple[list[int], list[int]] | None:
+        """The block indices a training or validation batch needs: the trained expert layers and, for the paired
+        objective, their target layers (None before :meth:`build`). The data module's loaders read only these."""
+        if not self.is_built:
+            return None
+        targets = sorted(set(self.layer_map.values())) if self.objective == "paired" else []
+        return list(self.trained_layers), targets
+
     def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None):
-        """Standardise raw cached states ``[B, L_cached, d]`` of the trained layers with the train-split statistics."""
-        xs = (expert[:, self.expert_index] - self.expert_mean) / self.expert_scale[:, None]
-        ys = None if target is None else (target - self.target_mean) / self.target_scale[:, None]
-        return xs, ys
+        """Standardise raw cached states with the train-split statistics.
+
+        ``expert`` ``[B, L, d_E]`` holds every cached expert layer or only the trained ones; ``target`` every cached
+        target layer or only the target layers of :attr:`batch_layers` (both in block order). Returns the trained
+        expert layers and the target layers as given."""
+        if expert.shape[1] not in (len(self.trained_layers), len(self.layout.expert.layers)):
+            raise ValueError(f"Expert states hold {expert.shape[1]} layers: expected every cached expert layer "
+                             f"({len(self.layout.expert.layers)}) or the trained ones {self.trained_layers}.")
+        if expert.shape[1] != len(self.trained_layers):
+            expert = expert[:, self.expert_index]
+        xs = (expert - self.expert_mean) / self.expert_scale[:, None]
+        if target is None:
+            return xs, None
+        positions = self._target_positions(target.shape[1])
+        return xs, (target - self.target_mean[positions]) / self.target_scale[positions, None]
+
+    def _target_positions(self, count: int) -> list[int]:
+        """Positions among the cached target layers of a target tensor with ``count`` layers (see :meth:`standardise`)."""
+        cached = list(self.layout.target.layers)
+        if count == len(cached):
+            return list(range(count))
+        served = self.batch_layers[1]
+        if count != len(served):
+            raise ValueError(f"Target states hold {count} layers: expected every cached target layer ({len(cached)}) or "
+                             f"the paired ones {served}.")
+        return [cached.index(j) for j in served]
 
     def encode(self, expert_std: torch.Tensor) -> torch.Tensor:
         """f_i for all layers at once: ``[B, L_E, d_E] -> [B, L_E, d_T]`` (standardised spaces)."""
@@ -152,7 +183,8 @@ class AlignmentAutoEncoder(L.LightningModule):
         out = {"recon": (recon - xs).pow(2).mean(dim=(0, 2)), "code": code, "recon_x": recon, "xs": xs}
         total = out["recon"].mean()
         if self.objective == "paired":
-            paired_target = ys[:, self.paired_index]
+            positions = self._target_positions(batch["target"].shape[1])
+            paired_target = ys[:, [positions.index(int(b)) for b in self.paired_index]]
             out["pair"] = (code - paired_target).pow(2).mean(dim=(0, 2))
             out["paired_target"] = paired_target
             total = total + self.pair_weight * out["pair"].mean()

@@ -88,7 +88,7 @@ class LayerPairingCallback(WhenTrainingEnds):
     @torch.no_grad()
     def _reconstruction_pairs(self, pl_module, datamodule) -> dict:
         layout, config = pl_module.layout, pl_module.pairing
-        val = datamodule.states("val", expert_layers=layout.expert_layers, target_layers=layout.target_layers)  # every layer is scored
+        val = datamodule.states("val", pl_module.trained_layers, layout.target_layers)  # every trained x target pair is scored
         config.check_rows(len(val["label"]), len(val["label"]), "Layer pairing on the val split")
         xs, ys = pl_module.standardise(val["expert"].to(pl_module.device), val["target"].to(pl_module.device))
         encoded = pl_module.encode(xs).cpu()

@@ -297,8 +297,12 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         return self.split_groups("train")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Batches of a split with the layers the module's ``batch_layers`` names (e.g. the auto-encoders' trained
+        pairs), else every cached layer."""
         store, rows = self._rows(split)
-        dataset = PairedStates(store, rows, store.layers("expert"), store.layers("target"))
+        module = self.trainer.lightning_module if self.trainer else None
+        expert_layers, target_layers = getattr(module, "batch_layers", None) or (store.layers("expert"), store.layers("target"))
+        dataset = PairedStates(store, rows, expert_layers, target_layers)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # A DistributedSampler even on one process: its shuffle depends only on (seed, epoch), so a resumed
         # run sees the same batches as an uninterrupted one, and Lightning keeps it as is under DDP.
