@@ -95,8 +95,8 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     # ... every shard of the 2-process cache was extracted once, by both ranks between them
     log = [json.loads(line) for key_dir in (tmp_path / "cache-two" / "paired").iterdir()
            for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
-    shards = [entry["shard"] for entry in log]
-    assert sorted(shards) == sorted(set(shards)) and {entry["rank"] for entry in log} == {0, 1}
+    shards = [(entry["shard"], entry.get("side")) for entry in log]  # cache format 2: one file per shard and model
+    assert shards and len(shards) == len(set(shards)) and {entry["rank"] for entry in log} == {0, 1}
     # identical pairs (and the MI they were chosen by, to rounding)
     pairing_one, pairing_two = (json.loads((run / "pairing.json").read_text()) for run in (one, two))
     assert pairing_one["pairs"] == pairing_two["pairs"] and len(pairing_one["pairs"]) == 2
