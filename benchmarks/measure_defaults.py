@@ -34,7 +34,8 @@ from es_lightning.cli import ESLightningCLI
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_write_json
 from es_lightning.module import ExpertSteer
-from es_lightning.steering.pair_search import PairedRows, paired_maps, search_pairs
+from es_lightning.steering.pair_search import paired_maps, search_pairs
+from es_lightning.steering.rows import PairedRows
 from es_lightning.steering.rfm import fit_rfm
 
 

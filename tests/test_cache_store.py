@@ -14,7 +14,8 @@ from es_lightning.data.cache import CacheDtypeError
 from es_lightning.data.datamodule import DataSource, PairedHiddenStatesDataModule
 from es_lightning.models import loading
 from es_lightning.models.spec import ModelSpec
-from es_lightning.steering.pair_search import PairedRows, PairSearchConfig, search_pairs
+from es_lightning.steering.pair_search import PairSearchConfig, search_pairs
+from es_lightning.steering.rows import PairedRows
 
 
 def make_dm(expert_dir, target_dir, data_path, cache_dir, **kwargs):

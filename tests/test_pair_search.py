@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from es_lightning.steering.pair_search import PairedRows, PairSearch, PairSearchConfig, search_pairs, split_by_group
+from es_lightning.steering.pair_search import PairSearch, PairSearchConfig, search_pairs
+from es_lightning.steering.rows import PairedRows, split_by_group
 from es_lightning.steering.pairing import PairingRule, depth_pairs
 
 TRUE_PARTNER = {0: 7, 1: 5, 2: 2, 3: 0}  # expert layer -> target layer; the depth map says 0->0, 1->2, 2->5, 3->7

@@ -12,8 +12,9 @@ import torch
 from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.io import atomic_write_json, atomic_write_with
 from es_lightning.steering.mi import mi_matrix
-from es_lightning.steering.pair_search import PairedRows, PairSearch, search_pairs
+from es_lightning.steering.pair_search import PairSearch, search_pairs
 from es_lightning.steering.pairing import depth_pairs, select_pairs
+from es_lightning.steering.rows import PairedRows
 
 log = logging.getLogger(__name__)
 

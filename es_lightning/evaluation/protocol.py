@@ -25,7 +25,8 @@ from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
 from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.hooks import steer
-from es_lightning.steering.pair_search import PairedRows, PairSearchConfig, search_pairs, split_by_group
+from es_lightning.steering.pair_search import PairSearchConfig, search_pairs
+from es_lightning.steering.rows import PairedRows, split_by_group
 from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vectors, layer_norms, random_directions
 
 log = logging.getLogger(__name__)
