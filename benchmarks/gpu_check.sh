@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # First real numbers from a lent GPU, in minutes: the default pipeline (configs/default.yaml, the embedded
 # Gemma-3-270M -> SmolLM2-135M pair, TruthfulQA-MC) on one GPU in bfloat16, with wall time and peak GPU memory
-# per stage (fit / test / predict), then a 2-GPU DDP fit when two or more GPUs are visible.
+# per stage (fit / test / predict), then a 2-GPU DDP fit when torch sees two or more GPUs.
 #
 #   bash benchmarks/gpu_check.sh              # from anywhere; runs in the checkout this script belongs to
 #
@@ -19,19 +19,22 @@ fail() { echo "gpu_check.sh: $*" >&2; exit 1; }
 
 command -v nvidia-smi >/dev/null 2>&1 || fail "nvidia-smi not found: this check needs an NVIDIA GPU and its driver (nothing was run)."
 nvidia-smi -L >/dev/null 2>&1 || fail "nvidia-smi cannot talk to a GPU (driver not loaded or no device visible): $(nvidia-smi -L 2>&1 | head -1)"
-N_GPUS=$(nvidia-smi -L | grep -c '^GPU ' || true)
-[ "${N_GPUS}" -ge 1 ] || fail "nvidia-smi lists no GPU."
+[ "$(nvidia-smi -L | grep -c '^GPU ' || true)" -ge 1 ] || fail "nvidia-smi lists no GPU."
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python}
-"${PY}" - <<'EOF' || fail "PyTorch with CUDA and es_lightning must be importable (README install, venv active)."
+# The GPUs torch sees (CUDA_VISIBLE_DEVICES applies), not every GPU nvidia-smi lists.
+N_GPUS=$("${PY}" - <<'EOF'
 import sys
 import torch
 import es_lightning  # noqa: F401
 if not torch.cuda.is_available():
     sys.exit(f"torch {torch.__version__} sees no CUDA device (CPU-only build?)")
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}",
+      file=sys.stderr)
+print(torch.cuda.device_count())
 EOF
+) || fail "PyTorch with CUDA and es_lightning must be importable (README install, venv active)."
 [ -f ../shared/data/truthfulqa_mc.jsonl ] || fail "../shared/data/truthfulqa_mc.jsonl not found beside the checkout (README quickstart)."
 
 WORK=${GPU_CHECK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/es-gpu-check.XXXXXX")}
@@ -48,6 +51,7 @@ COMMON=(--config configs/default.yaml --output_dir "${WORK}/runs" --data.cache_d
 # One process runs the three stages one after another, as es-lightning-pipeline does, measuring each.
 "${PY}" - "${COMMON[@]}" <<'EOF'
 import gc
+import os
 import subprocess
 import sys
 import time
@@ -57,6 +61,7 @@ import torch
 from es_lightning.cli import build_cli
 
 common = sys.argv[1:]
+gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"  # nvidia-smi's id of torch's cuda:0
 run = ["--run_name", "gpu_check", "--trainer.devices", "1"]
 ckpt = common[common.index("--output_dir") + 1] + "/gpu_check/last.ckpt"
 stages = [("fit", ["fit", *common, *run]),
@@ -67,7 +72,7 @@ for name, args in stages:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    sampler = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+    sampler = subprocess.Popen(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     start = time.perf_counter()
     try:
@@ -105,7 +110,8 @@ if [ "${N_GPUS}" -ge 2 ]; then
   echo
   echo "| stage (2 GPUs, DDP, bfloat16) | wall s | nvidia-smi peak GiB per GPU |"
   echo "|---|---|---|"
-  PEAKS=$(awk -F', *' '$1 ~ /^[0-9]+$/ { if ($2 > m[$1]) m[$1] = $2 } END { for (g in m) printf "GPU %s %.2f; ", g, m[g] / 1024 }' "${WORK}/ddp-memory.csv")
+  PEAKS=$(awk -F', *' '$1 ~ /^[0-9]+$/ { if ($2 > m[$1]) m[$1] = $2 } END { for (g in m) printf "GPU %s %.2f\n", g, m[g] / 1024 }' \
+          "${WORK}/ddp-memory.csv" | sort -n -k2 | paste -sd ';' -)
   printf '| fit | %.1f | %s |\n' "$(awk -v a="${START}" -v b="${END}" 'BEGIN { print b - a }')" "${PEAKS}"
 else
   echo
