@@ -79,7 +79,8 @@ class QuestionIndices(Dataset):
 class PairedHiddenStatesDataModule(L.LightningDataModule):
     """Caches pooled block outputs of BOTH models for the same labelled examples and serves them in batches.
 
-    Batches are ``{"expert": [B, L_E, d_E], "target": [B, L_T, d_T], "label": [B], "index": [B]}`` in float32.
+    Batches are ``{"expert": [B, L_E, d_E], "target": [B, L_T, d_T], "label": [B], "index": [B]}`` in float32,
+    with only the layers the module's ``batch_layers`` names when it has one (else every cached layer).
     The training loader serves the optional ``alignment_data`` (unlabelled texts, label -1) when given,
     else the labelled train split. Extraction runs one model at a time (:mod:`es_lightning.data.extraction`)
     in batches of at most ``extract_batch_size`` texts and ``extract_batch_tokens`` padded tokens (null: rows
