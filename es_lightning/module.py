@@ -244,6 +244,14 @@ class ExpertSteer(AlignmentAutoEncoder):
         if done is None or not len(datamodule.prompts):  # nothing to generate: Lightning skips the loop, the
             self._predict_limit = self.trainer.limit_predict_batches  # writer keeps (or merges) the file
             self.trainer.limit_predict_batches = 0
+        elif len(datamodule.prompts) < self.trainer.world_size:
+            # Lightning's non-padding DDP predict sampler fails with a bare AssertionError on a rank without prompts
+            # (found running predict with 1 prompt on 2 processes); every rank sees the same count, so all refuse.
+            left = len(datamodule.prompts)
+            raise ValueError(
+                f"{left} prompt(s) left to generate but {self.trainer.world_size} processes: under DDP every process "
+                f"needs at least one prompt. Fix: --trainer.devices {left} (or 1)."
+            )
 
     def on_predict_start(self) -> None:
         self._require("predict")
