@@ -125,3 +125,12 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     assert len(rows_one) == 5 * 3 and [r["id"] for r in rows_one][::3] == [f"p{i}" for i in range(5)]
     assert rows_one == rows_two
     assert not (two / "parts").exists()
+
+    # fewer prompts than processes: a clear error on every rank, not Lightning's bare AssertionError or a hang
+    single = tmp_path / "single.jsonl"
+    single.write_text('{"id": "s0", "prompt": "what is the cat ?"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "es_lightning.cli", "predict", *base, "--run_name", "two", "--data.cache_dir", str(tmp_path / "cache-two"),
+         *runs["two"], "--data.predict_data.path", str(single), "--trainer.callbacks.output_dir", str(tmp_path / "single-out"),
+         "--ckpt_path", str(two / "last.ckpt")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Fix: --trainer.devices 1" in result.stderr, result.stderr[-3000:]
