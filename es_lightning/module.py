@@ -18,8 +18,8 @@ from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.stage import CrossValidatedTest, check_folds, evaluation_folds
 from es_lightning.evaluation.report import chosen_coefficients, load_report
 from es_lightning.io import sha256_file, sha256_json
-from es_lightning.memory import check_model_fits
-from es_lightning.models.loading import LoadedModel, load_model
+from es_lightning.memory import announce, check_model_fits, evaluation_estimate, read_shape
+from es_lightning.models.loading import LoadedModel, dtype_name, load_model, resolve_model_dir
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.generation import GenerationSettings, generate, uses_chat_template
 from es_lightning.steering.options import check_coefficients, check_methods
@@ -154,6 +154,7 @@ class ExpertSteer(AlignmentAutoEncoder):
     def _load_target(self) -> LoadedModel:
         datamodule = self.trainer.datamodule
         dtype = self.target_dtype or datamodule.target_spec.dtype
+        self._announce_scoring(dtype)
         target = load_model(self.layout.target.name, getattr(datamodule, "cache_dir", None), dtype, device=self.device)
         if target.fingerprint != self.layout.target.fingerprint:
             raise ValueError(
@@ -161,6 +162,17 @@ class ExpertSteer(AlignmentAutoEncoder):
                 f"(fingerprint {target.fingerprint} vs {self.layout.target.fingerprint}). Refit with the current weights."
             )
         return target
+
+    def _announce_scoring(self, dtype: str) -> None:
+        """Log and check the memory of scoring (test) or generation (predict) before the target loads. Prompt and
+        completion lengths are upper bounds: ``max_length`` tokens, and a choice's characters or ``max_new_tokens``."""
+        datamodule, testing = self.trainer.datamodule, self.trainer.state.fn == "test"
+        spec = datamodule.target_spec
+        completion = (min(spec.max_length, max((len(c) for q in datamodule.all_questions for c in q.choices), default=1))
+                      if testing else self.generation.max_new_tokens)
+        batch = self.evaluation.batch_size if testing else datamodule.predict_batch_size
+        shape = read_shape(resolve_model_dir(self.layout.target.name, getattr(datamodule, "cache_dir", None)), self.layout.target.name)
+        announce(evaluation_estimate(shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device), self.device)
 
     def _run_folder(self) -> Path:
         return Path(self.trainer.default_root_dir)

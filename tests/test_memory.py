@@ -169,3 +169,38 @@ def test_a_model_too_large_for_free_memory_fails_before_loading(monkeypatch, run
     with pytest.raises(MemoryError, match=r"in float32, but cpu has 0\.00 GiB free\. Fix: data\.expert\.dtype: bfloat16"):
         main(["fit", *run_args])
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_every_long_stage_announces_its_estimate_before_it_runs(run_args, tmp_path, caplog):
+    from es_lightning.cli import build_cli
+
+    caplog.set_level(logging.INFO, logger="es_lightning.memory.check")
+    build_cli(["fit", *run_args])
+    build_cli(["test", *run_args, "--ckpt_path", str(tmp_path / "runs" / "default" / "last.ckpt")])
+    stages = [r.getMessage().split(",", 1)[1].split(":", 1)[0].strip() for r in caplog.records if r.getMessage().startswith("Memory estimate")]
+    for stage in ("cache", "capture expert", "capture target", "pair search", "auto-encoders", "rfm", "evaluation"):
+        assert stage in stages, (stage, stages)
+    assert stages.index("capture expert") < stages.index("capture target") < stages.index("pair search") < stages.index("auto-encoders")
+
+
+def test_an_rfm_too_large_for_the_host_is_refused_naming_max_rows(run_args, tmp_path, monkeypatch):
+    from es_lightning.cli import build_cli
+
+    real = check.check_fits
+
+    def small_host_for_rfm(estimate, device="cpu", **kwargs):
+        if estimate.stage == "rfm":
+            kwargs["host_free"] = 1024
+        return real(estimate, device, **kwargs)
+
+    monkeypatch.setattr(check, "check_fits", small_host_for_rfm)
+    with pytest.raises(MemoryError, match=r"The rfm stage will not fit.*Fix: fewer rows \(model\.vectors\.rfm_options\.max_rows\)"):
+        build_cli(["fit", *run_args])
+
+
+def test_rfm_max_rows_is_a_vectors_option_that_reaches_the_fit(run_args, caplog):
+    from es_lightning.cli import build_cli
+
+    caplog.set_level(logging.INFO, logger="es_lightning.steering.rfm")
+    build_cli(["fit", *run_args, "--model.vectors.rfm_options", "{max_rows: 20}"])
+    assert any("max_rows" in r.getMessage() or "subsampl" in r.getMessage() for r in caplog.records)

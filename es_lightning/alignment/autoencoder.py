@@ -14,6 +14,7 @@ from torchmetrics import CosineSimilarity, ExplainedVariance, MeanMetric, MeanSq
 
 from es_lightning.alignment.layer_map import proportional_layer_map, validate_layer_map
 from es_lightning.data.cache import PairedLayout
+from es_lightning.memory import announce, autoencoder_estimate
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,10 @@ class AlignmentAutoEncoder(L.LightningModule):
             return  # the checkpoint, restored after setup, builds the module with its own trained layers
         self.build(datamodule.layout, self._layer_map_for(datamodule.layout))
         self.cache_keys = dict(datamodule.cache_keys)
+        device = self.trainer.strategy.root_device  # the module moves there only after setup
+        layout = datamodule.layout
+        announce(autoencoder_estimate(len(self.layer_map), layout.expert.hidden_size, layout.target.hidden_size, datamodule.batch_size,
+                                      len(datamodule.alignment_groups()), device), device)
         self.init_from_layers(lambda i: datamodule.states("alignment", expert_layers=[i])["expert"][:, 0],
                               lambda j: datamodule.states("alignment", target_layers=[j])["target"][:, 0])
 

@@ -33,7 +33,7 @@ def bundles_for(pl_module, datamodule, config: VectorConfig) -> list[SteeringBun
         expert=states["expert"], target=states["target"], labels=states["label"],
         expert_layers=expert_layers, target_layers=target_layers,
         encoder_linear=lambda i: pl_module.encoder_linear(i).cpu(), rfm_options=dict(config.rfm_options), seed=config.seed,
-        groups=datamodule.split_groups("train"),
+        groups=datamodule.split_groups("train"), device=pl_module.device,
     )
     norms = layer_norms(states["target"], target_layers, [j for _, j in pairs])
     target = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)

@@ -16,6 +16,7 @@ from es_lightning.data.cache import SIDES, PairedCache, PairedLayout, build_side
 from es_lightning.data.examples import Example
 from es_lightning.data.store import CacheStore
 from es_lightning.io import ensure_writable_dir
+from es_lightning.memory import announce, cache_estimate, capture_estimate, read_shape
 from es_lightning.models import loading
 from es_lightning.models.capture import capture_texts
 from es_lightning.models.spec import ModelSpec
@@ -61,6 +62,9 @@ class Extraction:
             if self.rank == 0:
                 ensure_writable_dir(cache.directory.parent, min_free_bytes=self.estimate_bytes(len(examples)), what="cache")
                 cache.write_meta({"what": what})
+                expert, target = self.layout.expert, self.layout.target
+                announce(cache_estimate(len(examples), len(expert.layers), expert.hidden_size, len(target.layers), target.hidden_size,
+                                        self.dtype, self.shard_size), disk_path=cache.directory.parent)
             for side in SIDES:
                 mine = [s for s in missing[side] if s % self.world == self.rank]
                 if mine:
@@ -78,6 +82,10 @@ class Extraction:
 
     def _build(self, cache: PairedCache, side: str, shards: list[int], examples: list[Example], what: str) -> None:
         spec = self.expert if side == "expert" else self.target
+        info = self.layout.expert if side == "expert" else self.layout.target
+        announce(capture_estimate(read_shape(info.directory, info.name), spec.dtype, len(info.layers), max(info.layers),
+                                  self.batch_tokens or self.batch_size * spec.max_length, spec.max_length, self.shard_size, side,
+                                  self.device), self.device)
         loaded = loading.load_model(spec.name, self.cache_dir, spec.dtype, device=self.device)
         try:
             todo = sum(len(cache.shard_rows(s)) for s in shards)

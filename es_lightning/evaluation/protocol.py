@@ -186,6 +186,7 @@ class Evaluator:
             expert=self.store.read("expert", rows.expert.rows, expert_layers), target=target, labels=rows.labels,
             expert_layers=expert_layers, target_layers=target_layers, encoder_linear=encoder_linear,
             rfm_options=dict(self.vector_config.rfm_options), seed=seed, groups=rows.groups,
+            device=getattr(self.model, "device", "cpu"),
         )
         vectors, diagnostics = {}, {}
         for method in self.vector_config.methods:

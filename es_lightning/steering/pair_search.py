@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from es_lightning.memory import announce, pair_search_estimate
 from es_lightning.steering.mi import METHODS as MI_METHODS
 from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, symmetric_eigh, whitened
 from es_lightning.steering.pairing import PairingRule, depth_pairs, depth_partner, select_pairs
@@ -261,6 +262,8 @@ def search_pairs(
     rule = config.pairing_rule
     rule.check_fits(len(expert_layers), len(target_layers))
     config.check_rows(len(fit), len(heldout), "Layer-pair search")
+    announce(pair_search_estimate(len(fit), len(heldout), len(expert_layers), fit.expert.width, len(target_layers),
+                                  fit.target.width, config.max_components, config.max_rows))
     if objective not in ("paired", "reconstruction"):
         raise ValueError(f"Unknown objective {objective!r}: use 'paired' or 'reconstruction'.")
     overlap = set(fit.groups) & set(heldout.groups)

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from es_lightning.memory import announce, rfm_estimate
 from es_lightning.steering.options import METHODS, check_methods
 from es_lightning.steering.rfm import fit_rfm
 
-RFM_OPTIONS = ("iters", "bandwidths", "regs", "val_fraction", "grid_max_train", "standardize", "device")
+RFM_OPTIONS = ("iters", "bandwidths", "regs", "val_fraction", "grid_max_train", "standardize", "device", "max_rows")
 
 
 @dataclass
@@ -53,6 +54,21 @@ class VectorInputs:
     rfm_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     groups: Sequence | None = None  # one key per row (the question): the RFM's validation split takes whole groups
+    device: str | torch.device = "cpu"  # where the RFM's kernels live (the trainer's root device); rfm_options.device overrides
+
+
+def _rfm(states: torch.Tensor, inputs: VectorInputs):
+    """One RFM fit of ``states`` [n, d] with the inputs' labels, groups, seed and options, on their device."""
+    options = dict(inputs.rfm_options)
+    device = options.pop("device", inputs.device)
+    return fit_rfm(states, inputs.labels, seed=inputs.seed, groups=inputs.groups, device=device, **options)
+
+
+def _announce_rfm(inputs: VectorInputs, width: int) -> None:
+    """Log the memory one RFM fit needs (its n^2 kernel) and refuse it when it will not fit."""
+    options = inputs.rfm_options
+    device = options.get("device", inputs.device)
+    announce(rfm_estimate(len(inputs.labels), width, options.get("max_rows", 10_000), options.get("val_fraction", 0.2), device), device)
 
 
 @dataclass
@@ -83,8 +99,9 @@ def expertsteer(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> Metho
     if inputs.encoder_linear is None:
         raise ValueError("expertsteer needs the trained encoder (encoder_linear); fit the alignment auto-encoder first.")
     out = MethodResult({})
+    _announce_rfm(inputs, inputs.expert.shape[-1])
     for i, j in pairs:
-        fit = fit_rfm(_expert(inputs, i), inputs.labels, seed=inputs.seed, groups=inputs.groups, **inputs.rfm_options)
+        fit = _rfm(_expert(inputs, i), inputs)
         weight = inputs.encoder_linear(i)
         if weight.shape[1] != fit.direction.shape[0]:
             raise ValueError(f"The encoder of expert layer {i} expects width {weight.shape[1]}, but its states have width {fit.direction.shape[0]}.")
@@ -97,8 +114,9 @@ def expertsteer(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> Metho
 def rfm_self(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
     """RFM direction on the target's own layer-j states."""
     out = MethodResult({})
+    _announce_rfm(inputs, inputs.target.shape[-1])
     for _, j in pairs:
-        fit = fit_rfm(_target(inputs, j), inputs.labels, seed=inputs.seed, groups=inputs.groups, **inputs.rfm_options)
+        fit = _rfm(_target(inputs, j), inputs)
         out.vectors[j] = _unit(fit.direction)
         out.diagnostics[j] = {"rfm_val_score": fit.val_score, "rfm_top_fraction": fit.top_fraction}
     return out
