@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=1)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--words", type=int, default=8, help="words per question (half that per choice)")
-    parser.add_argument("--eval-questions", type=int, default=40, help="questions of the nested evaluation (fixed in n)")
+    parser.add_argument("--eval-questions", type=int, default=80, help="questions of the nested evaluation (fixed in n)")
     parser.add_argument("--no-test", action="store_true", help="skip the evaluation stage")
     parser.add_argument("--cache-dtype", choices=["float32", "bfloat16", "float16"], help="passed as --data.cache_dtype")
     parser.add_argument("--extract-batch-tokens", type=int, help="passed as --data.extract_batch_tokens")
