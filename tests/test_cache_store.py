@@ -75,7 +75,7 @@ def test_reads_return_exactly_the_requested_layers_and_equal_the_full_read(built
 
 def test_pair_search_on_the_store_reads_each_layer_once_and_equals_the_in_memory_search(built, monkeypatch):
     dm = built
-    config = PairSearchConfig(top_k=2, max_components=16, mi_options={"n_components": 2})
+    config = PairSearchConfig(rule="highest", top_k=2, max_components=16, mi_options={"n_components": 2})
     layout = dm.layout
     args = (layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, config)
     full = dm.states

@@ -42,6 +42,17 @@ def test_fit_writes_last_checkpoint_with_everything_later_steps_need(run_args, t
     assert sorted(bundle.vectors) == sorted(j for _, j in pairing["pairs"]) and bundle.layer_pairs == [tuple(p) for p in pairing["pairs"]]
 
 
+def test_fit_with_the_depth_rule_trains_the_same_relative_depth_pairs(run_args, tmp_path):
+    build_cli(["fit", *run_args, "--run_name", "depth", "--model.pairing.rule", "depth"])
+    run_dir = tmp_path / "runs" / "depth"
+    pairing = load_ckpt(run_dir / "last.ckpt")["es_lightning"]["pairing"]
+    assert pairing["rule"] == "depth" and pairing["mi"] is None and pairing["pairs"] == pairing["depth_pairs"]
+    assert len(pairing["pairs"]) == 2 and pairing["auc"] is not None  # held-out separability is still reported
+    assert (run_dir / "mi_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bundle = SteeringBundle.load(load_ckpt(run_dir / "last.ckpt")["es_lightning"]["bundles"]["expertsteer"])
+    assert bundle.layer_pairs == [tuple(p) for p in pairing["pairs"]]
+
+
 def test_validate_reports_metrics(run_args, tmp_path):
     build_cli(["fit", *run_args, "--run_name", "r2"])
     cli = build_cli(["validate", *run_args, "--run_name", "r2", "--ckpt_path", str(tmp_path / "runs" / "r2" / "last.ckpt")])

@@ -29,7 +29,7 @@ def synthetic_rows(n: int = 600, signal_layer: int | None = None, seed: int = 0)
 
 def run(rows: PairedRows, **options):
     kept, held = split_by_group(rows.groups, 0.3, seed=0)
-    config = PairSearchConfig(**{"top_k": 4, "max_components": 16, **options})
+    config = PairSearchConfig(**{"rule": "highest", "top_k": 4, "max_components": 16, **options})
     return search_pairs(rows.take(kept), rows.take(held), [0, 1, 2, 3], list(range(8)), 4, 8, config)
 
 
@@ -83,7 +83,7 @@ def test_chosen_map_carries_directions_between_the_true_layers():
 def test_reconstruction_objective_scores_codes_on_held_out_rows():
     outcome = run(synthetic_rows(), rule="highest", top_k=2)
     recon = search_pairs(*_split(synthetic_rows()), [0, 1, 2, 3], list(range(8)), 4, 8,
-                         PairSearchConfig(top_k=2, max_components=16), objective="reconstruction")
+                         PairSearchConfig(rule="highest", top_k=2, max_components=16), objective="reconstruction")
     assert recon.result.ridge is None and recon.result.objective == "reconstruction"
     assert all(recon.linear[i].shape == (12, 10) for i, _ in recon.result.pairs)
     assert outcome.result.objective == "paired"
@@ -119,7 +119,7 @@ def test_too_few_held_out_rows_for_the_estimator():
     rows = synthetic_rows(n=60)
     kept, held = split_by_group(rows.groups, 0.1, seed=0)
     with pytest.raises(ValueError, match="held-out rows"):
-        search_pairs(rows.take(kept), rows.take(held), [0, 1, 2, 3], list(range(8)), 4, 8, PairSearchConfig(top_k=2))
+        search_pairs(rows.take(kept), rows.take(held), [0, 1, 2, 3], list(range(8)), 4, 8, PairSearchConfig(rule="highest", top_k=2))
 
 
 def test_fit_and_held_out_rows_must_not_share_questions():

@@ -51,7 +51,7 @@ class PairSearchConfig:
     ``max_rows``: a seeded subsample of fit rows bounds the cost.
     """
 
-    rule: Literal["highest", "lowest", "separability", "depth"] = "highest"
+    rule: Literal["highest", "lowest", "separability", "depth"] = "depth"
     top_k: int = 3
     one_target_per_expert: bool = True
     depth_window: tuple[float, float] | None = None
