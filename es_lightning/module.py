@@ -35,11 +35,14 @@ class PredictConfig:
     coefficients. ``coefficients_from_report`` (default): each method's coefficient is the one ``test`` chose for
     it (median over folds) when a report of this checkpoint exists (``model.report_dir``, default
     ``<run>/report``); otherwise, and for methods the report lacks, every nonzero value of ``coefficients``.
+    ``extra_coefficients``: generated for every method besides those (the coefficient that maximises multiple-choice
+    likelihood can be too strong for fluent text, so a gentler one shows both).
     ``bundle_dir``: where ``<method>.safetensors`` bundles are (default: the ones the checkpoint's fit wrote)."""
 
     methods: list[str] = field(default_factory=lambda: ["expertsteer"])
     coefficients: list[float] = field(default_factory=lambda: [0.1])
     coefficients_from_report: bool = True
+    extra_coefficients: list[float] = field(default_factory=list)
     positions: Literal["all", "prompt", "generated"] = "all"
     bundle_dir: str | None = None
     include_unsteered: bool = True
@@ -47,6 +50,8 @@ class PredictConfig:
     def validate(self) -> None:
         check_methods(self.methods, "predict.methods")
         check_coefficients(self.coefficients, "predict.coefficients")
+        if self.extra_coefficients:
+            check_coefficients(self.extra_coefficients, "predict.extra_coefficients")
 
 
 class ExpertSteer(AlignmentAutoEncoder):
@@ -218,7 +223,8 @@ class ExpertSteer(AlignmentAutoEncoder):
         chosen = self._chosen_coefficients() if config.coefficients_from_report else {}
         variants = [("none", 0.0)] if config.include_unsteered else []
         for method in config.methods:
-            values = [chosen[method]] if method in chosen else config.coefficients
+            values = [chosen[method]] if method in chosen else list(config.coefficients)
+            values += [c for c in config.extra_coefficients if c not in values]
             variants += [(method, float(c)) for c in values if c != 0]
         return variants
 

@@ -66,6 +66,11 @@ def test_nothing_stale_is_reused_and_predict_uses_the_chosen_coefficients(job, c
     assert {abs(c) for c in chosen.values()} == {0.25}
     predicted = {(r["method"], r["coefficient"]) for r in rows(run / "predictions.jsonl")}
     assert predicted == {("none", 0.0), ("expertsteer", chosen["expertsteer"]), ("mean_difference", chosen["mean_difference"])}
+    # extra coefficients are generated besides the report's choice
+    main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.extra_coefficients", "[0.1]"])
+    predicted = {(r["method"], r["coefficient"]) for r in rows(run / "predictions.jsonl")}
+    assert predicted == {("none", 0.0), ("expertsteer", chosen["expertsteer"]), ("mean_difference", chosen["mean_difference"]),
+                         ("expertsteer", 0.1), ("mean_difference", 0.1)}
     # without the report's choice, the config's coefficient (tiny.yaml: 0.5)
     main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.coefficients_from_report", "false"])
     assert {r["coefficient"] for r in rows(run / "predictions.jsonl")} == {0.0, 0.5}
