@@ -204,7 +204,20 @@ class ExpertSteer(AlignmentAutoEncoder):
         for entry in dataset.methods:
             accuracy = entry.accuracy_mean if self.evaluation.scoring == "mean" else entry.accuracy_sum
             self.log(f"test/accuracy/{entry.method}", accuracy.mean, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            self._record_chosen_coefficients(self._report_folder() / "report.json")
         self._target = None
+
+    def _record_chosen_coefficients(self, report: Path) -> None:
+        """Write each method's coefficient chosen by this test (median over folds) into its bundle's metadata, so
+        the bundle carries the strength it was evaluated at; ``predict`` and the exports read the same report."""
+        chosen = chosen_coefficients(load_report(report))
+        for method, path in (self.extra.get("bundles") or {}).items():
+            if method in chosen and Path(path).exists():
+                bundle = SteeringBundle.load(path)
+                bundle.extra["chosen_coefficient"] = {"value": chosen[method], "report": str(report.resolve()),
+                                                      "protocol": self.evaluation.protocol}
+                bundle.save(path)
 
     def _report_folder(self) -> Path:
         return Path(self.report_dir) if self.report_dir else self._run_folder() / "report"

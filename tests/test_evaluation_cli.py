@@ -9,7 +9,8 @@ import torch
 from conftest import write_two_choice_jsonl
 from es_lightning.cli import build_cli
 from es_lightning.evaluation import protocol
-from es_lightning.evaluation.report import load_report
+from es_lightning.evaluation.report import chosen_coefficients, load_report
+from es_lightning.steering.bundle import SteeringBundle
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -53,6 +54,10 @@ def test_cross_validated_report(fitted, monkeypatch):
         assert plan["n_train"] + plan["n_val"] + plan["n_test"] == 30
     assert sorted({rows for _, rows in seen_rows}) == sorted({2 * p["n_train"] for p in plans})
     assert (folder / "report.md").read_text().count("| two |") == 5
+    chosen = chosen_coefficients(load_report(folder / "report.json"))
+    for method in ("expertsteer", "rfm_self", "mean_difference"):
+        recorded = SteeringBundle.load(tmp / "runs" / "default" / "bundles" / f"{method}.safetensors").extra["chosen_coefficient"]
+        assert recorded["value"] == chosen[method] and recorded["protocol"] == "nested"
     assert (folder / "coefficient_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
