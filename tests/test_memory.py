@@ -204,3 +204,21 @@ def test_rfm_max_rows_is_a_vectors_option_that_reaches_the_fit(run_args, caplog)
     caplog.set_level(logging.INFO, logger="es_lightning.steering.rfm")
     build_cli(["fit", *run_args, "--model.vectors.rfm_options", "{max_rows: 20}"])
     assert any("max_rows" in r.getMessage() or "subsampl" in r.getMessage() for r in caplog.records)
+
+
+def test_the_rfm_runs_on_the_trainer_device_in_the_fit_and_in_every_evaluation_fold(run_args, tmp_path, monkeypatch):
+    from es_lightning.cli import build_cli
+    from es_lightning.steering import vectors
+
+    devices, real = [], vectors.fit_rfm
+
+    def spy(*args, device=None, **kwargs):
+        devices.append(device)
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(vectors, "fit_rfm", spy)
+    build_cli(["fit", *run_args])
+    fitted = len(devices)
+    build_cli(["test", *run_args, "--ckpt_path", str(tmp_path / "runs" / "default" / "last.ckpt")])
+    assert fitted > 0 and len(devices) > fitted  # fit's bundles, then every fold's vectors
+    assert all(torch.device(d) == torch.device("cpu") for d in devices), devices  # passed explicitly, never left to X

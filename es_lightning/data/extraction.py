@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from es_lightning.data.cache import SIDES, PairedCache, PairedLayout, build_side, cache_key, check_cache_dtype, examples_fingerprint
+from es_lightning.data.cache import SIDES, PairedCache, PairedLayout, build_side, cache_key, examples_fingerprint
 from es_lightning.data.examples import Example
 from es_lightning.data.store import CacheStore
 from es_lightning.io import ensure_writable_dir
@@ -60,11 +60,12 @@ class Extraction:
         any_missing = sorted(set(missing["expert"]) | set(missing["target"]))
         if any_missing:
             if self.rank == 0:
-                ensure_writable_dir(cache.directory.parent, min_free_bytes=self.estimate_bytes(len(examples)), what="cache")
-                cache.write_meta({"what": what})
                 expert, target = self.layout.expert, self.layout.target
-                announce(cache_estimate(len(examples), len(expert.layers), expert.hidden_size, len(target.layers), target.hidden_size,
-                                        self.dtype, self.shard_size), disk_path=cache.directory.parent)
+                estimate = announce(cache_estimate(len(examples), len(expert.layers), expert.hidden_size, len(target.layers),
+                                                   target.hidden_size, self.dtype, self.shard_size))
+                # the disk: writable, and room for the whole cache with 10% headroom
+                ensure_writable_dir(cache.directory.parent, min_free_bytes=int(estimate.disk_bytes * 1.1), what="cache")
+                cache.write_meta({"what": what})
             for side in SIDES:
                 mine = [s for s in missing[side] if s % self.world == self.rank]
                 if mine:
@@ -114,11 +115,6 @@ class Extraction:
                 "(raise max_length to keep them whole).", truncated, len(texts), side, spec.max_length, spec.name,
             )
         return states
-
-    def estimate_bytes(self, n: int) -> int:
-        """Disk bytes of a cache of ``n`` examples in this dtype, with 10% headroom."""
-        per_row = sum(len(info.layers) * info.hidden_size for info in (self.layout.expert, self.layout.target))
-        return int(n * per_row * torch.finfo(check_cache_dtype(self.dtype)).bits // 8 * 1.1)
 
 
 def free_memory(device: str | torch.device) -> None:
