@@ -19,6 +19,8 @@ import torch
 from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
+from es_lightning.steering.hooks import Positions, RowState, RowSteering, steer_rows
+
 ContextFactory = Callable[[], ContextManager]
 
 
@@ -87,9 +89,11 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def _score_group(
-    model: torch.nn.Module, pad_id: int, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]]
+    model: torch.nn.Module, pad_id: int, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]],
+    rows: RowState | None = None,
 ) -> list[tuple[list[float], list[int]]]:
-    """Score a group of questions: one left-padded prompt pass, then all choices (right-padded) on the shared cache."""
+    """Score a group of questions: one left-padded prompt pass, then all choices (right-padded) on the shared cache.
+    With per-row steering (``rows``), each choice row keeps its question's steering."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -123,6 +127,8 @@ def _score_group(
     if length > 1:
         # Feed every choice token but the last (its prediction is never needed) on top of the prompt's cache.
         cache.batch_select_indices(row_question)
+        if rows is not None:
+            rows.select(row_question)
         inputs = targets[:, :-1]
         attention = torch.cat([mask[row_question], target_mask[:, :-1].long()], dim=1)
         choice_positions = prompt_len[row_question, None] + torch.arange(length - 1, device=device)
@@ -140,6 +146,16 @@ def _score_group(
     return results
 
 
+def _group_context(
+    model: torch.nn.Module, context: ContextFactory | None, steering: RowSteering | None, group: list[int],
+    positions: Positions, block_path: str | None,
+) -> ContextManager:
+    """The context a group's passes run in: the caller's factory, per-row steering of the group, or nothing."""
+    if steering is not None:
+        return steer_rows(model, steering.subset(group), positions=positions, block_path=block_path)
+    return context() if context is not None else contextlib.nullcontext()
+
+
 def score_choices(
     model: torch.nn.Module,
     tokenizer,
@@ -150,6 +166,9 @@ def score_choices(
     progress: bool = True,
     desc: str = "scoring",
     add_special_tokens: bool = True,
+    steering: RowSteering | None = None,
+    positions: Positions = "all",
+    block_path: str | None = None,
 ) -> list[ChoiceScores]:
     """Score every choice of every question by its log-likelihood given the question's prompt.
 
@@ -165,6 +184,11 @@ def score_choices(
         raise ValueError(f"Got {len(prompts)} prompts but {len(choices)} choice lists; pass one choice list per prompt.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if steering is not None and (context is not None or len(steering.variant_of) != len(prompts)):
+        raise ValueError(
+            f"Per-row steering needs one variant per prompt ({len(prompts)}), got {len(steering.variant_of)}, and "
+            f"no steering context besides it."
+        )
     if model.training:
         raise ValueError("The model is in training mode, so dropout would make scores random; call model.eval() first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -177,8 +201,9 @@ def score_choices(
     results: list[ChoiceScores | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress) as bar, torch.inference_mode():
         for group in groups:
-            with context() if context is not None else contextlib.nullcontext():
-                scored = _score_group(model, pad_id, [prompt_ids[q] for q in group], [choice_ids[q] for q in group])
+            with _group_context(model, context, steering, group, positions, block_path) as rows:
+                scored = _score_group(model, pad_id, [prompt_ids[q] for q in group], [choice_ids[q] for q in group],
+                                      rows if isinstance(rows, RowState) else None)
             for q, (sums, counts) in zip(group, scored):
                 results[q] = ChoiceScores(logprob_sum=tuple(sums), num_tokens=tuple(counts))
             bar.update(len(group))

@@ -24,14 +24,14 @@ import hashlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
 from es_lightning.models.layers import hidden_size
 from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.bundle import SteeringBundle
-from es_lightning.steering.hooks import POSITIONS, steer
+from es_lightning.steering.hooks import POSITIONS, RowSteering, steer, steer_rows
 
 
 def _is_int(value: object) -> bool:
@@ -151,6 +151,91 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
+@dataclass(frozen=True)
+class Generated:
+    """One generated completion: the prompt's token ids, the new token ids (up to the first end-of-sequence or pad
+    token) and the decoded text (special tokens skipped, whitespace stripped)."""
+
+    prompt_ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+    text: str
+
+
+def _stop_ids(model: torch.nn.Module, tokenizer, pad_id: int) -> set[int]:
+    """Token ids that end a completion: the tokenizer's and the generation config's EOS ids, and the pad id."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    return {int(i) for i in [tokenizer.eos_token_id, pad_id, *configured] if i is not None}
+
+
+def generate_rendered(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    settings: GenerationSettings,
+    add_special_tokens: bool,
+    steering: RowSteering | None = None,
+    positions: str = "all",
+    block_path: str | None = None,
+    seed_keys: Sequence[str] | None = None,
+    context: Callable[[], ContextManager] | None = None,
+) -> list[Generated]:
+    """Generate from already rendered prompt ``texts``, batched by ``settings.batch_size``, keeping token ids.
+
+    ``steering`` steers each prompt by its own row (:func:`es_lightning.steering.hooks.steer_rows`), so one batch
+    can carry many vectors and coefficients; ``context`` instead wraps every batch (e.g. :func:`steer`).
+    ``seed_keys`` (default: the texts) seed each row's sampler when ``settings.do_sample``.
+    """
+    from transformers import LogitsProcessorList
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token, so prompts cannot be batched.")
+    if steering is not None and len(steering.variant_of) != len(texts):
+        raise ValueError(f"Per-row steering covers {len(steering.variant_of)} prompts but {len(texts)} were given.")
+    seed_keys = list(texts) if seed_keys is None else list(seed_keys)
+    stop = _stop_ids(model, tokenizer, pad_id)
+    device = _model_device(model)
+    outputs: list[Generated] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), settings.batch_size):
+            chunk = list(texts[start : start + settings.batch_size])
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+                                add_special_tokens=add_special_tokens)
+            lengths = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
+            if (lengths == 0).any():
+                empty = start + int((lengths == 0).nonzero()[0, 0])
+                raise ValueError(f"Prompt {empty} tokenizes to no tokens; give it text the tokenizer knows.")
+            kwargs = {}
+            if settings.do_sample:
+                seeds = [row_seed(settings.seed, key) for key in seed_keys[start : start + settings.batch_size]]
+                kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)])
+            if steering is not None:
+                rows = steering.subset(range(start, start + len(chunk)))
+                scope: ContextManager = steer_rows(model, rows, positions=positions, block_path=block_path)  # type: ignore[arg-type]
+            else:
+                scope = context() if context is not None else contextlib.nullcontext()
+            with scope:
+                sequences = model.generate(
+                    input_ids=encoded["input_ids"].to(device),
+                    attention_mask=encoded["attention_mask"].to(device),
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=False,  # sampling, if any, is done by SeededSampler (batch-invariant, private RNG)
+                    num_beams=1,
+                    use_cache=True,
+                    pad_token_id=pad_id,
+                    **kwargs,
+                )
+            width = encoded["input_ids"].shape[1]
+            for row in range(len(chunk)):
+                new = sequences[row, width:].tolist()
+                end = next((k for k, token in enumerate(new) if token in stop), len(new))
+                prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+                text = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+                outputs.append(Generated(tuple(prompt), tuple(new[:end]), text))
+    return outputs
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -184,48 +269,14 @@ def generate(
         )
     if steering is not None:
         _check_bundle(model, steering)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token, so prompts cannot be batched.")
     if not prompts:
         return []
-    from transformers import LogitsProcessorList
-
     chat = uses_chat_template(settings, tokenizer)
     texts = [render_prompt(tokenizer, prompt, chat) for prompt in prompts]
-    device = _model_device(model)
-    outputs: list[str] = []
-    context = (
-        steer(model, **steering.steering_kwargs(float(coefficient)), positions=positions, block_path=block_path)
-        if steering is not None and coefficient != 0
-        else contextlib.nullcontext()
-    )
-    with context, torch.inference_mode():
-        for start in range(0, len(texts), settings.batch_size):
-            chunk = texts[start : start + settings.batch_size]
-            encoded = tokenizer(
-                chunk, return_tensors="pt", padding=True, padding_side="left",
-                add_special_tokens=not chat,  # a chat template already writes BOS
-            )
-            lengths = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
-            if (lengths == 0).any():
-                empty = start + int((lengths == 0).nonzero()[0, 0])
-                raise ValueError(f"Prompt {empty} tokenizes to no tokens; give it text the tokenizer knows.")
-            kwargs = {}
-            if settings.do_sample:
-                seeds = [row_seed(settings.seed, prompt) for prompt in prompts[start : start + settings.batch_size]]
-                sampler = SeededSampler(seeds, settings.temperature, settings.top_p)
-                kwargs["logits_processor"] = LogitsProcessorList([sampler])
-            sequences = model.generate(
-                input_ids=encoded["input_ids"].to(device),
-                attention_mask=encoded["attention_mask"].to(device),
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,  # sampling, if any, is done by SeededSampler (batch-invariant, private RNG)
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=pad_id,
-                **kwargs,
-            )
-            new_tokens = sequences[:, encoded["input_ids"].shape[1] :].cpu()
-            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return outputs
+    context = None
+    if steering is not None and coefficient != 0:
+        def context() -> ContextManager:
+            return steer(model, **steering.steering_kwargs(float(coefficient)), positions=positions, block_path=block_path)
+    generated = generate_rendered(model, tokenizer, texts, settings, add_special_tokens=not chat,  # a chat template writes BOS
+                                  positions=positions, block_path=block_path, seed_keys=prompts, context=context)
+    return [g.text for g in generated]

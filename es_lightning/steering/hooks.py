@@ -28,6 +28,7 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Iterator, Literal, Mapping
 
 import torch
@@ -120,6 +121,58 @@ def _find_cache(args: tuple, kwargs: dict) -> object | None:
     return next((value for value in (*args, *kwargs.values()) if isinstance(value, Cache)), None)
 
 
+def _check_positions(positions: str, prompt_length: int | None) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"Unknown positions {positions!r}: use one of {list(POSITIONS)}.")
+    if prompt_length is not None:
+        if positions == "all":
+            raise ValueError("prompt_length only applies to positions='prompt' or 'generated', not 'all'.")
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 1:
+            raise ValueError(f"prompt_length must be a positive int, got {prompt_length!r}.")
+
+
+@contextlib.contextmanager
+def _hooked(
+    blocks: nn.ModuleList,
+    layers: Sequence[int],
+    delta_for: Callable[[int, torch.Tensor], torch.Tensor],
+    state: SteeringState,
+) -> Iterator[None]:
+    """Install the hooks that add ``delta_for(layer, hidden)`` (broadcast over positions) to each layer's output at
+    the positions ``state`` picks; remove them on exit, also on an exception."""
+
+    def on_pass(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = _find_cache(args, kwargs)
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        state.begin_pass(past, hidden.shape[1], fresh_cache=cache is not None and past == 0)
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+            hidden = block_output(output)
+            delta = delta_for(layer, hidden)
+            if state.positions == "all":
+                steered = hidden + delta
+            else:
+                steered = _add(hidden, delta, state.start, state.stop)
+            if isinstance(output, (tuple, list)):
+                return type(output)((steered, *output[1:]))
+            return steered
+
+        return hook
+
+    handles = []
+    try:
+        if state.positions != "all":
+            handles.append(blocks[0].register_forward_pre_hook(on_pass, with_kwargs=True))
+        for layer in sorted(layers):
+            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextlib.contextmanager
 def steer(
     model: nn.Module,
@@ -137,47 +190,113 @@ def steer(
     ``prompt_length`` choose the steered positions (see the module docstring). Yields a
     :class:`SteeringState`; the model itself is never modified.
     """
-    if positions not in POSITIONS:
-        raise ValueError(f"Unknown positions {positions!r}: use one of {list(POSITIONS)}.")
-    if prompt_length is not None:
-        if positions == "all":
-            raise ValueError("prompt_length only applies to positions='prompt' or 'generated', not 'all'.")
-        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 1:
-            raise ValueError(f"prompt_length must be a positive int, got {prompt_length!r}.")
+    _check_positions(positions, prompt_length)
     blocks = get_blocks(model, block_path)
     deltas = _deltas(model, vectors, coefficient, norms, len(blocks))
     state = SteeringState(positions=positions, prompt_length=prompt_length, explicit=prompt_length is not None)
     cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
-    def on_pass(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache = _find_cache(args, kwargs)
-        past = int(cache.get_seq_length()) if cache is not None else 0
-        state.begin_pass(past, hidden.shape[1], fresh_cache=cache is not None and past == 0)
+    def delta_for(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        key = (layer, hidden.dtype, hidden.device)
+        if key not in cast:
+            cast[key] = deltas[layer].to(device=hidden.device, dtype=hidden.dtype)
+        return cast[key]
 
-    def make_hook(layer: int):
-        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
-            hidden = block_output(output)
-            key = (layer, hidden.dtype, hidden.device)
-            if key not in cast:
-                cast[key] = deltas[layer].to(device=hidden.device, dtype=hidden.dtype)
-            if positions == "all":
-                steered = hidden + cast[key]
-            else:
-                steered = _add(hidden, cast[key], state.start, state.stop)
-            if isinstance(output, (tuple, list)):
-                return type(output)((steered, *output[1:]))
-            return steered
-
-        return hook
-
-    handles = []
-    try:
-        if positions != "all":
-            handles.append(blocks[0].register_forward_pre_hook(on_pass, with_kwargs=True))
-        for layer in sorted(deltas):
-            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+    with _hooked(blocks, list(deltas), delta_for, state):
         yield state
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+@dataclass(frozen=True)
+class SteeringVariant:
+    """One way to steer a row: ``coefficient * norms[j] * vectors[j]`` at each block ``j``; no vectors or a zero
+    coefficient leave the row unsteered. ``name`` is for the caller (e.g. "expertsteer", "random draw 3")."""
+
+    name: str
+    coefficient: float = 0.0
+    vectors: Mapping[int, torch.Tensor] | None = None
+    norms: Mapping[int, float] | None = None
+
+    @property
+    def steers(self) -> bool:
+        return self.vectors is not None and self.coefficient != 0
+
+
+@dataclass(frozen=True)
+class RowSteering:
+    """Per-row steering of a batch of prompts: prompt ``p`` is steered by ``table[j][variant_of[p]]`` at block ``j``.
+
+    ``table`` holds one float32 row per variant and steered block (zeros where a variant leaves the block alone),
+    so one forward pass can carry many vectors and coefficients at once (random draws, sweep points).
+    """
+
+    table: Mapping[int, torch.Tensor]  # block -> [variants, hidden]
+    variant_of: tuple[int, ...]  # per prompt: its row of the table
+
+    def subset(self, prompts: Sequence[int]) -> RowSteering:
+        """The same table for a sub-batch of the prompts (in the given order)."""
+        return RowSteering(self.table, tuple(self.variant_of[p] for p in prompts))
+
+
+def row_steering(
+    model: nn.Module, variants: Sequence[SteeringVariant], variant_of: Sequence[int], block_path: str | None = None
+) -> RowSteering:
+    """Build a :class:`RowSteering`: ``variants`` are checked like :func:`steer`'s arguments, ``variant_of`` gives
+    each prompt's variant index."""
+    if not variants:
+        raise ValueError("row_steering needs at least one variant (an unsteered one is SteeringVariant('none')).")
+    bad = [v for v in variant_of if isinstance(v, bool) or not 0 <= int(v) < len(variants)]
+    if bad:
+        raise ValueError(f"Variant indices {bad[:5]} are out of range for {len(variants)} variants.")
+    n_blocks, width = len(get_blocks(model, block_path)), hidden_size(model)
+    per_variant = [_deltas(model, v.vectors, v.coefficient, v.norms, n_blocks) if v.steers else {} for v in variants]
+    layers = sorted({layer for deltas in per_variant for layer in deltas})
+    table = {layer: torch.zeros(len(variants), width) for layer in layers}
+    for index, deltas in enumerate(per_variant):
+        for layer, delta in deltas.items():
+            table[layer][index] = delta
+    return RowSteering(table, tuple(int(v) for v in variant_of))
+
+
+@dataclass
+class RowState(SteeringState):
+    """:class:`SteeringState` plus which table row each batch row uses; :meth:`select` re-maps the rows when a batch
+    is reshaped between passes (e.g. a prompt's KV cache expanded to one row per answer choice)."""
+
+    rows: torch.Tensor | None = None
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> None:
+        """Batch row ``r`` now takes the table row of former batch row ``index[r]``."""
+        assert self.rows is not None
+        self.rows = self.rows[torch.as_tensor(index, dtype=torch.long, device=self.rows.device)]
+
+
+@contextlib.contextmanager
+def steer_rows(
+    model: nn.Module,
+    steering: RowSteering,
+    positions: Positions = "all",
+    prompt_length: int | None = None,
+    block_path: str | None = None,
+) -> Iterator[RowState]:
+    """Like :func:`steer`, but batch row ``r`` gets its own delta ``table[j][variant_of[r]]`` at block ``j``.
+
+    The batch's rows are ``steering.variant_of`` in order; use :meth:`RowSteering.subset` for a sub-batch. Rows
+    whose variant does not steer get exactly zero added. Yields a :class:`RowState`.
+    """
+    _check_positions(positions, prompt_length)
+    blocks = get_blocks(model, block_path)
+    state = RowState(positions=positions, prompt_length=prompt_length, explicit=prompt_length is not None,
+                     rows=torch.tensor(steering.variant_of, dtype=torch.long))
+    cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def delta_for(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        key = (layer, hidden.dtype, hidden.device)
+        if key not in cast:
+            cast[key] = steering.table[layer].to(device=hidden.device, dtype=hidden.dtype)
+        rows = state.rows.to(hidden.device)  # type: ignore[union-attr]
+        if rows.shape[0] != hidden.shape[0]:
+            raise RuntimeError(f"Row steering covers {rows.shape[0]} rows but the batch has {hidden.shape[0]}.")
+        return cast[key].index_select(0, rows)[:, None, :]
+
+    with _hooked(blocks, list(steering.table), delta_for, state):
+        yield state
