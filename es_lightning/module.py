@@ -33,16 +33,14 @@ log = logging.getLogger(__name__)
 class PredictConfig:
     """What ``es-lightning predict`` generates for every prompt: an unsteered row, then each method at its
     coefficients. ``coefficients_from_report`` (default): each method's coefficient is the one ``test`` chose for
-    it (median over folds) when a report of this checkpoint exists (``model.report_dir``, default
-    ``<run>/report``); otherwise, and for methods the report lacks, every nonzero value of ``coefficients``.
-    ``extra_coefficients``: generated for every method besides those (the coefficient that maximises multiple-choice
-    likelihood can be too strong for fluent text, so a gentler one shows both).
+    it within the damage budget (median over folds) when a report of this checkpoint exists (``model.report_dir``,
+    default ``<run>/report``); otherwise, and for methods the report lacks, every nonzero value of ``coefficients``.
+    A method with no coefficient within budget is not generated (the log says so).
     ``bundle_dir``: where ``<method>.safetensors`` bundles are (default: the ones the checkpoint's fit wrote)."""
 
     methods: list[str] = field(default_factory=lambda: ["expertsteer"])
     coefficients: list[float] = field(default_factory=lambda: [0.1])
     coefficients_from_report: bool = True
-    extra_coefficients: list[float] = field(default_factory=list)
     positions: Literal["all", "prompt", "generated"] = "all"
     bundle_dir: str | None = None
     include_unsteered: bool = True
@@ -50,8 +48,6 @@ class PredictConfig:
     def validate(self) -> None:
         check_methods(self.methods, "predict.methods")
         check_coefficients(self.coefficients, "predict.coefficients")
-        if self.extra_coefficients:
-            check_coefficients(self.extra_coefficients, "predict.extra_coefficients")
 
 
 class ExpertSteer(AlignmentAutoEncoder):
@@ -213,7 +209,7 @@ class ExpertSteer(AlignmentAutoEncoder):
         the bundle carries the strength it was evaluated at; ``predict`` and the exports read the same report."""
         chosen = chosen_coefficients(load_report(report))
         for method, path in (self.extra.get("bundles") or {}).items():
-            if method in chosen and Path(path).exists():
+            if chosen.get(method) and Path(path).exists():
                 bundle = SteeringBundle.load(path)
                 bundle.extra["chosen_coefficient"] = {"value": chosen[method], "report": str(report.resolve()),
                                                       "protocol": self.evaluation.protocol}
@@ -236,8 +232,11 @@ class ExpertSteer(AlignmentAutoEncoder):
         chosen = self._chosen_coefficients() if config.coefficients_from_report else {}
         variants = [("none", 0.0)] if config.include_unsteered else []
         for method in config.methods:
+            if chosen.get(method) == 0:
+                log.warning("test found no coefficient of %s within the damage budget (evaluation.budget): it is not "
+                            "generated. Pass model.predict.coefficients_from_report false to generate it anyway.", method)
+                continue
             values = [chosen[method]] if method in chosen else list(config.coefficients)
-            values += [c for c in config.extra_coefficients if c not in values]
             variants += [(method, float(c)) for c in values if c != 0]
         return variants
 

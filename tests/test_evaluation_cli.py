@@ -44,20 +44,38 @@ def test_cross_validated_report(fitted, monkeypatch):
     assert list(methods) == ["none", "expertsteer", "rfm_self", "mean_difference", "random"]
     for name in ("expertsteer", "rfm_self", "mean_difference"):
         entry = methods[name]
-        assert all(c in (-0.5, 0.5) for c in entry.coefficients)
-        assert entry.vs_none is not None and entry.vs_random is not None and entry.verdict in ("gain", "no gain", "worse")
-        assert entry.vs_none.wins + entry.vs_none.losses + entry.vs_none.ties == 30
+        # constrained: a grid coefficient, or 0 exactly where no coefficient was within the damage budget
+        assert all(c in (-0.5, 0.5) if f.within_budget else c == 0 for c, f in zip(entry.coefficients, entry.folds))
+        assert all(c in (-0.5, 0.5) for c in entry.unconstrained.coefficients)
+        for result in (entry, entry.unconstrained):
+            assert result.vs_none is not None and result.vs_random is not None and result.verdict in ("gain", "no gain", "worse")
+            assert result.vs_none.wins + result.vs_none.losses + result.vs_none.ties == 30
+        generation = entry.generation
+        assert generation.metrics == ("bleu_acc", "rouge_l_acc") and generation.verdict in ("gain", "no gain", "worse")
+        assert generation.vs_none["bleu_acc"].wins + generation.vs_none["bleu_acc"].losses + generation.vs_none["bleu_acc"].ties == 30
+        assert len(generation.vs_random["bleu_acc"].draw_accuracies) == 2
+        assert entry.unconstrained.generation.vs_random is None  # draws are generated at the constrained coefficient
+        kl = dict(zip(entry.sweep.coefficients, entry.sweep.mean_damage["kl"]))
+        assert abs(kl[0.0]) < 1e-6 and all(value > 1e-4 for c, value in kl.items() if c != 0)  # measured, not assumed
+    assert methods["none"].generation.vs_none is None and abs(methods["none"].generation.kl) < 1e-6
     assert sum(f.n_test for f in methods["none"].folds) == 30
     # vectors come from each fold's train questions only: 2 rows per question, 30 questions, 3 folds
     plans = json.loads((folder / "report.json").read_text())["meta"]["fold_plans"]
     for plan in plans:
         assert plan["n_train"] + plan["n_val"] + plan["n_test"] == 30
     assert sorted({rows for _, rows in seen_rows}) == sorted({2 * p["n_train"] for p in plans})
-    assert (folder / "report.md").read_text().count("| two |") == 5
+    markdown = (folder / "report.md").read_text()
+    assert markdown.count("| two |") == 5
+    for column in ("MC accuracy", "Generation accuracy", "KL", "CE increase", "Empty", "(constrained / unconstrained)",
+                   "Generation verdict", "Multiple choice at the unconstrained coefficient", "bleu_acc (p vs none"):
+        assert column in markdown
     chosen = chosen_coefficients(load_report(folder / "report.json"))
     for method in ("expertsteer", "rfm_self", "mean_difference"):
-        recorded = SteeringBundle.load(tmp / "runs" / "default" / "bundles" / f"{method}.safetensors").extra["chosen_coefficient"]
-        assert recorded["value"] == chosen[method] and recorded["protocol"] == "nested"
+        extra = SteeringBundle.load(tmp / "runs" / "default" / "bundles" / f"{method}.safetensors").extra
+        if chosen[method]:
+            assert extra["chosen_coefficient"]["value"] == chosen[method] and extra["chosen_coefficient"]["protocol"] == "nested"
+        else:
+            assert "chosen_coefficient" not in extra
     assert (folder / "coefficient_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -76,6 +94,9 @@ def test_evaluation_on_the_datamodule_split(fitted):
     ("--model.evaluation.random_draws", "0", "random_draws must be an integer >= 1"),
     ("--model.pairing.top_k", "7", "top_k=7 but only 2 distinct pairs"),
     ("--model.pairing.mi_options", "{n_components: 40}", "held-out rows"),
+    ("--model.evaluation.generation.metrics", "[bleu_acc, letter_match]", "letter_match changes the prompt"),
+    ("--model.evaluation.generation.metrics", "[number_match]", "correct choice without a number, which number_match needs"),
+    ("--model.evaluation.budget.max_kl", "-1", "budget.max_kl must be a finite number >= 0"),
 ])
 def test_bad_evaluation_settings_fail_before_any_model_is_loaded(fitted, monkeypatch, option, value, message):
     tmp, args = fitted
@@ -101,6 +122,32 @@ def test_fit_with_too_few_held_out_rows_for_the_pair_search_fails_before_any_mod
     with pytest.raises(ValueError, match="Layer-pair search during fit .* 8 held-out rows.*needs at least"):
         build_cli(["fit", *fresh, "--model.pairing.mi_options", "{n_components: 40}"])
     assert not (tmp_path / "empty-cache" / "paired").exists()  # nothing extracted
+
+
+def test_unknown_generation_metric_is_refused_by_the_parser_with_the_choices(fitted, capsys):
+    tmp, args = fitted
+    with pytest.raises(SystemExit):
+        build_cli(["test", *args, "--model.evaluation.generation.metrics", "[bleu]",
+                   "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    assert "bleu_acc" in capsys.readouterr().err
+
+
+def test_a_budget_that_excludes_every_coefficient_is_reported_and_predict_skips_the_methods(fitted, tmp_path, caplog):
+    tmp, args = fitted
+    out = tmp_path / "report"
+    ckpt = ["--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")]
+    build_cli(["test", *args, "--model.evaluation.budget.max_kl", "0", "--model.report_dir", str(out), *ckpt])
+    report = load_report(out)
+    for entry in report.datasets[0].methods[1:]:
+        assert entry.coefficients == (0.0, 0.0, 0.0) and not any(f.within_budget for f in entry.folds)
+        assert all(c in (-0.5, 0.5) for c in entry.unconstrained.coefficients)  # still computed and reported
+    assert (out / "report.md").read_text().count("no coefficient within budget") >= 3
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    cli = build_cli(["predict", *args, "--model.report_dir", str(out), "--data.predict_data.path", str(prompts), *ckpt])
+    writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SteeredPredictionWriter")
+    rows = [json.loads(line) for line in Path(writer.output_path).read_text().splitlines()]
+    assert rows and {row["method"] for row in rows} == {"none"}
+    assert "no coefficient of expertsteer within the damage budget" in caplog.text
 
 
 def test_unknown_pairing_rule_is_refused_by_the_parser_with_the_choices(fitted, capsys):

@@ -55,6 +55,7 @@ def test_pipeline_runs_every_stage_quietly_and_prints_where_results_are(job, cap
 
 def test_nothing_stale_is_reused_and_predict_uses_the_chosen_coefficients(job, capsys):
     args, run, prompts = job
+    args = [*args, "--model.evaluation.budget", "{max_kl: null, max_empty_increase: null, max_repetition_increase: null}"]
     main([*args, "--skip", "predict"])
     report = run / "report" / "report.json"
     first = report.read_bytes()
@@ -66,11 +67,10 @@ def test_nothing_stale_is_reused_and_predict_uses_the_chosen_coefficients(job, c
     assert {abs(c) for c in chosen.values()} == {0.25}
     predicted = {(r["method"], r["coefficient"]) for r in rows(run / "predictions.jsonl")}
     assert predicted == {("none", 0.0), ("expertsteer", chosen["expertsteer"]), ("mean_difference", chosen["mean_difference"])}
-    # extra coefficients are generated besides the report's choice
-    main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.extra_coefficients", "[0.1]"])
-    predicted = {(r["method"], r["coefficient"]) for r in rows(run / "predictions.jsonl")}
-    assert predicted == {("none", 0.0), ("expertsteer", chosen["expertsteer"]), ("mean_difference", chosen["mean_difference"]),
-                         ("expertsteer", 0.1), ("mean_difference", 0.1)}
+    # a budget no coefficient meets: the report says so and predict generates the methods not at all
+    main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.evaluation.budget.max_kl", "0"])
+    assert set(chosen_coefficients(load_report(report)).values()) == {0.0}
+    assert {r["method"] for r in rows(run / "predictions.jsonl")} == {"none"}
     # without the report's choice, the config's coefficient (tiny.yaml: 0.5)
     main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.coefficients_from_report", "false"])
     assert {r["coefficient"] for r in rows(run / "predictions.jsonl")} == {0.0, 0.5}

@@ -11,13 +11,14 @@ from es_lightning.evaluation.plots import plot_coefficient_sweep
 from es_lightning.evaluation.report import (
     DatasetReport,
     FoldResult,
+    GenerationResult,
     Report,
     load_report,
     method_result,
-    render_markdown,
     sweep_curve,
-    write_report,
 )
+from es_lightning.evaluation.report_markdown import render_markdown, write_report
+from es_lightning.evaluation.stats import random_control, sign_test, summarise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +38,14 @@ def make_report() -> Report:
     def folds(acc_sum, acc_mean, coefficients):
         return [FoldResult(i, c, s, m, 10) for i, (s, m, c) in enumerate(zip(acc_sum, acc_mean, coefficients))]
 
-    sweep = sweep_curve([{0.0: 0.4, 2.0: 0.6, 4.0: 0.7}, {4.0: 0.5, 0.0: 0.3, 2.0: 0.8}])
+    damage = [{0.0: {"kl": 0.0, "empty": 0.0}, 2.0: {"kl": 0.1, "empty": 0.0}, 4.0: {"kl": 0.5, "empty": 0.25}},
+              {0.0: {"kl": 0.0, "empty": 0.0}, 2.0: {"kl": 0.3, "empty": 0.0}, 4.0: {"kl": 0.7, "empty": 0.75}}]
+    sweep = sweep_curve([{0.0: 0.4, 2.0: 0.6, 4.0: 0.7}, {4.0: 0.5, 0.0: 0.3, 2.0: 0.8}], damage)
+    generation = GenerationResult(
+        ("bleu_acc",), {"bleu_acc": summarise([0.3, 0.5])}, empty=0.05, repetition=0.1, perplexity=12.5, kl=0.2,
+        ce_increase=0.4, vs_none={"bleu_acc": sign_test(steer, none)}, vs_random={"bleu_acc": random_control(steer, draws)},
+        verdict="gain")
+    unconstrained = method_result("expertsteer", folds([0.9, 0.9], [0.9, 0.9], [8.0, 8.0]), steer, none, draws)
     random_sweep = sweep_curve([{0.0: 0.4, 2.0: 0.42, 4.0: 0.38}, {0.0: 0.3, 2.0: 0.33, 4.0: 0.31}])
     truthful = DatasetReport(
         dataset="truthfulqa",
@@ -47,7 +55,7 @@ def make_report() -> Report:
             method_result("random", folds([0.45, 0.45], [0.5, 0.4], [4.0, 2.0]), random, correct_none=none, sweep=random_sweep),
             method_result(
                 "expertsteer", folds([0.8, 0.8], [0.7, 0.9], [4.0, 2.0]), steer, correct_none=none,
-                random_draws=draws, sweep=sweep,
+                random_draws=draws, sweep=sweep, generation=generation, unconstrained=unconstrained,
             ),
         ),
     )
@@ -56,7 +64,8 @@ def make_report() -> Report:
         n_questions=n,
         methods=(
             method_result("none", folds([0.5, 0.6], [0.5, 0.6], [None, None])),
-            method_result("expertsteer", folds([0.5, 0.6], [0.5, 0.6], [1.0, 1.0]), none, none, np.stack([none, none])),
+            method_result("expertsteer", [FoldResult(0, 0.0, 0.5, 0.5, 10, within_budget=False),
+                                          FoldResult(1, 1.0, 0.6, 0.6, 10)], none, none, np.stack([none, none])),
         ),
     )
     return Report(model="tiny-llama", scoring="mean", alpha=0.05, k=2, fold_mode="random", datasets=(truthful, pubmed))
@@ -78,6 +87,9 @@ def test_method_result_tests_and_verdict():
     assert pubmed.methods[1].verdict == "no gain" and pubmed.methods[1].vs_none.p_value == 1.0
     assert steer.sweep.coefficients == (0.0, 2.0, 4.0)
     assert steer.sweep.mean_val_accuracy == pytest.approx((0.35, 0.7, 0.6))
+    assert steer.sweep.mean_damage["kl"] == pytest.approx((0.0, 0.2, 0.6))
+    assert steer.sweep.mean_damage["empty"] == pytest.approx((0.0, 0.0, 0.5))
+    assert steer.sweep.mean_damage["perplexity"] == (None, None, None)  # not measured in any fold
 
 
 def test_method_result_and_sweep_errors():
@@ -109,16 +121,21 @@ def test_report_json_round_trip_and_no_temp_files(tmp_path):
 def test_markdown_table_rows():
     report = make_report()
     text = render_markdown(report)
-    rows = [line for line in text.splitlines() if line.startswith("| truthfulqa") or line.startswith("| pubmedqa")]
-    p = report.datasets[0].methods[2].vs_random.p_value
-    assert rows == [
-        "| truthfulqa | none | 40.0 ± 0.0 | 40.0 ± 14.1 | – | – | – | – |",
-        "| truthfulqa | random | 45.0 ± 0.0 | 45.0 ± 7.1 | 4, 2 | 1 (2/1) | – | – |",
-        f"| truthfulqa | expertsteer | 80.0 ± 0.0 | 80.0 ± 14.1 | 4, 2 | 0.0215 (9/1) | 42.5 / 100% / {p:.3g} | gain |",
-        "| pubmedqa | none | 55.0 ± 7.1 | 55.0 ± 7.1 | – | – | – | – |",
-        "| pubmedqa | expertsteer | 55.0 ± 7.1 | 55.0 ± 7.1 | 1, 1 | 1 (0/0) | 40.0 / 50% / 1 | no gain |",
+    summary = [line for line in text.splitlines() if line.startswith("| truthfulqa") or line.startswith("| pubmedqa")]
+    assert summary == [
+        "| truthfulqa | none | 40.0 ± 14.1 | – | – | – | – | – | – | – |",
+        "| truthfulqa | random | 45.0 ± 7.1 | – | – | – | – | 4, 2 | – | – |",
+        "| truthfulqa | expertsteer | 80.0 ± 14.1 | 40.0 ± 14.1 (bleu_acc) | 0.2 | 0.4 | 5% | 4, 2 / 8, 8 | gain | gain |",
+        "| pubmedqa | none | 55.0 ± 7.1 | – | – | – | – | – | – | – |",
+        "| pubmedqa | expertsteer | 55.0 ± 7.1 | – | – | – | – | no coefficient within budget, 1 | no gain | – |",
     ]
-    assert "| 2 | 37.5 | 70.0 |" in text  # sweep table row: coefficient 2, random then expertsteer
+    p = report.datasets[0].methods[2].vs_random.p_value
+    assert f"| expertsteer | 80.0 ± 0.0 | 80.0 ± 14.1 | 4, 2 | 0.0215 (9/1) | 42.5 / 100% / {p:.3g} | gain |" in text
+    assert f"| expertsteer | 90.0 ± 0.0 | 90.0 ± 0.0 | 8, 8 | 0.0215 (9/1) | 42.5 / 100% / {p:.3g} | gain |" in text
+    assert (f"| expertsteer | constrained | 40.0 ± 14.1 (0.0215 (9/1); 42.5 / 100% / {p:.3g}) | 5% | 10% | 12.5 | 0.2 "
+            f"| 0.4 | gain |") in text
+    assert "| 2 | 37.5 / – / – | 70.0 / 0.2 / 0% |" in text  # sweep row: coefficient 2, random then expertsteer
+    assert "| 4 | 34.5 / – / – | 60.0 / 0.6 / 50% |" in text
 
 
 def test_sweep_plot_is_a_png(tmp_path):

@@ -5,7 +5,66 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from es_lightning.evaluation.generation_metrics import GENERATION_METRICS, GenerationMetric
 from es_lightning.steering.options import check_coefficients
+
+
+@dataclass
+class GenerationEvaluation:
+    """Generated answers in ``test``: each fold's val prompts measure every swept coefficient's damage, its test
+    questions are answered unsteered, by each method at its chosen coefficients and by the random draws.
+
+    ``metrics``: how a generated answer is scored against the question's choices; the first one runs the tests and
+    gives the generation verdict. ``bleu_acc``/``rouge_l_acc`` (lm-eval ``truthfulqa_gen``: more similar to the
+    correct choice than to every incorrect one), ``number_match`` (lm-eval ``gsm8k``: the last number equals the
+    correct choice's), ``letter_match`` (the choices go into the prompt as A., B., ...; the first letter answered
+    is scored; it must be the only metric). ``max_new_tokens``: greedy tokens per answer (answers end at a blank
+    line, as in lm-eval). ``chat_template``: null wraps prompts in the target's chat template when it has one, as
+    ``predict`` does. ``batch_size``: rows per generate call (rows carry different vectors and coefficients).
+    """
+
+    enabled: bool = True
+    metrics: list[GenerationMetric] = field(default_factory=lambda: ["bleu_acc", "rouge_l_acc"])
+    max_new_tokens: int = 32
+    chat_template: bool | None = None
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        """Refuse bad settings before any model is loaded."""
+        unknown = [m for m in self.metrics if m not in GENERATION_METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(
+                f"evaluation.generation.metrics {list(self.metrics)!r}: unknown or empty; use some of "
+                f"{list(GENERATION_METRICS)} (or evaluation.generation.enabled: false)."
+            )
+        if "letter_match" in self.metrics and len(self.metrics) > 1:
+            raise ValueError("evaluation.generation.metrics: letter_match changes the prompt, so it must be the only metric.")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"evaluation.generation max_new_tokens and batch_size must be >= 1; got "
+                             f"{self.max_new_tokens} and {self.batch_size}.")
+
+
+@dataclass
+class DamageBudget:
+    """How much damage the constrained coefficient may do, measured on each fold's val prompts (README: defaults).
+
+    ``max_kl``: mean KL(unsteered || steered) per token of the target's own unsteered continuations, in nats.
+    ``max_empty_increase``: empty answers, as a share, above the unsteered model's. ``max_repetition_increase``:
+    mean share of repeated word 3-grams per answer above the unsteered model's. ``null`` lifts a limit. The
+    constrained coefficient is the best val accuracy among coefficients inside every limit; when none is, the
+    method is not steered in that fold and the report says "no coefficient within budget".
+    """
+
+    max_kl: float | None = 0.25
+    max_empty_increase: float | None = 0.0
+    max_repetition_increase: float | None = 0.1
+
+    def validate(self) -> None:
+        """Refuse negative or non-finite limits."""
+        for name in ("max_kl", "max_empty_increase", "max_repetition_increase"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 0 or value == float("inf")):
+                raise ValueError(f"evaluation.budget.{name} must be a finite number >= 0 or null, got {value!r}.")
 
 
 @dataclass
@@ -23,6 +82,8 @@ class EvaluationConfig:
     ``fold_mode``: ``random`` by question, ``group`` by the data's group field, ``contiguous`` blocks.
     ``max_questions``: a seeded subset. ``max_val_questions``: cap on the val questions of each sweep.
     ``scoring``: ``mean`` (length-normalised) or ``sum`` log-likelihood picks coefficients and runs the tests.
+    ``generation``: the generated-answer evaluation and damage measurement; ``budget``: the damage the constrained
+    coefficient may do (the unconstrained choice, best val accuracy alone, is reported beside it).
     """
 
     protocol: Literal["nested", "shared"] = "nested"
@@ -39,9 +100,13 @@ class EvaluationConfig:
     positions: Literal["all", "prompt", "generated"] = "all"
     batch_size: int = 16
     alpha: float = 0.05
+    generation: GenerationEvaluation = field(default_factory=GenerationEvaluation)
+    budget: DamageBudget = field(default_factory=DamageBudget)
 
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded."""
+        self.generation.validate()
+        self.budget.validate()
         if self.protocol not in ("nested", "shared"):
             raise ValueError(f"evaluation.protocol must be 'nested' or 'shared', got {self.protocol!r}.")
         check_coefficients(self.coefficients, "evaluation.coefficients")

@@ -3,9 +3,12 @@
 Per fold (``protocol: nested``, the default): the fold's *train* questions are split by question into fit and
 held-out parts; the layer-pair search (:mod:`es_lightning.steering.pair_search`) fits closed-form alignment maps
 on the fit part, scores every pair on the held-out part and chooses pairs; steering vectors of every method come
-from all train questions, mapped by that fold's maps; each method's coefficient is chosen on the fold's *val*
-questions by a sweep outwards from zero; the fold's *test* questions are then scored once with no steering, with
-each method at its chosen coefficient, and with ``random_draws`` random unit vectors at every chosen coefficient.
+from all train questions, mapped by that fold's maps. On the fold's *val* questions every coefficient of the grid is
+scored (multiple choice) and, with generation evaluated, its damage measured (KL on the target's own unsteered
+answers, empty and repetitive answers); each method's constrained and unconstrained coefficients are chosen there
+(:mod:`es_lightning.evaluation.choice`). The fold's *test* questions are then scored and answered once with no
+steering, with each method at its chosen coefficients, and with ``random_draws`` random unit vectors at those
+coefficients. Rows of one batch carry different vectors and coefficients, so each of these is one batched pass.
 No fitted piece sees a test question. ``protocol: shared`` reuses the checkpoint's auto-encoders and pairs.
 """
 
@@ -22,9 +25,12 @@ from es_lightning.data.examples import Question
 from es_lightning.data.store import CacheStore, LayerRows
 from es_lightning.data.folds import Fold, make_folds
 from es_lightning.evaluation.config import EvaluationConfig
+from es_lightning.evaluation.answers import AnswerGenerator, AnswerRecord
+from es_lightning.evaluation.choice import CoefficientChoice, SweepPoint, choose, walked
+from es_lightning.evaluation.damage import AnswerHealth, Damage
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
 from es_lightning.models.prompting import render_prompt
-from es_lightning.steering.hooks import steer
+from es_lightning.steering.hooks import SteeringVariant, row_steering
 from es_lightning.steering.pair_search import PairSearchConfig, search_pairs
 from es_lightning.steering.rows import PairedRows, split_by_group
 from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vectors, layer_norms, random_directions
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 
 NONE = "none"
 DRAW = "random draw "  # variant name prefix of the random control's draws: "random draw 3"
+VariantKey = tuple[str, float]  # (none | method | "random draw d", coefficient)
 
 
 @dataclass
@@ -55,16 +62,39 @@ class LayerInfo:
 
 @dataclass
 class FoldPlan:
-    """What a fold's train and val parts decided: pairs, vectors per method, random draws, chosen coefficients."""
+    """What a fold's train and val parts decided: pairs, vectors per method, random draws, each method's sweep
+    (coefficient -> val point; 0.0 is no steering) and coefficient choices."""
 
     fold: Fold
     pairs: list[tuple[int, int]]
     vectors: dict[str, dict[int, torch.Tensor]]
     draws: list[dict[int, torch.Tensor]]
     norms: dict[int, float]
-    chosen: dict[str, float]
-    sweep: dict[str, dict[float, float]]  # method -> coefficient -> val accuracy (0.0 holds no steering)
+    choices: dict[str, CoefficientChoice]
+    sweep: dict[str, dict[float, SweepPoint]]
     diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> dict[str, float]:
+        """Each method's tested coefficient: the constrained choice, 0 where none was within budget."""
+        return {method: choice.applied for method, choice in self.choices.items()}
+
+    def variant(self, key: VariantKey) -> SteeringVariant:
+        """The steering of a (variant, coefficient) key: no steering, a method's vectors or a random draw."""
+        name, coefficient = key
+        if name == NONE or coefficient == 0:
+            return SteeringVariant(name)
+        vectors = self.draws[int(name[len(DRAW):])] if name.startswith(DRAW) else self.vectors[name]
+        return SteeringVariant(name, coefficient, vectors, self.norms)
+
+
+@dataclass(frozen=True)
+class TestRecord:
+    """One test question's results: per multiple-choice key its correctness under both scorings (``mean``,
+    ``sum``), per generation key its :class:`AnswerRecord`."""
+
+    choice: dict[VariantKey, dict[str, bool]]
+    generated: dict[VariantKey, AnswerRecord]
 
 
 @dataclass
@@ -105,7 +135,8 @@ class Evaluator:
 
     ``store`` reads the cached example states (memory-mapped, only the rows and layers a step needs) and
     ``question_rows`` maps each question index to its example rows, so a fold's fitted pieces use only its train
-    questions. The pair search reads one layer at a time; vectors read only the chosen pairs' layers.
+    questions. The pair search reads one layer at a time; vectors read only the chosen pairs' layers. ``answers``
+    generates and measures answers (damage and generation accuracy) when ``config.generation.enabled``.
     """
 
     def __init__(
@@ -124,6 +155,7 @@ class Evaluator:
         progress: bool = True,
         add_special_tokens: bool = True,
         block_path: str | None = None,
+        answers: AnswerGenerator | None = None,
     ):
         config.validate()
         vectors.validate()
@@ -135,20 +167,23 @@ class Evaluator:
         self.layers, self.config, self.vector_config, self.pairing = layers, config, vectors, pairing
         self.objective, self.shared = objective, shared
         self.progress, self.add_special_tokens, self.block_path = progress, add_special_tokens, block_path
+        self.answers = answers if config.generation.enabled else None  # generated answers and damage, if evaluated
 
     # ----------------------------------------------------------------------------------- scoring
-    def score(self, questions: Sequence[int], method: str = NONE, coefficient: float = 0.0,
-              vectors: dict[int, torch.Tensor] | None = None, norms: dict[int, float] | None = None,
-              desc: str = "scoring") -> list[ChoiceScores]:
-        """Score the given question indices, steered by ``vectors`` at ``coefficient`` unless method is none."""
-        prompts = [self.rendered.prompts[q] for q in questions]
-        choices = [self.rendered.choices[q] for q in questions]
-        context = None
-        if method != NONE and coefficient != 0:
-            context = lambda: steer(self.model, vectors, coefficient, norms, positions=self.config.positions,  # noqa: E731
-                                    block_path=self.block_path)
-        return score_choices(self.model, self.tokenizer, prompts, choices, context=context, batch_size=self.config.batch_size,
-                             progress=self.progress, desc=desc, add_special_tokens=self.add_special_tokens)
+    def score(self, questions: Sequence[int], variants: Sequence[SteeringVariant], desc: str = "scoring"
+              ) -> list[dict[str, torch.Tensor]]:
+        """Per variant, the correctness of each question under both scorings (``mean`` and ``sum``), every
+        (variant, question) row scored in one batched pass whose rows carry their own steering."""
+        prompts = [self.rendered.prompts[q] for _ in variants for q in questions]
+        choices = [self.rendered.choices[q] for _ in variants for q in questions]
+        steering = row_steering(self.model, variants, [v for v in range(len(variants)) for _ in questions],
+                                self.block_path)
+        scores = score_choices(self.model, self.tokenizer, prompts, choices, batch_size=self.config.batch_size,
+                               progress=self.progress, desc=desc, add_special_tokens=self.add_special_tokens,
+                               steering=steering, positions=self.config.positions, block_path=self.block_path)
+        n = len(questions)
+        return [{"mean": self.correct(scores[v * n : (v + 1) * n], questions, True),
+                 "sum": self.correct(scores[v * n : (v + 1) * n], questions, False)} for v in range(len(variants))]
 
     def correct(self, scores: Sequence[ChoiceScores], questions: Sequence[int], normalise: bool) -> torch.Tensor:
         """Per-question correctness under one scoring."""
@@ -202,57 +237,62 @@ class Evaluator:
         base = 1_000_003 * (self.vector_config.seed + 1) + 1009 * fold.index
         return [random_directions([j for _, j in pairs], width, base + d) for d in range(self.config.random_draws)]
 
-    def sweep(self, fold: Fold, val: list[int], method: str, vectors, norms, base: float) -> dict[float, float]:
-        """Val accuracy per coefficient, walking outwards from zero on each side until it falls repeatedly."""
-        normalise = self.config.scoring == "mean"
-        curve = {0.0: base}
-        for side in self.config.sweep_order():
-            previous, falls = base, 0
-            for coefficient in side:
-                scores = self.score(val, method, coefficient, vectors, norms, desc=f"fold {fold.index} val, {method} x{coefficient:g}")
-                curve[coefficient] = accuracy = self.correct(scores, val, normalise).float().mean().item()
-                falls = falls + 1 if accuracy < previous else 0
-                previous = accuracy
-                if falls >= self.config.stop_after_falls:
-                    break
-        return curve
-
     def plan(self, fold: Fold) -> FoldPlan:
-        """Alignment and vectors from the fold's train part; each method's coefficient chosen on its val part."""
+        """Alignment and vectors from the fold's train part; every coefficient of the grid scored (and, with
+        generation evaluated, its damage measured) on the val part; each method's coefficients chosen there."""
         pairs, encoder_linear, alignment = self.fold_alignment(fold)
         vectors, norms, diagnostics = self.fold_vectors(fold, pairs, encoder_linear)
         val = list(fold.val)
         if self.config.max_val_questions and len(val) > self.config.max_val_questions:
             generator = torch.Generator().manual_seed(self.vector_config.seed + fold.index)
             val = sorted(val[i] for i in torch.randperm(len(val), generator=generator)[: self.config.max_val_questions].tolist())
-        normalise = self.config.scoring == "mean"
-        base = self.correct(self.score(val, desc=f"fold {fold.index} val, no steering"), val, normalise).float().mean().item()
-        sweep, chosen = {}, {}
-        for method in self.vector_config.methods:
-            curve = self.sweep(fold, val, method, vectors[method], norms, base)
-            sweep[method] = curve
-            chosen[method] = max((c for c in curve if c != 0.0), key=lambda c: (curve[c], -abs(c), c > 0))
-        return FoldPlan(fold, pairs, vectors, self.random_draws(fold, pairs), norms, chosen, sweep,
+        plan = FoldPlan(fold, pairs, vectors, self.random_draws(fold, pairs), norms, {}, {},
                         {"alignment": alignment, "vectors": diagnostics, "n_val_scored": len(val)})
+        sides = self.config.sweep_order()
+        keys = [(NONE, 0.0)] + [(m, c) for m in self.vector_config.methods for side in sides for c in side]
+        variants = [plan.variant(key) for key in keys]
+        scored = self.score(val, variants, desc=f"fold {fold.index} val, {len(keys)} variants")
+        accuracy = {key: scored[k][self.config.scoring].float().mean().item() for k, key in enumerate(keys)}
+        records = self.answers.answer(val, variants) if self.answers is not None else None
+        points = {}
+        for k, key in enumerate(keys):
+            damage = health = None
+            if records is not None:
+                damage, health = sum((r.damage for r in records[k]), Damage()), sum((r.health for r in records[k]), AnswerHealth())
+            points[key] = SweepPoint(accuracy[key], damage, health)
+        for method in self.vector_config.methods:
+            curve = {0.0: accuracy[(NONE, 0.0)], **{c: accuracy[(method, c)] for side in sides for c in side}}
+            reached = walked(curve, sides, self.config.stop_after_falls)
+            plan.sweep[method] = {0.0: points[(NONE, 0.0)], **{c: points[(method, c)] for c in reached}}
+            plan.choices[method] = choose(plan.sweep[method], reached, self.config.budget, constrain=records is not None)
+        return plan
 
     # -------------------------------------------------------------------------------------- test
-    def test_variants(self, plan: FoldPlan) -> list[tuple[str, float]]:
-        """(variant, coefficient) pairs scored on a fold's test part: none, each method at its choice, and every
-        random draw at every coefficient a steered method chose (draws for equal coefficients are shared)."""
-        variants = [(NONE, 0.0)] + [(m, plan.chosen[m]) for m in self.vector_config.methods]
-        for coefficient in dict.fromkeys(plan.chosen[m] for m in self.vector_config.methods if m != "random"):
-            variants += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
-        return list(dict.fromkeys(variants))
+    def test_variants(self, plan: FoldPlan) -> tuple[list[VariantKey], list[VariantKey]]:
+        """The (variant, coefficient) keys scored on a fold's test part, for multiple choice and for generation:
+        no steering; each method at its constrained and its unconstrained coefficient; the random draws at every
+        coefficient a steered method chose (multiple choice: both choices; generation: the constrained one, the
+        coefficient users generate with). Keys at coefficient 0 are no steering and are not scored again."""
+        methods = self.vector_config.methods
+        choices = [plan.choices[m] for m in methods]
+        steered = [c for m, c in zip(methods, choices) if m != "random"]
+        mc = [(NONE, 0.0)] + [(m, c.applied) for m, c in zip(methods, choices)] + [(m, c.unconstrained) for m, c in zip(methods, choices)]
+        gen = [(NONE, 0.0)] + mc[1:]
+        for coefficient in dict.fromkeys(x for c in steered for x in (c.applied, c.unconstrained)):
+            mc += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
+        for coefficient in dict.fromkeys(c.applied for c in steered):
+            gen += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
+        keep = lambda keys: [k for k in dict.fromkeys(keys) if k == (NONE, 0.0) or k[1] != 0]  # noqa: E731
+        return keep(mc), keep(gen) if self.answers is not None else []
 
-    def score_test(self, plan: FoldPlan, questions: Sequence[int]) -> dict[tuple[str, float], dict[str, torch.Tensor]]:
-        """Correctness (both scorings) of every test variant on the given test questions of this fold."""
-        out = {}
-        for variant, coefficient in self.test_variants(plan):
-            if variant.startswith(DRAW):
-                vectors = plan.draws[int(variant[len(DRAW):])]
-            else:
-                vectors = plan.vectors.get(variant)
-            scores = self.score(questions, variant, coefficient, vectors, plan.norms,
-                                desc=f"fold {plan.fold.index} test, {variant} x{coefficient:g}")
-            out[(variant, coefficient)] = {"mean": self.correct(scores, questions, True), "sum": self.correct(scores, questions, False)}
-        return out
+    def score_test(self, plan: FoldPlan, questions: Sequence[int]) -> list[TestRecord]:
+        """Per test question of this fold: correctness (both scorings) of every multiple-choice variant and the
+        generated answer of every generation variant."""
+        mc_keys, gen_keys = self.test_variants(plan)
+        scored = self.score(questions, [plan.variant(k) for k in mc_keys],
+                            desc=f"fold {plan.fold.index} test, {len(mc_keys)} variants")
+        answers = self.answers.answer(questions, [plan.variant(k) for k in gen_keys]) if gen_keys else []
+        return [TestRecord(
+            {key: {s: bool(scored[v][s][k]) for s in ("mean", "sum")} for v, key in enumerate(mc_keys)},
+            {key: answers[v][k] for v, key in enumerate(gen_keys)},
+        ) for k in range(len(questions))]

@@ -1,7 +1,8 @@
-"""Evaluation report: per data set and method, fold accuracies, chosen coefficients, tests and verdicts.
+"""Evaluation report: per data set and method, fold accuracies, chosen coefficients, damage, generated-answer
+results, tests and verdicts.
 
-``write_report`` writes ``report.json`` (loadable again with :func:`load_report`) and ``report.md`` (tables
-for people), both atomically.
+:func:`es_lightning.evaluation.report_markdown.write_report` writes ``report.json`` (loadable again with
+:func:`load_report`) and ``report.md`` (tables for people), both atomically.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from es_lightning.evaluation.stats import RandomControl, SignTest, Spread, Verdict, random_control, sign_test, summarise, verdict
-from es_lightning.io import atomic_write_json, atomic_write_text
 
 Scoring = Literal["sum", "mean"]
 SCORINGS: tuple[str, ...] = ("sum", "mean")
-REPORT_FORMAT = 2
+REPORT_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class FoldResult:
     accuracy_mean: float  # choices ranked by mean log-prob per token (length-normalised)
     n_test: int
     random_draws: tuple[float, ...] | None = None  # test accuracy of each random draw at this coefficient (report's scoring)
+    within_budget: bool = True  # False: no coefficient was within the damage budget, so the method was not steered
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -43,14 +44,19 @@ class FoldResult:
         return cls(**{**data, "random_draws": None if draws is None else tuple(draws)})
 
 
+DAMAGE_MEASURES = ("kl", "ce_increase", "empty", "repetition", "perplexity")  # per swept coefficient, on val
+
+
 @dataclass(frozen=True)
 class SweepCurve:
     """Validation accuracy per coefficient: one row per fold (None where a fold's sweep stopped before that
-    coefficient), and the mean over the folds that scored it."""
+    coefficient), and the mean over the folds that scored it. ``mean_damage`` holds, per measure of
+    ``DAMAGE_MEASURES``, its mean over folds per coefficient (None where not measured)."""
 
     coefficients: tuple[float, ...]
     fold_val_accuracy: tuple[tuple[float | None, ...], ...]  # [fold][coefficient]
     mean_val_accuracy: tuple[float, ...]
+    mean_damage: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -58,6 +64,7 @@ class SweepCurve:
             "coefficients": list(self.coefficients),
             "fold_val_accuracy": [list(row) for row in self.fold_val_accuracy],
             "mean_val_accuracy": list(self.mean_val_accuracy),
+            "mean_damage": {name: list(values) for name, values in self.mean_damage.items()},
         }
 
     @classmethod
@@ -67,12 +74,19 @@ class SweepCurve:
             coefficients=tuple(data["coefficients"]),
             fold_val_accuracy=tuple(tuple(row) for row in data["fold_val_accuracy"]),
             mean_val_accuracy=tuple(data["mean_val_accuracy"]),
+            mean_damage={name: tuple(values) for name, values in data.get("mean_damage", {}).items()},
         )
 
 
-def sweep_curve(per_fold: Sequence[dict[float, float]]) -> SweepCurve:
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def sweep_curve(per_fold: Sequence[dict[float, float]], damage: Sequence[dict[float, dict]] | None = None) -> SweepCurve:
     """Build a :class:`SweepCurve` from one ``{coefficient: val accuracy}`` mapping per fold; a fold may miss
-    coefficients (its sweep stopped early in that direction)."""
+    coefficients (its sweep stopped early in that direction). ``damage``, if given, holds per fold
+    ``{coefficient: {measure: value}}`` for the measures of ``DAMAGE_MEASURES``."""
     if not per_fold:
         raise ValueError("sweep_curve needs the validation accuracies of at least one fold.")
     grid = sorted({float(c) for row in per_fold for c in row})
@@ -80,7 +94,59 @@ def sweep_curve(per_fold: Sequence[dict[float, float]]) -> SweepCurve:
     mean = tuple(
         sum(v for v in column if v is not None) / sum(v is not None for v in column) for column in zip(*rows)
     )
-    return SweepCurve(coefficients=tuple(grid), fold_val_accuracy=rows, mean_val_accuracy=mean)
+    measures = {}
+    if damage is not None:
+        measures = {name: tuple(_mean([(fold.get(c) or {}).get(name) for fold in damage]) for c in grid)
+                    for name in DAMAGE_MEASURES}
+    return SweepCurve(coefficients=tuple(grid), fold_val_accuracy=rows, mean_val_accuracy=mean, mean_damage=measures)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A variant's generated answers to the test questions (each method at one kind of chosen coefficient).
+
+    ``accuracy``: per metric, the spread of fold accuracies; ``empty``, ``repetition`` and ``perplexity`` (the
+    unsteered model's, of the answers) and ``kl``/``ce_increase`` (on the unsteered answers, nats per token) pool
+    every test question. Tests (per metric): sign test against no steering, permutation test against the random
+    draws at the same coefficient; ``verdict`` is the first metric's (None without both tests).
+    """
+
+    metrics: tuple[str, ...]
+    accuracy: dict[str, Spread]
+    empty: float
+    repetition: float
+    perplexity: float | None
+    kl: float | None
+    ce_increase: float | None
+    vs_none: dict[str, SignTest] | None = None
+    vs_random: dict[str, RandomControl] | None = None
+    verdict: Verdict | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "metrics": list(self.metrics),
+            "accuracy": {m: spread.to_dict() for m, spread in self.accuracy.items()},
+            "empty": self.empty, "repetition": self.repetition, "perplexity": self.perplexity,
+            "kl": self.kl, "ce_increase": self.ce_increase,
+            "vs_none": None if self.vs_none is None else {m: t.to_dict() for m, t in self.vs_none.items()},
+            "vs_random": None if self.vs_random is None else {m: t.to_dict() for m, t in self.vs_random.items()},
+            "verdict": self.verdict,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationResult":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            metrics=tuple(data["metrics"]),
+            accuracy={m: Spread.from_dict(v) for m, v in data["accuracy"].items()},
+            empty=data["empty"], repetition=data["repetition"], perplexity=data["perplexity"],
+            kl=data["kl"], ce_increase=data["ce_increase"],
+            vs_none=None if data.get("vs_none") is None else {m: SignTest.from_dict(v) for m, v in data["vs_none"].items()},
+            vs_random=None if data.get("vs_random") is None
+            else {m: RandomControl.from_dict(v) for m, v in data["vs_random"].items()},
+            verdict=data.get("verdict"),
+        )
 
 
 @dataclass(frozen=True)
@@ -95,6 +161,8 @@ class MethodResult:
     vs_random: RandomControl | None = None  # against the random draws at the same coefficient per fold
     verdict: Verdict | None = None
     sweep: SweepCurve | None = None
+    generation: GenerationResult | None = None  # the generated answers at the same coefficients
+    unconstrained: "MethodResult | None" = None  # the same method at the coefficient of best val accuracy alone
 
     @property
     def coefficients(self) -> tuple[float | None, ...]:
@@ -112,6 +180,8 @@ class MethodResult:
             "vs_random": self.vs_random.to_dict() if self.vs_random else None,
             "verdict": self.verdict,
             "sweep": self.sweep.to_dict() if self.sweep else None,
+            "generation": self.generation.to_dict() if self.generation else None,
+            "unconstrained": self.unconstrained.to_dict() if self.unconstrained else None,
         }
 
     @classmethod
@@ -126,6 +196,8 @@ class MethodResult:
             vs_random=RandomControl.from_dict(data["vs_random"]) if data.get("vs_random") else None,
             verdict=data.get("verdict"),
             sweep=SweepCurve.from_dict(data["sweep"]) if data.get("sweep") else None,
+            generation=GenerationResult.from_dict(data["generation"]) if data.get("generation") else None,
+            unconstrained=MethodResult.from_dict(data["unconstrained"]) if data.get("unconstrained") else None,
         )
 
 
@@ -138,6 +210,8 @@ def method_result(
     sweep: SweepCurve | None = None,
     alpha: float = 0.05,
     permutations: int = 10000,
+    generation: GenerationResult | None = None,
+    unconstrained: MethodResult | None = None,
 ) -> MethodResult:
     """Summarise a method's folds and run its tests.
 
@@ -163,6 +237,8 @@ def method_result(
         vs_random=vs_random,
         verdict=verdict(vs_none, vs_random, alpha) if vs_none and vs_random else None,
         sweep=sweep,
+        generation=generation,
+        unconstrained=unconstrained,
     )
 
 
@@ -238,89 +314,6 @@ class Report:
         )
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _accuracy(spread: Spread) -> str:
-    return f"{100 * spread.mean:.1f} ± {100 * spread.std:.1f}"
-
-
-def _p(test: SignTest | None) -> str:
-    if test is None:
-        return "–"
-    p = "<0.001" if test.p_value < 0.001 else f"{test.p_value:.3g}"
-    return f"{p} ({test.wins}/{test.losses})"
-
-
-def _random(control: RandomControl | None) -> str:
-    if control is None:
-        return "–"
-    p = "<0.001" if control.p_value < 0.001 else f"{control.p_value:.3g}"
-    return f"{100 * control.mean_accuracy:.1f} / {100 * control.percentile:.0f}% / {p}"
-
-
-def _coefficients(values: Sequence[float | None]) -> str:
-    if all(value is None for value in values):
-        return "–"
-    return ", ".join("–" if value is None else f"{value:g}" for value in values)
-
-
-def render_markdown(report: Report) -> str:
-    """The report as markdown: a results table (method × data set) and the coefficient sweeps."""
-    label = {"sum": "summed log-prob", "mean": "mean log-prob per token"}[report.scoring]
-    lines = [
-        f"# Evaluation of {report.model}",
-        "",
-        (f"{report.k}-fold {report.fold_mode} cross-validation. " if report.fold_mode != "split" else "The data module's train/val/test split. ")
-        + "Accuracy in %, mean ± sample std over folds. "
-        f"Coefficients are chosen per fold on its validation part. Against no steering: exact two-sided sign test "
-        f"(wins/losses) pooling all test folds. Against random: the random draws scored at the method's own "
-        f"coefficient in each fold: their mean accuracy, the share of draws the method beats, and a two-sided paired "
-        f"sign-flip permutation test of the method against the draws' mean. Tests, coefficient choice and verdict use "
-        f"the {label} scoring. A gain needs p < {report.alpha:g} against both no steering and the random draws.",
-        "",
-        "| Dataset | Method | Accuracy (sum) | Accuracy (mean/token) | Coefficient per fold | p vs none (W/L) "
-        "| Random draws: mean / beaten / p | Verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for data in report.datasets:
-        for m in data.methods:
-            cells = [
-                data.dataset, m.method, _accuracy(m.accuracy_sum), _accuracy(m.accuracy_mean),
-                _coefficients(m.coefficients), _p(m.vs_none), _random(m.vs_random), m.verdict or "–",
-            ]
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    for data in report.datasets:
-        swept = [m for m in data.methods if m.sweep is not None]
-        if not swept:
-            continue
-        grid = sorted({c for m in swept for c in m.sweep.coefficients})  # type: ignore[union-attr]
-        lines += [
-            "",
-            f"## Coefficient sweep: {data.dataset} (validation accuracy in %, mean over folds)",
-            "",
-            "| Coefficient | " + " | ".join(_cell(m.method) for m in swept) + " |",
-            "|---" * (len(swept) + 1) + "|",
-        ]
-        for c in grid:
-            row = []
-            for m in swept:
-                curve = dict(zip(m.sweep.coefficients, m.sweep.mean_val_accuracy))  # type: ignore[union-attr]
-                row.append(f"{100 * curve[c]:.1f}" if c in curve else "–")
-            lines.append(f"| {c:g} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir`` atomically; return their paths."""
-    out_dir = Path(out_dir)
-    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    atomic_write_json(json_path, report.to_dict())
-    atomic_write_text(md_path, render_markdown(report))
-    return json_path, md_path
-
-
 def load_report(path: str | Path) -> Report:
     """Read a ``report.json`` written by :func:`write_report` (or the folder holding it)."""
     path = Path(path)
@@ -330,8 +323,9 @@ def load_report(path: str | Path) -> Report:
 
 
 def chosen_coefficients(report: Report, dataset: str | None = None) -> dict[str, float]:
-    """Each steered method's coefficient as the evaluation chose it: the median over folds (lower middle value
-    for an even count, so the result is always a coefficient that was actually chosen in some fold)."""
+    """Each steered method's coefficient as the evaluation chose it within the damage budget (the constrained
+    choice): the median over folds (lower middle value for an even count, so the result is always a coefficient
+    that was actually chosen in some fold). 0 means no coefficient was within budget in most folds."""
     data = report.datasets[0] if dataset is None else next((d for d in report.datasets if d.dataset == dataset), None)
     if data is None:
         raise ValueError(f"The report has no data set {dataset!r}; it has {[d.dataset for d in report.datasets]}.")

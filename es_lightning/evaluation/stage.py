@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import asdict
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,19 @@ from es_lightning.data.folds import Fold
 from es_lightning.evaluation.assemble import assemble_report
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.plots import plot_coefficient_sweep
-from es_lightning.evaluation.protocol import Evaluator, FoldPlan, LayerInfo, SharedAlignment, plan_folds, render_questions
-from es_lightning.evaluation.report import Report, write_report
+from es_lightning.evaluation.answers import AnswerGenerator
+from es_lightning.evaluation.generation_metrics import check_references
+from es_lightning.evaluation.protocol import (
+    Evaluator,
+    FoldPlan,
+    LayerInfo,
+    SharedAlignment,
+    TestRecord,
+    plan_folds,
+    render_questions,
+)
+from es_lightning.evaluation.report import Report
+from es_lightning.evaluation.report_markdown import write_report
 from es_lightning.io import sha256_file
 from es_lightning.steering.pair_search import PairSearch, PairSearchConfig
 from es_lightning.steering.vectors import VectorConfig
@@ -59,7 +71,12 @@ def evaluation_folds(datamodule, config: EvaluationConfig, seed: int) -> list[Fo
 
 
 def check_folds(folds: list[Fold], datamodule, config: EvaluationConfig, pairing: PairSearchConfig) -> None:
-    """Refuse, before the target is loaded, folds whose train part is too small for the nested pair search."""
+    """Refuse, before the target is loaded, folds whose train part is too small for the nested pair search, and
+    questions the generation metrics cannot score (no incorrect choice to compare with, no number, ...)."""
+    if config.generation.enabled:
+        questions = datamodule.all_questions
+        for metric in config.generation.metrics:
+            check_references(metric, [(q.id, q.choices, q.answer) for q in questions])
     if config.protocol != "nested":
         return
     for fold in folds:
@@ -76,7 +93,7 @@ class CrossValidatedTest:
     def __init__(self, evaluation: EvaluationConfig, vectors: VectorConfig, pairing: PairSearchConfig):
         self.evaluation, self.vectors, self.pairing = evaluation, vectors, pairing
         self.plans: list[FoldPlan] = []
-        self.results: list[tuple[int, int, dict]] = []  # (fold, question, {variant: {"mean", "sum"}})
+        self.results: list[tuple[int, int, TestRecord]] = []  # (fold, question, its record)
 
     def start(self, trainer, layout, objective: str, pairing_result: PairSearch, encoder_linear: Callable[[int], torch.Tensor],
               load_target: Callable[[], Any]) -> Any:
@@ -92,10 +109,12 @@ class CrossValidatedTest:
         rendered = render_questions(target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template)
         shared = SharedAlignment([tuple(p) for p in pairing_result.pairs], encoder_linear)
         layers = LayerInfo(list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers)
+        answers = AnswerGenerator(target.model, target.tokenizer, datamodule.all_questions, self.evaluation.generation,
+                                  self.evaluation.positions, spec.block_path) if self.evaluation.generation.enabled else None
         self.evaluator = Evaluator(
             target.model, target.tokenizer, rendered, datamodule.store, datamodule.question_rows, layers,
             self.evaluation, self.vectors, self.pairing, objective, shared, progress=trainer.is_global_zero,
-            add_special_tokens=not spec.chat_template, block_path=spec.block_path,
+            add_special_tokens=not spec.chat_template, block_path=spec.block_path, answers=answers,
         )
 
         def plan_all() -> list[FoldPlan]:
@@ -103,9 +122,10 @@ class CrossValidatedTest:
             for fold in folds:
                 start = time.perf_counter()
                 plans.append(self.evaluator.plan(fold))
-                log.info("Fold %d/%d (%s protocol): pairs %s, chosen coefficients %s (%d train, %d val questions; %.0f s)",
-                         fold.index + 1, len(folds), self.evaluation.protocol, plans[-1].pairs, plans[-1].chosen,
-                         len(fold.train), len(fold.val), time.perf_counter() - start)
+                chosen = {m: (c.constrained, c.unconstrained) for m, c in plans[-1].choices.items()}
+                log.info("Fold %d/%d (%s protocol): pairs %s, coefficients (constrained, unconstrained) %s "
+                         "(%d train, %d val questions; %.0f s)", fold.index + 1, len(folds), self.evaluation.protocol,
+                         plans[-1].pairs, chosen, len(fold.train), len(fold.val), time.perf_counter() - start)
             return plans
 
         self.plans = on_rank_zero(trainer, plan_all)
@@ -120,27 +140,19 @@ class CrossValidatedTest:
             if q in self.fold_of:
                 by_fold.setdefault(self.fold_of[q], []).append(q)
         for fold, qs in by_fold.items():
-            scored = self.evaluator.score_test(self.plans[fold], qs)
-            for k, q in enumerate(qs):
-                self.results.append((fold, q, {variant: {s: bool(v[s][k]) for s in v} for variant, v in scored.items()}))
+            for q, record in zip(qs, self.evaluator.score_test(self.plans[fold], qs)):
+                self.results.append((fold, q, record))
 
     def finish(self, trainer, dataset_name: str, meta: dict, report_dir: Path):
         """Gather every rank's results; on rank 0 write ``report.json``/``.md`` and the sweep plot. Returns the
         :class:`DatasetReport`."""
-        merged: dict[tuple[int, int], dict] = {}
+        merged: dict[tuple[int, int], TestRecord] = {}
         for part in gather(self.results):
-            for fold, q, values in part:
-                merged[(fold, q)] = values  # de-duplicates the sampler's padding
-        results: dict[int, dict] = {}
-        tested: dict[int, list[int]] = {}
-        for (fold, q) in sorted(merged):
-            tested.setdefault(fold, []).append(q)
-            for variant, values in merged[(fold, q)].items():
-                slot = results.setdefault(fold, {}).setdefault(variant, {"mean": [], "sum": []})
-                for s in ("mean", "sum"):
-                    slot[s].append(values[s])
-        results = {f: {v: {s: torch.tensor(x) for s, x in d.items()} for v, d in r.items()} for f, r in results.items()}
-        dataset = assemble_report(dataset_name, self.plans, results, tested, self.evaluation, self.vectors.methods)
+            for fold, q, record in part:
+                merged[(fold, q)] = record  # de-duplicates the sampler's padding
+        folds = [(plan, [merged[(plan.fold.index, q)] for q in sorted(q for f, q in merged if f == plan.fold.index)])
+                 for plan in self.plans]
+        dataset = assemble_report(dataset_name, folds, self.evaluation, self.vectors.methods)
         if trainer.is_global_zero:
             config = self.evaluation
             ckpt = trainer.ckpt_path
@@ -150,7 +162,9 @@ class CrossValidatedTest:
                 meta={**meta, "checkpoint": {"path": str(ckpt), "sha256": sha256_file(ckpt)} if ckpt else None,
                       "protocol": config.protocol, "random_draws": config.random_draws,
                       "coefficients": list(config.coefficients), "positions": config.positions,
+                      "generation": asdict(config.generation), "budget": asdict(config.budget),
                       "fold_plans": [{"fold": p.fold.index, "pairs": [list(x) for x in p.pairs], "chosen": p.chosen,
+                                      "choices": {m: asdict(c) for m, c in p.choices.items()},
                                       "n_train": len(p.fold.train), "n_val": len(p.fold.val), "n_test": len(p.fold.test),
                                       **p.diagnostics} for p in self.plans]},
             )

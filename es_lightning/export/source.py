@@ -72,7 +72,8 @@ def find_bundle(source: str | Path, method: str | None) -> Path:
 
 
 def default_coefficient(method: str, report: Path | None) -> tuple[float, str]:
-    """The coefficient the evaluation chose for ``method`` (median over folds), read from ``report``."""
+    """The coefficient the evaluation chose for ``method`` within its damage budget (median over folds), read from
+    ``report``."""
     if report is None or not (report.is_file() or (report / "report.json").is_file()):
         where = f" (no report.json in {str(report)!r})" if report is not None else ""
         raise ValueError(
@@ -89,6 +90,11 @@ def default_coefficient(method: str, report: Path | None) -> tuple[float, str]:
         raise ValueError(
             f"The evaluation report {str(report)!r} chose no coefficient for {method!r} (it has {sorted(chosen)}); "
             f"pass --coefficient."
+        )
+    if chosen[method] == 0:
+        raise ValueError(
+            f"The evaluation report {str(report)!r} found no coefficient of {method!r} within the damage budget "
+            f"(evaluation.budget), so there is nothing safe to export: pass --coefficient to export one anyway."
         )
     return chosen[method], f"report {report}"
 

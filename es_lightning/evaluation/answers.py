@@ -1,0 +1,87 @@
+"""Generated answers to multiple-choice questions, many steering variants in one batch, each judged and measured.
+
+For a set of questions and variants (unsteered, methods at coefficients, random draws), every (variant, question)
+row is generated greedily in one batched pass whose rows carry their own steering; each answer is then scored by
+the configured metrics (:mod:`es_lightning.evaluation.generation_metrics`), its health measured (empty, repeated
+3-grams, the unsteered model's likelihood of it) and, per variant, the damage on the unsteered answer to the same
+question (:mod:`es_lightning.evaluation.damage`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from es_lightning.data.examples import Question
+from es_lightning.evaluation.config import GenerationEvaluation
+from es_lightning.evaluation.damage import AnswerHealth, Damage, answer_nll, continuation_damage
+from es_lightning.evaluation.generation_metrics import answer_correct, cut_answer, is_empty, lettered_prompt, repetition
+from es_lightning.models.prompting import render_prompt
+from es_lightning.steering.generation import GenerationSettings, generate_rendered, uses_chat_template
+from es_lightning.steering.hooks import Positions, SteeringVariant, row_steering
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """One variant's generated answer to one question: its text (cut at the first blank line), whether it is correct
+    under each metric, its health, and the variant's damage on the unsteered answer to the same question."""
+
+    text: str
+    correct: dict[str, bool]
+    health: AnswerHealth
+    damage: Damage
+
+
+class AnswerGenerator:
+    """Generates, judges and measures answers to ``questions`` (indexed as in the evaluation) with one target."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, questions: Sequence[Question], config: GenerationEvaluation,
+                 positions: Positions = "all", block_path: str | None = None):
+        self.model, self.tokenizer, self.questions, self.config = model, tokenizer, questions, config
+        self.positions, self.block_path = positions, block_path
+        self.settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                           chat_template=config.chat_template)
+        self.chat = uses_chat_template(self.settings, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("The target's tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
+        self.pad_id = int(pad)
+
+    def prompt(self, question: int) -> str:
+        """The text the target answers: the question's prompt (with lettered choices for ``letter_match``), in the
+        chat template when the settings ask for it."""
+        q = self.questions[question]
+        text = lettered_prompt(q.prompt, q.choices) if "letter_match" in self.config.metrics else q.prompt
+        return render_prompt(self.tokenizer, text, self.chat)
+
+    def answer(self, questions: Sequence[int], variants: Sequence[SteeringVariant]) -> list[list[AnswerRecord]]:
+        """``[variant][question]`` records. One variant must leave the model unsteered: its answers are the neutral
+        text every variant's damage is measured on."""
+        reference = next((k for k, v in enumerate(variants) if not v.steers), None)
+        if reference is None:
+            raise ValueError("answer() needs an unsteered variant (SteeringVariant('none')) as the damage reference.")
+        texts = [self.prompt(q) for q in questions]
+        variant_of = [v for v in range(len(variants)) for _ in questions]
+        steering = row_steering(self.model, variants, variant_of, self.block_path)
+        generated = generate_rendered(self.model, self.tokenizer, texts * len(variants), self.settings,
+                                      add_special_tokens=not self.chat, steering=steering, positions=self.positions,
+                                      block_path=self.block_path)
+        pairs = [(g.prompt_ids, g.new_ids) for g in generated]
+        nll = answer_nll(self.model, self.pad_id, pairs, batch_size=self.config.batch_size)
+        base = pairs[reference * len(questions) : (reference + 1) * len(questions)]
+        damage = continuation_damage(self.model, self.pad_id, base, variants, self.positions, self.block_path,
+                                     batch_size=self.config.batch_size)
+        records = []
+        for v in range(len(variants)):
+            row = []
+            for k, q in enumerate(questions):
+                index = v * len(questions) + k
+                text = cut_answer(generated[index].text)
+                question = self.questions[q]
+                correct = {m: answer_correct(m, text, question.choices, question.answer) for m in self.config.metrics}
+                health = AnswerHealth(1, int(is_empty(text)), repetition(text), *nll[index])
+                row.append(AnswerRecord(text, correct, health, damage[v][k]))
+            records.append(row)
+        return records
