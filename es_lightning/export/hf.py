@@ -6,7 +6,8 @@ nothing else in the block reads it: the MLP's output projection, not the attenti
 Each supported architecture names that projection and the config switch (if any) that gives it a bias; the
 switch also gives biases to sibling projections (llama's ``mlp_bias`` covers gate/up/down), which are set to
 zero, and to the projection in every other block, also zero. The result loads with plain
-``AutoModelForCausalLM.from_pretrained`` (so also in vLLM or TGI) and steers with no hooks. It steers every
+``AutoModelForCausalLM.from_pretrained`` (so also in vLLM or TGI) and steers with no hooks, under transformers 5
+and 4.x alike (:mod:`es_lightning.export.hf_compat` adds the config and tokenizer keys 4.x reads). It steers every
 position, like ``positions: all``.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from es_lightning import __version__
+from es_lightning.export.hf_compat import make_readable_by_4x
 from es_lightning.export.source import EXPORT_RECORD, ExportSource, TargetModel, check_output
 from es_lightning.io import atomic_directory
 from es_lightning.models.layers import get_blocks, hidden_size
@@ -59,15 +61,17 @@ _NOT_LLAMA = ("model_type", "architectures", "use_sliding_window", "sliding_wind
 # Why the other known architectures cannot be folded with a config change alone.
 _MID_BLOCK = ("only the attention output projection can get a bias (attention_bias), and the same block's MLP "
               "reads that output, so the bias is not a constant shift of the block's output")
+_POST_NORMS = ("the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a "
+               "constant shift")
 REFUSED: dict[str, str] = {
     "qwen3": _MID_BLOCK,
     "gemma": _MID_BLOCK,
     "olmo": _MID_BLOCK,
     "mixtral": "no projection has a bias and no config switch adds one",
     "phi3": "no projection has a bias and no config switch adds one",
-    "gemma2": "the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a constant shift",
-    "gemma3_text": "the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a constant shift",
-    "olmo2": "the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a constant shift",
+    "gemma2": _POST_NORMS,
+    "gemma3_text": _POST_NORMS,
+    "olmo2": _POST_NORMS,
 }
 
 
@@ -85,8 +89,8 @@ def recipe_for(config) -> FoldRecipe:
     for key, value in recipe.requires.items():
         if getattr(config, key, None) != value:
             why = (" (a sliding window: it cannot be written as a llama checkpoint)" if key == "sliding_window"
-                   else f"; with {key}={getattr(config, key, None)!r} the block normalises after the residual add, so no "
-                        f"bias adds a constant to its output")
+                   else f"; with {key}={getattr(config, key, None)!r} the block normalises after the residual add, "
+                        f"so no bias adds a constant to its output")
             raise ValueError(
                 f"The hf export cannot fold steering into this {model_type!r} model: it needs {key}={value!r} "
                 f"(got {getattr(config, key, None)!r}){why}."
@@ -128,10 +132,12 @@ def fold(model: torch.nn.Module, deltas: dict[int, torch.Tensor], block_path: st
             if not 0 <= layer < len(blocks):
                 raise ValueError(f"Layer {layer} is out of range for this model's {len(blocks)} blocks.")
             if tuple(delta.shape) != (width,):
-                raise ValueError(f"The vector of layer {layer} has shape {tuple(delta.shape)}, the model's width is {width}.")
+                raise ValueError(
+                    f"The vector of layer {layer} has shape {tuple(delta.shape)}, the model's width is {width}.")
             projection = blocks[layer].get_submodule(recipe.projection)
             if projection.bias is None or projection.bias.shape != (width,):
-                raise RuntimeError(f"{type(model).__name__} block {layer}: {recipe.projection} has no bias of width {width}.")
+                raise RuntimeError(
+                    f"{type(model).__name__} block {layer}: {recipe.projection} has no bias of width {width}.")
             projection.bias.add_(delta.to(projection.bias.dtype))
     return folded
 
@@ -181,5 +187,6 @@ def export_hf(
     with atomic_directory(path) as tmp:
         folded.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        record["transformers"] = make_readable_by_4x(tmp)
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return path
