@@ -173,7 +173,10 @@ class ExpertSteer(AlignmentAutoEncoder):
                       if testing else self.generation.max_new_tokens)
         batch = self.evaluation.batch_size if testing else datamodule.predict_batch_size
         shape = read_shape(resolve_model_dir(self.layout.target.name, getattr(datamodule, "cache_dir", None)), self.layout.target.name)
-        announce(evaluation_estimate(shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device), self.device)
+        generation = self.evaluation.generation
+        rows, tokens = (generation.batch_size, generation.max_new_tokens) if testing and generation.enabled else (0, 0)
+        announce(evaluation_estimate(shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device,
+                                     rows, tokens), self.device)
 
     def _run_folder(self) -> Path:
         return Path(self.trainer.default_root_dir)

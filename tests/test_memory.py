@@ -91,6 +91,15 @@ def test_evaluation_counts_the_logits():
     assert large.device_bytes - small.device_bytes >= logits
 
 
+def test_evaluation_counts_the_damage_measurement_when_it_is_larger():
+    scoring = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda")
+    damage = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda", generation_rows=64, generation_tokens=32)
+    assert damage.device_bytes - scoring.device_bytes >= (32 + 3 * 64) * 33 * LLAMA_8B.vocab * 4 - 16 * 17 * LLAMA_8B.vocab * 8
+    assert any("generation.batch_size" in fix for fix in damage.fixes)
+    tiny = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda", generation_rows=1, generation_tokens=1)
+    assert tiny.device_bytes == scoring.device_bytes  # smaller than the scoring logits: the scoring peak stands
+
+
 def test_run_plan_lists_every_stage():
     stages = estimate_stages(LLAMA_8B, LLAMA_8B, RunSettings(800, 200, 32, 31, 32, 31))
     assert [s.stage for s in stages] == ["capture expert", "capture target", "cache", "pair search", "auto-encoders", "rfm", "evaluation"]

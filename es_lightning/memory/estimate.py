@@ -153,15 +153,26 @@ def rfm_estimate(n_rows: int, width: int, max_rows: int | None = 10_000, val_fra
 
 
 def evaluation_estimate(model: ModelShape, dtype: str, batch_choices: int, prompt_tokens: int, completion_tokens: int,
-                        device: str | torch.device = "cpu") -> StageEstimate:
+                        device: str | torch.device = "cpu", generation_rows: int = 0,
+                        generation_tokens: int = 0) -> StageEstimate:
     """Scoring multiple-choice questions with the target: its weights, the prompts' KV cache, one batch's block
-    activations, and the completion logits batch x completion x vocab (upcast to float32, with a logsumexp copy)."""
+    activations, and the completion logits batch x completion x vocab (upcast to float32, with a logsumexp copy).
+    With generated answers evaluated (``generation_rows`` per pass, ``generation_tokens`` each), the damage
+    measurement's log-softmax over ``rows x tokens x vocab`` (the unsteered reference for half the rows, the steered
+    rows and two float32 temporaries) replaces the scoring logits when it is larger."""
     element = dtype_bytes(dtype)
     length = prompt_tokens + completion_tokens
     work = {f"weights ({model.parameters / 1e9:.2f}B params in {dtype})": float(model.weight_bytes(dtype))}
     work.update(_block_activations(model, batch_choices * length, batch_choices, length, element))
-    work["logits (float32)"] = batch_choices * (completion_tokens + 1) * model.vocab * 4.0 * 2
+    scoring_logits = batch_choices * (completion_tokens + 1) * model.vocab * 4.0 * 2
+    damage_logits = (generation_rows // 2 + 3 * generation_rows) * (generation_tokens + 1) * model.vocab * 4.0
+    if damage_logits > scoring_logits:
+        work["damage-measurement log-probs (float32)"] = damage_logits
+    else:
+        work["logits (float32)"] = scoring_logits
     work["KV cache"] = batch_choices * prompt_tokens * model.layers * 2 * model.kv_heads * model.head_dim * float(element)
     host = {"weights passing through host RAM while loading": float(model.weight_bytes(dtype))} if _on_accelerator(device) else {}
     fixes = ("lower precision (model.target_dtype: bfloat16)", "a smaller batch (model.evaluation.batch_size)", "a smaller model")
+    if damage_logits > scoring_logits:
+        fixes += ("fewer generation rows per pass (model.evaluation.generation.batch_size)",)
     return _place("evaluation", host, work, device, fixes)
