@@ -34,7 +34,7 @@ def recorded(fitted, monkeypatch):  # noqa: F811
     folds: dict[int, Fold] = {}
     state = {"fold": None, "evaluator": None, "test_fold": None}
     real_plan, real_search, real_vectors, real_score = Evaluator.plan, protocol.search_pairs, protocol.compute_vectors, Evaluator.score
-    real_answer, real_test = AnswerGenerator.answer, Evaluator.score_test
+    real_answer, real_reference, real_test = AnswerGenerator.answer, AnswerGenerator.reference, Evaluator.score_test
 
     def plan(self, fold):
         state["fold"], state["evaluator"] = fold.index, self
@@ -61,12 +61,19 @@ def recorded(fitted, monkeypatch):  # noqa: F811
             record("coefficients", questions)
         return real_score(self, questions, *a, **k)
 
-    def answer(self, questions, variants):
+    def generated(questions):
         if state["fold"] is not None:
             record("damage and health", questions)
         if state["test_fold"] is not None:
             seen.setdefault(state["test_fold"], {}).setdefault("generated test", set()).update(questions)
-        return real_answer(self, questions, variants)
+
+    def answer(self, questions, *a, **k):
+        generated(questions)
+        return real_answer(self, questions, *a, **k)
+
+    def reference(self, questions):
+        generated(questions)
+        return real_reference(self, questions)
 
     def score_test(self, plan, questions):
         state["test_fold"] = plan.fold.index
@@ -76,6 +83,7 @@ def recorded(fitted, monkeypatch):  # noqa: F811
             state["test_fold"] = None
 
     monkeypatch.setattr(AnswerGenerator, "answer", answer)
+    monkeypatch.setattr(AnswerGenerator, "reference", reference)
     monkeypatch.setattr(Evaluator, "score_test", score_test)
     monkeypatch.setattr(Evaluator, "plan", plan)
     monkeypatch.setattr(protocol, "search_pairs", search)

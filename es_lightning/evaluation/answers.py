@@ -4,7 +4,7 @@ For a set of questions and variants (unsteered, methods at coefficients, random 
 row is generated greedily in one batched pass whose rows carry their own steering; each answer is then scored by
 the configured metrics (:mod:`es_lightning.evaluation.generation_metrics`), its health measured (empty, repeated
 3-grams, the unsteered model's likelihood of it) and, per variant, the damage on the unsteered answer to the same
-question (:mod:`es_lightning.evaluation.damage`).
+question (:mod:`es_lightning.evaluation.damage`). The unsteered answers are generated once and reused.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from es_lightning.evaluation.config import GenerationEvaluation
 from es_lightning.evaluation.damage import AnswerHealth, Damage, answer_nll, continuation_damage
 from es_lightning.evaluation.generation_metrics import answer_correct, cut_answer, is_empty, lettered_prompt, repetition
 from es_lightning.models.prompting import render_prompt
-from es_lightning.steering.generation import GenerationSettings, generate_rendered, uses_chat_template
+from es_lightning.steering.generation import Generated, GenerationSettings, generate_rendered, uses_chat_template
 from es_lightning.steering.hooks import Positions, SteeringVariant, row_steering
 
 
@@ -56,32 +56,50 @@ class AnswerGenerator:
         text = lettered_prompt(q.prompt, q.choices) if "letter_match" in self.config.metrics else q.prompt
         return render_prompt(self.tokenizer, text, self.chat)
 
-    def answer(self, questions: Sequence[int], variants: Sequence[SteeringVariant]) -> list[list[AnswerRecord]]:
-        """``[variant][question]`` records. One variant must leave the model unsteered: its answers are the neutral
-        text every variant's damage is measured on."""
-        reference = next((k for k, v in enumerate(variants) if not v.steers), None)
-        if reference is None:
-            raise ValueError("answer() needs an unsteered variant (SteeringVariant('none')) as the damage reference.")
+    def _generate(self, questions: Sequence[int], variants: Sequence[SteeringVariant]) -> list[list[Generated]]:
+        """Greedy answers ``[variant][question]``, all rows in one batched generation."""
+        if not variants:
+            return []
         texts = [self.prompt(q) for q in questions]
-        variant_of = [v for v in range(len(variants)) for _ in questions]
-        steering = row_steering(self.model, variants, variant_of, self.block_path)
+        steering = row_steering(self.model, variants, [v for v in range(len(variants)) for _ in questions], self.block_path)
         generated = generate_rendered(self.model, self.tokenizer, texts * len(variants), self.settings,
                                       add_special_tokens=not self.chat, steering=steering, positions=self.positions,
                                       block_path=self.block_path)
-        pairs = [(g.prompt_ids, g.new_ids) for g in generated]
-        nll = answer_nll(self.model, self.pad_id, pairs, batch_size=self.config.batch_size)
-        base = pairs[reference * len(questions) : (reference + 1) * len(questions)]
-        damage = continuation_damage(self.model, self.pad_id, base, variants, self.positions, self.block_path,
-                                     batch_size=self.config.batch_size)
+        return [generated[v * len(questions) : (v + 1) * len(questions)] for v in range(len(variants))]
+
+    def reference(self, questions: Sequence[int]) -> list[Generated]:
+        """The unsteered target's answers: the neutral text damage is measured on."""
+        return self._generate(questions, [SteeringVariant("none")])[0]
+
+    def damage(self, reference: Sequence[Generated], variants: Sequence[SteeringVariant]) -> list[list[Damage]]:
+        """``[variant][question]`` divergence of each variant from the unsteered model on the reference answers."""
+        pairs = [(g.prompt_ids, g.new_ids) for g in reference]
+        return continuation_damage(self.model, self.pad_id, pairs, variants, self.positions, self.block_path,
+                                   batch_size=self.config.batch_size)
+
+    def answer(self, questions: Sequence[int], variants: Sequence[SteeringVariant], reference: Sequence[Generated],
+               measured: Sequence[bool] | None = None, with_damage: bool = True) -> list[list[AnswerRecord]]:
+        """``[variant][question]`` records. Unsteered variants reuse ``reference`` (the unsteered answers to the same
+        questions); variants not ``measured`` (e.g. random draws, scored for accuracy only) get no damage and no
+        perplexity, which saves two forward passes per answer; ``with_damage=False`` skips the damage of all
+        (when the caller measured it already)."""
+        measured = [True] * len(variants) if measured is None else list(measured)
+        steered = [v for v, variant in enumerate(variants) if variant.steers]
+        generated = dict(zip(steered, self._generate(questions, [variants[v] for v in steered])))
+        answers = [generated.get(v, list(reference)) for v in range(len(variants))]
+        pairs = [(g.prompt_ids, g.new_ids) for v in range(len(variants)) if measured[v] for g in answers[v]]
+        nll = iter(answer_nll(self.model, self.pad_id, pairs, batch_size=self.config.batch_size))
+        kept = [v for v in range(len(variants)) if measured[v] and with_damage]
+        damage_of = dict(zip(kept, self.damage(reference, [variants[v] for v in kept])))
         records = []
         for v in range(len(variants)):
             row = []
             for k, q in enumerate(questions):
-                index = v * len(questions) + k
-                text = cut_answer(generated[index].text)
+                text = cut_answer(answers[v][k].text)
                 question = self.questions[q]
                 correct = {m: answer_correct(m, text, question.choices, question.answer) for m in self.config.metrics}
-                health = AnswerHealth(1, int(is_empty(text)), repetition(text), *nll[index])
-                row.append(AnswerRecord(text, correct, health, damage[v][k]))
+                likelihood = next(nll) if measured[v] else (0.0, 0)
+                health = AnswerHealth(1, int(is_empty(text)), repetition(text), *likelihood)
+                row.append(AnswerRecord(text, correct, health, damage_of[v][k] if v in damage_of else Damage()))
             records.append(row)
         return records

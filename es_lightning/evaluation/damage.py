@@ -63,15 +63,20 @@ def _layout(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, d
     return ids.to(device), mask.to(device), positions.to(device), width, length
 
 
-def _continuation_logprobs(model: torch.nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-softmax over the vocabulary at every slot that predicts a continuation token ``[rows, length, vocab]``,
-    the continuation tokens ``[rows, length]`` and their mask."""
+def _continuation_logits(model: torch.nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits at every slot that predicts a continuation token ``[rows, length, vocab]``, the continuation
+    tokens ``[rows, length]`` and their mask."""
     device = next(model.parameters()).device
     ids, mask, positions, width, length = _layout(pairs, pad_id, device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=length + 1).logits[:, :length]
-    targets = ids[:, width : width + length]
-    return logits.float().log_softmax(-1), targets, mask[:, width : width + length].bool()
+    return logits.float(), ids[:, width : width + length], mask[:, width : width + length].bool()
+
+
+def _continuation_logprobs(model: torch.nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like :func:`_continuation_logits`, as log-softmax over the vocabulary."""
+    logits, targets, mask = _continuation_logits(model, pairs, pad_id)
+    return logits.log_softmax(-1), targets, mask
 
 
 def continuation_damage(
@@ -91,7 +96,8 @@ def continuation_damage(
     width, as in generation.
     """
     totals = [[Damage() for _ in continuations] for _ in variants]
-    present = [k for k, (_, c) in enumerate(continuations) if len(c)]
+    present = sorted((k for k, (_, c) in enumerate(continuations) if len(c)),  # similar lengths share a pass
+                     key=lambda k: -(len(continuations[k][0]) + len(continuations[k][1])))
     if not present or not any(v.steers for v in variants):
         return totals  # nothing pushes the model: every divergence is exactly zero
     table = row_steering(model, variants, [], block_path).table
@@ -125,12 +131,13 @@ def answer_nll(
     """Per (prompt ids, answer ids) pair: the unsteered model's summed negative log-likelihood of the answer tokens
     given the prompt, and the number of answer tokens ((0.0, 0) for an empty answer)."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(answers)
-    present = [k for k, (_, answer) in enumerate(answers) if len(answer)]
+    present = sorted((k for k, (_, answer) in enumerate(answers) if len(answer)),  # similar lengths share a pass
+                     key=lambda k: -(len(answers[k][0]) + len(answers[k][1])))
     with torch.inference_mode():
         for start in range(0, len(present), batch_size):
             index = present[start : start + batch_size]
-            logprobs, targets, mask = _continuation_logprobs(model, [answers[k] for k in index], pad_id)
-            nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+            logits, targets, mask = _continuation_logits(model, [answers[k] for k in index], pad_id)
+            nll = (logits.logsumexp(-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).masked_fill(~mask, 0.0)
             for row, k in enumerate(index):
                 out[k] = (float(nll[row].sum()), int(mask[row].sum()))
     return out

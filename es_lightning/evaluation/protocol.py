@@ -250,22 +250,37 @@ class Evaluator:
                         {"alignment": alignment, "vectors": diagnostics, "n_val_scored": len(val)})
         sides = self.config.sweep_order()
         keys = [(NONE, 0.0)] + [(m, c) for m in self.vector_config.methods for side in sides for c in side]
-        variants = [plan.variant(key) for key in keys]
-        scored = self.score(val, variants, desc=f"fold {fold.index} val, {len(keys)} variants")
+        scored = self.score(val, [plan.variant(key) for key in keys], desc=f"fold {fold.index} val, {len(keys)} variants")
         accuracy = {key: scored[k][self.config.scoring].float().mean().item() for k, key in enumerate(keys)}
-        records = self.answers.answer(val, variants) if self.answers is not None else None
-        points = {}
-        for k, key in enumerate(keys):
-            damage = health = None
-            if records is not None:
-                damage, health = sum((r.damage for r in records[k]), Damage()), sum((r.health for r in records[k]), AnswerHealth())
-            points[key] = SweepPoint(accuracy[key], damage, health)
+        reached = {}
         for method in self.vector_config.methods:
             curve = {0.0: accuracy[(NONE, 0.0)], **{c: accuracy[(method, c)] for side in sides for c in side}}
-            reached = walked(curve, sides, self.config.stop_after_falls)
-            plan.sweep[method] = {0.0: points[(NONE, 0.0)], **{c: points[(method, c)] for c in reached}}
-            plan.choices[method] = choose(plan.sweep[method], reached, self.config.budget, constrain=records is not None)
+            reached[method] = walked(curve, sides, self.config.stop_after_falls)
+        points = self.val_points(val, plan, [(m, c) for m, cs in reached.items() for c in cs], accuracy)
+        for method in self.vector_config.methods:
+            plan.sweep[method] = {0.0: points[(NONE, 0.0)], **{c: points[(method, c)] for c in reached[method]}}
+            plan.choices[method] = choose(plan.sweep[method], reached[method], self.config.budget,
+                                          constrain=self.answers is not None)
         return plan
+
+    def val_points(self, val: list[int], plan: FoldPlan, keys: list[VariantKey],
+                   accuracy: dict[VariantKey, float]) -> dict[VariantKey, SweepPoint]:
+        """Each walked coefficient's val point: its accuracy and, with generation evaluated, its damage on the
+        unsteered answers to the val prompts and (only where that KL is within budget: elsewhere the coefficient is
+        out anyway) the health of its own answers."""
+        if self.answers is None:
+            return {key: SweepPoint(accuracy[key]) for key in [(NONE, 0.0), *keys]}
+        reference = self.answers.reference(val)
+        damage = [sum(row, Damage()) for row in self.answers.damage(reference, [plan.variant(k) for k in keys])]
+        limit = self.config.budget.max_kl
+        healthy = [k for k, d in zip(keys, damage) if limit is None or (d.kl is not None and d.kl <= limit)]
+        records = self.answers.answer(val, [plan.variant(k) for k in [(NONE, 0.0), *healthy]], reference,
+                                      with_damage=False)
+        health = {key: sum((r.health for r in row), AnswerHealth()) for key, row in zip([(NONE, 0.0), *healthy], records)}
+        points = {key: SweepPoint(accuracy[key], d, health.get(key)) for key, d in zip(keys, damage)}
+        points[(NONE, 0.0)] = SweepPoint(accuracy[(NONE, 0.0)], Damage(tokens=sum(len(g.new_ids) for g in reference)),
+                                         health[(NONE, 0.0)])
+        return points
 
     # -------------------------------------------------------------------------------------- test
     def test_variants(self, plan: FoldPlan) -> tuple[list[VariantKey], list[VariantKey]]:
@@ -291,7 +306,10 @@ class Evaluator:
         mc_keys, gen_keys = self.test_variants(plan)
         scored = self.score(questions, [plan.variant(k) for k in mc_keys],
                             desc=f"fold {plan.fold.index} test, {len(mc_keys)} variants")
-        answers = self.answers.answer(questions, [plan.variant(k) for k in gen_keys]) if gen_keys else []
+        answers = []
+        if gen_keys:  # the random draws are scored for accuracy only: no damage or perplexity measured for them
+            answers = self.answers.answer(questions, [plan.variant(k) for k in gen_keys], self.answers.reference(questions),
+                                          measured=[not k[0].startswith(DRAW) for k in gen_keys])
         return [TestRecord(
             {key: {s: bool(scored[v][s][k]) for s in ("mean", "sum")} for v, key in enumerate(mc_keys)},
             {key: answers[v][k] for v, key in enumerate(gen_keys)},
