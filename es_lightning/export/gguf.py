@@ -1,4 +1,6 @@
-"""``gguf``: the llama.cpp control vector (``llama-cli --control-vector FILE``), via the bundle's own writer.
+"""``gguf``: the llama.cpp control vector, via the bundle's own writer. llama.cpp loads it with
+``llama-completion ... --control-vector-scaled FILE:SCALE`` (SCALE multiplies the exported coefficient; 1.0 is
+as exported) or ``--control-vector FILE`` (scale 1).
 
 ``direction.j`` is ``coefficient * norms[j] * vectors[j]`` and llama.cpp adds it to the output of 0-based
 block ``j`` at every position (the same block index as ``model.layers[j]``; see

@@ -10,14 +10,22 @@ es-lightning's hooks cast: the two agree bit for bit in float32 and in bfloat16.
 Hookpoints are the names of the decoder blocks relative to ``base_model``, which differ per architecture:
 ``layers.N`` (llama, qwen, gemma, mistral, ...), ``h.N`` (gpt2), ``decoder.layers.N`` (opt). They are read
 off the model's module tree (built on the meta device, no weights loaded), never guessed.
+
+:func:`split_rows` gives the rows of one data-module split (train, val or test) of a multiple-choice JSONL, for
+the local task ``configs/lmeval/es_lightning_mc.yaml``: lm-eval then scores the very questions
+``es-lightning test --model.evaluation.folds null`` tests.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from es_lightning.data.examples import ExampleFormat, questions_from_rows
+from es_lightning.data.sources import load_records, rows
+from es_lightning.data.splits import SPLITS, group_split
 from es_lightning.export.source import ExportSource, TargetModel, check_output
 from es_lightning.io import atomic_write_with
 from es_lightning.models.layers import get_blocks, hidden_size
@@ -73,3 +81,17 @@ def export_lm_eval(
     config = steer_config(source, names)
     atomic_write_with(path, lambda tmp: torch.save(config, tmp))
     return path
+
+
+def split_rows(path: str | Path, split: str = "all", val_fraction: float = 0.15, test_fraction: float = 0.15,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """The rows of a multiple-choice file (``id``, ``question``, ``choices``, ``answer``) in one split of the data
+    module, in file order: ``all``, or ``train``/``val``/``test`` as ``data.splits`` with these fractions and seed
+    assigns them (whole questions, by id, shuffled with ``seed``; the defaults are ``data.splits``' defaults)."""
+    if split not in ("all", *SPLITS):
+        raise ValueError(f"split must be 'all', 'train', 'val' or 'test', got {split!r}.")
+    table = rows(load_records(str(path)))
+    questions = questions_from_rows(table, ExampleFormat(), str(path))  # the data module's checks and group keys
+    if split == "all":
+        return table
+    return [table[i] for i in group_split([q.group for q in questions], val_fraction, test_fraction, seed)[split]]
