@@ -132,6 +132,15 @@ def test_unknown_generation_metric_is_refused_by_the_parser_with_the_choices(fit
     assert "bleu_acc" in capsys.readouterr().err
 
 
+def test_fewer_random_draws_answer_in_generation_than_in_multiple_choice(fitted, tmp_path):
+    tmp, args = fitted
+    build_cli(["test", *args, "--model.evaluation.generation.random_draws", "1", "--model.report_dir", str(tmp_path),
+               "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    for entry in load_report(tmp_path).datasets[0].methods[1:4]:
+        assert len(entry.vs_random.draw_accuracies) == 2
+        assert len(entry.generation.vs_random["bleu_acc"].draw_accuracies) == 1
+
+
 def test_a_budget_that_excludes_every_coefficient_is_reported_and_predict_skips_the_methods(fitted, tmp_path, caplog):
     tmp, args = fitted
     out = tmp_path / "report"

@@ -56,7 +56,8 @@ def _generation(folds: FoldRecords, coefficient_of, metrics: Sequence[str], conf
     if steered and with_draws:
         vs_random = {}
         for m in metrics:
-            draws = torch.cat([torch.stack([_correct(r, (f"{DRAW}{d}", k[1]), m) for d in range(len(plan.draws))])
+            draws = torch.cat([torch.stack([_correct(r, (f"{DRAW}{d}", k[1]), m)
+                                            for d in range(min(len(plan.draws), config.generation_draws()))])
                                for (plan, r), k in zip(folds, keys)], dim=1)
             vs_random[m] = random_control(torch.cat([_correct(r, k, m) for (_, r), k in zip(folds, keys)]), draws,
                                           permutations=config.permutations)

@@ -21,6 +21,8 @@ class GenerationEvaluation:
     is scored; it must be the only metric). ``max_new_tokens``: greedy tokens per answer (answers end at a blank
     line, as in lm-eval). ``chat_template``: null wraps prompts in the target's chat template when it has one, as
     ``predict`` does. ``batch_size``: rows per generate call (rows carry different vectors and coefficients).
+    ``random_draws``: how many of the fold's random draws also answer the test questions (null: all of
+    ``evaluation.random_draws``); generation costs far more than scoring, so a CPU run may use fewer.
     """
 
     enabled: bool = True
@@ -28,6 +30,7 @@ class GenerationEvaluation:
     max_new_tokens: int = 32
     chat_template: bool | None = None
     batch_size: int = 64
+    random_draws: int | None = None
 
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded."""
@@ -39,6 +42,8 @@ class GenerationEvaluation:
             )
         if "letter_match" in self.metrics and len(self.metrics) > 1:
             raise ValueError("evaluation.generation.metrics: letter_match changes the prompt, so it must be the only metric.")
+        if self.random_draws is not None and self.random_draws < 1:
+            raise ValueError(f"evaluation.generation.random_draws must be >= 1 or null, got {self.random_draws}.")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"evaluation.generation max_new_tokens and batch_size must be >= 1; got "
                              f"{self.max_new_tokens} and {self.batch_size}.")
@@ -132,6 +137,10 @@ class EvaluationConfig:
             raise ValueError(f"positions must be 'all', 'prompt' or 'generated', got {self.positions!r}.")
         if self.scoring not in ("mean", "sum"):
             raise ValueError(f"scoring must be 'mean' or 'sum', got {self.scoring!r}.")
+
+    def generation_draws(self) -> int:
+        """How many random draws answer the test questions: ``generation.random_draws``, at most ``random_draws``."""
+        return min(self.random_draws, self.generation.random_draws or self.random_draws)
 
     def sweep_order(self) -> list[list[float]]:
         """The grid as two walks outwards from zero: positive ascending, negative descending."""

@@ -296,7 +296,7 @@ class Evaluator:
         for coefficient in dict.fromkeys(x for c in steered for x in (c.applied, c.unconstrained)):
             mc += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
         for coefficient in dict.fromkeys(c.applied for c in steered):
-            gen += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
+            gen += [(f"{DRAW}{d}", coefficient) for d in range(min(len(plan.draws), self.config.generation_draws()))]
         keep = lambda keys: [k for k in dict.fromkeys(keys) if k == (NONE, 0.0) or k[1] != 0]  # noqa: E731
         return keep(mc), keep(gen) if self.answers is not None else []
 
