@@ -60,7 +60,7 @@ class DamageBudget:
     method is not steered in that fold and the report says "no coefficient within budget".
     """
 
-    max_kl: float | None = 0.25
+    max_kl: float | None = 0.5
     max_empty_increase: float | None = 0.0
     max_repetition_increase: float | None = 0.1
 
