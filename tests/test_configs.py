@@ -11,7 +11,8 @@ from es_lightning.cli import ESLightningCLI
 from es_lightning.data import PairedHiddenStatesDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "tests" / "conf").rglob("*.yaml"))
+LMEVAL = sorted((ROOT / "configs" / "lmeval").glob("*.yaml"))  # lm-eval task files, not es-lightning configs
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(LMEVAL)) + sorted((ROOT / "tests" / "conf").rglob("*.yaml"))
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 # Configs that ask for GPUs are instantiated on CPU where none is visible (the GPU request itself is checked below).
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
@@ -23,6 +24,14 @@ def wants_gpu(path: Path) -> bool:
 
 def test_configs_exist():
     assert any(p.name == "default.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", LMEVAL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_lmeval_task_files_load_with_lmeval(path):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    task = load_yaml(path)
+    assert task["output_type"] == "multiple_choice" and callable(task["custom_dataset"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
