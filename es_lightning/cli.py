@@ -2,6 +2,9 @@
 
 ``es-lightning [--quiet | --verbose] {fit,validate,test,predict} ...``: the two flags go before the subcommand
 (``test --verbose`` is Lightning's own switch for its metrics table); see :mod:`es_lightning.console`.
+
+SIGTERM or SIGINT stops any stage within seconds with one line saying what was kept and the command that resumes
+(exit status 143 or 130); see :mod:`es_lightning.stopping`.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from es_lightning.callbacks.common import StopAtBatchEnd
 from es_lightning.console import configure, verbosity_from_flags
-from es_lightning.module import ExpertSteer
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_checkpoint_io, ensure_writable_dir
 from es_lightning.memory import check_devices
+from es_lightning.module import ExpertSteer
+from es_lightning.stopping import run_stoppable, stage
 
-
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 MIN_FREE_BYTES = 200 * 2**20  # checkpoints, bundles and reports of the default run need well under this
 
 
@@ -30,6 +35,8 @@ class ESLightningCLI(LightningCLI):
     and recorded in it, so a mid-training "best" checkpoint could not be tested or used for prediction
     (``--checkpoint.save_top_k`` and ``--checkpoint.monitor`` still make one, for the auto-encoders alone).
     """
+
+    run_dir: Path | None = None  # the run folder of the latest subcommand parsed in this process (for a stop's message)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -54,6 +61,7 @@ class ESLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices(config.trainer.accelerator, config.trainer.devices)  # before Lightning's own, less clear error
         run_dir = Path(config.output_dir) / config.run_name
+        ESLightningCLI.run_dir = run_dir
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir)
         if config.trainer.default_root_dir is None:
@@ -69,8 +77,10 @@ class ESLightningCLI(LightningCLI):
 
 
     def instantiate_trainer(self, **kwargs):
-        """The configured Trainer, with atomic checkpoint writes unless a CheckpointIO plugin was given."""
+        """The configured Trainer, with atomic checkpoint writes unless a CheckpointIO plugin was given, and
+        :class:`StopAtBatchEnd` after its callbacks."""
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(StopAtBatchEnd())
         connector = trainer._accelerator_connector
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO" and connector.checkpoint_io is None:
             trainer.strategy.checkpoint_io = atomic_checkpoint_io()
@@ -88,9 +98,39 @@ def build_cli(args: list[str] | None = None) -> ESLightningCLI:
     )
 
 
+def kept_in_run_folder(run_dir: Path | None) -> str:
+    """What a stopped run's folder holds, e.g. ``in checkpoints/default: last.ckpt, pairing.json, bundles``."""
+    if run_dir is None:
+        return ""
+    names = [name for name in ("last.ckpt", "pairing.json", "bundles", "report/report.json", "predictions.jsonl")
+             if (run_dir / name).exists()]
+    parts = sorted((run_dir / "parts").glob("rank*.jsonl"))
+    if parts:
+        prompts = sum(part.read_bytes().count(b"\n") for part in parts)  # one line per finished prompt
+        names.append(f"parts/ ({prompts} finished prompts)")
+    return f"in {run_dir}: {', '.join(names)}" if names else f"nothing in {run_dir} yet"
+
+
+def resume_command(argv: list[str], run_dir: Path | None) -> list[str]:
+    """The command that continues a stopped ``es-lightning`` run: the same one, plus ``--ckpt_path last`` for a fit
+    that has written ``last.ckpt`` (the same command would be refused)."""
+    subcommand = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    given = any(arg == "--ckpt_path" or arg.startswith("--ckpt_path=") for arg in argv)
+    resumable = subcommand == "fit" and not given and run_dir is not None and (run_dir / "last.ckpt").exists()
+    return ["es-lightning", *argv, *(["--ckpt_path", "last"] if resumable else [])]
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``es-lightning`` console script (``args`` for in-process use, e.g. tests)."""
-    build_cli(args)
+    argv = list(sys.argv[1:] if args is None else args)
+    ESLightningCLI.run_dir = None
+
+    def run() -> None:
+        with stage(next((arg for arg in argv if arg in SUBCOMMANDS), "es-lightning")):
+            build_cli(argv)
+
+    run_stoppable(run, "es-lightning", lambda: resume_command(argv, ESLightningCLI.run_dir),
+                  lambda: kept_in_run_folder(ESLightningCLI.run_dir))
 
 
 if __name__ == "__main__":

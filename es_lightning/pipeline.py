@@ -8,6 +8,8 @@ fit is kept (an unfinished one resumes from ``last.ckpt``); a report is kept onl
 pipeline from the same checkpoint with the same evaluation options and data (``<report_dir>/pipeline.json``
 records that key); prediction rows already written for the same configuration and prompt file are reused
 by the prediction writer. The predictions are also written side by side to ``<run>/predictions.md``.
+SIGTERM or SIGINT stops it within seconds with one line saying what was kept and the command that resumes (the
+same one); see :mod:`es_lightning.stopping`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-from es_lightning.cli import ESLightningCLI, build_cli
+from es_lightning.cli import ESLightningCLI, build_cli, kept_in_run_folder
 from es_lightning.console import configure, verbosity_from_flags
 from es_lightning.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from es_lightning.stopping import run_stoppable
+from es_lightning.stopping import stage as stopping_stage
 
 log = logging.getLogger("es_lightning.pipeline")
 
@@ -66,6 +71,14 @@ def predictions_markdown(predictions: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run fit, test and predict for ``--config``; extra arguments go to every stage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ESLightningCLI.run_dir = None
+    run_stoppable(lambda: _run(argv), "es-lightning-pipeline", lambda: ["es-lightning-pipeline", *argv],
+                  lambda: kept_in_run_folder(ESLightningCLI.run_dir))
+
+
+def _run(argv: list[str]) -> None:
+    """The three stages (see :func:`main`)."""
     parser = argparse.ArgumentParser(description="ExpertSteer end to end: fit -> test -> predict.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--prompts", default=None, help="JSONL prompts for the predict stage (default: the config's)")
@@ -92,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     def stage(title: str, subcommand: str, *more: str) -> ESLightningCLI:
         log.info("\n=== %s ===", title)
         began = time.time()
-        cli = build_cli([*flags, subcommand, *common, *stage_extra, *more])
+        with stopping_stage(subcommand):
+            cli = build_cli([*flags, subcommand, *common, *stage_extra, *more])
         log.info("%s: done in %.1f s", subcommand, time.time() - began)
         return cli
 

@@ -1,10 +1,20 @@
-"""What the pairing and vector callbacks share: the run directory and re-saving the last checkpoint."""
+"""What the callbacks share: the run directory, re-saving the last checkpoint, rank-0 work, and stops between
+batches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import lightning as L
+
+from es_lightning.callbacks.prediction_writer import find_prediction_writer
+from es_lightning.stopping import check_stop, stage
+from es_lightning.stopping import on_rank_zero as _on_rank_zero
+
+T = TypeVar("T")
+TEST_KEPT = "no results of this test (fold plans and scores are recomputed; the checkpoint and the cache are kept)"
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -23,19 +33,38 @@ def resave_last_checkpoint(trainer: L.Trainer) -> None:
         trainer.save_checkpoint(path)
 
 
-def on_rank_zero(trainer: L.Trainer, compute):
-    """``compute()`` on rank 0, its result broadcast to every rank; an error on rank 0 is raised on every rank
-    (so the other ranks never hang in the broadcast)."""
-    result, error = None, None
-    if trainer.is_global_zero:
-        try:
-            result = compute()
-        except Exception as err:  # noqa: BLE001 - re-raised below on every rank
-            error = err
-    result, error = trainer.strategy.broadcast((result, error), src=0)
-    if error is not None:
-        raise error
-    return result
+def on_rank_zero(trainer: L.Trainer, compute: Callable[[], T], what: str = "work on rank 0") -> T:
+    """``compute()`` on rank 0, its result handed to every rank; an error or a stop on rank 0 is raised on every rank
+    at once, and the other ranks wait outside any collective, so long work never meets the DDP timeout
+    (:func:`es_lightning.stopping.on_rank_zero`)."""
+    if trainer.world_size < 2:
+        return compute()
+    return _on_rank_zero(compute, what)
+
+
+class StopAtBatchEnd(L.Callback):
+    """Ends fit, validate, test and predict after the current batch once a stop signal arrived or another rank failed
+    (:func:`es_lightning.stopping.check_stop`); Lightning's own loops react to SIGTERM alone, and not in every loop.
+    The ESLightningCLI adds it to every trainer, after the other callbacks, so the prediction writer has saved the
+    batch first."""
+
+    def _check(self, step: str, kept: Callable[[], str] | None = None) -> None:
+        with stage(step, kept=kept):
+            check_stop()
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._check("training the auto-encoders")
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._check("validation")
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._check("scoring test questions", lambda: TEST_KEPT)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        writer = find_prediction_writer(trainer)
+        self._check("generating predictions", writer and (lambda: f"the rows of every finished prompt in "
+                                                                  f"{writer.parts_dir} (not generated again)"))
 
 
 class WhenTrainingEnds(L.Callback):

@@ -29,6 +29,7 @@ from es_lightning.data.examples import Example
 from es_lightning.io import atomic_path, atomic_write_json, sha256_json
 from es_lightning.models.loading import dtype_name
 from es_lightning.models.spec import ModelInfo, ModelSpec
+from es_lightning.stopping import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,11 @@ class PairedCache:
             return False
         return True
 
+    def describe_finished(self) -> str:
+        """How many shard files are whole, e.g. ``3 of 8 shard files of the cache <dir>`` (what a stop keeps)."""
+        done = sum(self.shard_is_valid(shard, side) for shard in range(self.n_shards) for side in SIDES)
+        return f"{done} of {len(SIDES) * self.n_shards} shard files of the cache {self.directory}"
+
     def missing_shards(self, side: str | None = None) -> list[int]:
         """Shards lacking a valid file for ``side`` (either side when None)."""
         sides = SIDES if side is None else (side,)
@@ -223,8 +229,10 @@ def build_side(
     """Extract and write one side of the given shards; ``extract(examples, on_batch)`` returns pooled states.
 
     Each shard is built under its lock and re-checked first: a shard another run finished meanwhile is reused.
+    A stop signal (or another rank's failure) ends the loop between shards (:func:`es_lightning.stopping.check_stop`).
     """
     for shard in shards:
+        check_stop()
         with shard_lock(cache, shard):
             if cache.shard_is_valid(shard, side):
                 progress(len(cache.shard_rows(shard)))

@@ -222,7 +222,6 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             self.extract_batch_size, self.extract_batch_tokens, self.progress,
             device=trainer.strategy.root_device if trainer else "cpu",
             rank=trainer.global_rank if trainer else 0, world=trainer.world_size if trainer else 1,
-            barrier=trainer.strategy.barrier if trainer else None,
         )
 
     def prepare_layout(self) -> PairedLayout:

@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
 from es_lightning.steering.hooks import Positions, RowState, RowSteering, steer_rows
+from es_lightning.stopping import check_stop
 
 ContextFactory = Callable[[], ContextManager]
 
@@ -201,6 +202,7 @@ def score_choices(
     results: list[ChoiceScores | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress) as bar, torch.inference_mode():
         for group in groups:
+            check_stop()
             with _group_context(model, context, steering, group, positions, block_path) as rows:
                 scored = _score_group(model, pad_id, [prompt_ids[q] for q in group], [choice_ids[q] for q in group],
                                       rows if isinstance(rows, RowState) else None)

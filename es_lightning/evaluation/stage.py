@@ -1,26 +1,26 @@
-"""The ``test`` stage of :class:`es_lightning.module.ExpertSteer`: folds planned on rank 0, test questions scored
-on every rank, results gathered, the report written on rank 0."""
+"""The ``test`` stage of :class:`es_lightning.module.ExpertSteer`: folds planned across the ranks (fold k on rank
+k mod world), test questions scored on every rank, results gathered, the report written on rank 0. A stop or
+another rank's failure ends planning between folds and scoring between batches."""
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict
 import time
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from es_lightning.callbacks.common import on_rank_zero
+from es_lightning.callbacks.common import TEST_KEPT
 from es_lightning.data.folds import Fold
+from es_lightning.evaluation.answers import AnswerGenerator
 from es_lightning.evaluation.assemble import assemble_report
 from es_lightning.evaluation.config import EvaluationConfig
-from es_lightning.evaluation.plots import plot_coefficient_sweep
-from es_lightning.evaluation.answers import AnswerGenerator
 from es_lightning.evaluation.generation_metrics import check_references
+from es_lightning.evaluation.plots import plot_coefficient_sweep
 from es_lightning.evaluation.protocol import (
     Evaluator,
     FoldPlan,
@@ -35,17 +35,15 @@ from es_lightning.evaluation.report_markdown import write_report
 from es_lightning.io import sha256_file
 from es_lightning.steering.pair_search import PairSearch, PairSearchConfig
 from es_lightning.steering.vectors import VectorConfig
+from es_lightning.stopping import check_stop, on_every_rank, stage
 
 log = logging.getLogger(__name__)
 
 
-def gather(obj: Any) -> list[Any]:
-    """``obj`` from every rank (a one-element list without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+def on_cpu(plan: FoldPlan) -> FoldPlan:
+    """``plan`` with its vectors and random draws on the CPU, to travel to the other ranks."""
+    vectors = {method: {layer: v.cpu() for layer, v in by_layer.items()} for method, by_layer in plan.vectors.items()}
+    return replace(plan, vectors=vectors, draws=[{layer: v.cpu() for layer, v in draw.items()} for draw in plan.draws])
 
 
 def evaluation_folds(datamodule, config: EvaluationConfig, seed: int) -> list[Fold]:
@@ -97,14 +95,15 @@ class CrossValidatedTest:
 
     def start(self, trainer, layout, objective: str, pairing_result: PairSearch, encoder_linear: Callable[[int], torch.Tensor],
               load_target: Callable[[], Any]) -> Any:
-        """Plan all folds; returns the loaded target (the caller drops it when the stage ends)."""
+        """Plan all folds, spread over the ranks; returns the loaded target (the caller drops it when done)."""
         datamodule = trainer.datamodule
         fmt = datamodule.source.format
         if fmt.kind != "multiple_choice":
             raise ValueError("`test` scores multiple-choice questions; this data source is not in the multiple_choice format.")
         folds = evaluation_folds(datamodule, self.evaluation, self.vectors.seed)
         check_folds(folds, datamodule, self.evaluation, self.pairing)
-        target = load_target()
+        with stage("loading the target model", kept=lambda: TEST_KEPT):
+            target = load_target()
         spec = datamodule.target_spec
         rendered = render_questions(target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template)
         shared = SharedAlignment([tuple(p) for p in pairing_result.pairs], encoder_linear)
@@ -117,18 +116,21 @@ class CrossValidatedTest:
             add_special_tokens=not spec.chat_template, block_path=spec.block_path, answers=answers,
         )
 
-        def plan_all() -> list[FoldPlan]:
+        def plan_mine() -> list[FoldPlan]:
             plans = []
-            for fold in folds:
+            for fold in folds[trainer.global_rank::trainer.world_size]:
+                check_stop()
                 start = time.perf_counter()
-                plans.append(self.evaluator.plan(fold))
+                plans.append(on_cpu(self.evaluator.plan(fold)))
                 chosen = {m: (c.constrained, c.unconstrained) for m, c in plans[-1].choices.items()}
                 log.info("Fold %d/%d (%s protocol): pairs %s, coefficients (constrained, unconstrained) %s "
                          "(%d train, %d val questions; %.0f s)", fold.index + 1, len(folds), self.evaluation.protocol,
                          plans[-1].pairs, chosen, len(fold.train), len(fold.val), time.perf_counter() - start)
             return plans
 
-        self.plans = on_rank_zero(trainer, plan_all)
+        with stage("fold planning", kept=lambda: TEST_KEPT):
+            parts = on_every_rank(plan_mine, "the fold plans")
+        self.plans = sorted((plan for part in parts for plan in part), key=lambda plan: plan.fold.index)
         self.fold_of = {q: plan.fold.index for plan in self.plans for q in plan.fold.test}
         self.results = []
         return target
@@ -139,15 +141,16 @@ class CrossValidatedTest:
         for q in questions:
             if q in self.fold_of:
                 by_fold.setdefault(self.fold_of[q], []).append(q)
-        for fold, qs in by_fold.items():
-            for q, record in zip(qs, self.evaluator.score_test(self.plans[fold], qs)):
-                self.results.append((fold, q, record))
+        with stage("scoring test questions", kept=lambda: TEST_KEPT):
+            for fold, qs in by_fold.items():
+                for q, record in zip(qs, self.evaluator.score_test(self.plans[fold], qs)):
+                    self.results.append((fold, q, record))
 
     def finish(self, trainer, dataset_name: str, meta: dict, report_dir: Path):
         """Gather every rank's results; on rank 0 write ``report.json``/``.md`` and the sweep plot. Returns the
         :class:`DatasetReport`."""
         merged: dict[tuple[int, int], TestRecord] = {}
-        for part in gather(self.results):
+        for part in on_every_rank(lambda: self.results, "the test results"):
             for fold, q, record in part:
                 merged[(fold, q)] = record  # de-duplicates the sampler's padding
         folds = [(plan, [merged[(plan.fold.index, q)] for q in sorted(q for f, q in merged if f == plan.fold.index)])

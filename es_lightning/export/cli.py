@@ -5,7 +5,8 @@
     es-lightning-export hf      checkpoints/default --method expertsteer -o smollm2-expertsteer/
 
 The coefficient defaults to the one the run's evaluation chose for the method (median over folds of
-``<run>/report/report.json``); ``--coefficient`` overrides it.
+``<run>/report/report.json``); ``--coefficient`` overrides it. SIGTERM or SIGINT stops an export within seconds
+(exit status 143 or 130) and leaves no partial output (:mod:`es_lightning.stopping`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from es_lightning.stopping import run_stoppable, stage
 
 FORMATS = ("gguf", "lm-eval", "hf")
 
@@ -76,9 +79,15 @@ def run(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``es-lightning-export``; returns the exit status (errors print one line, status 2)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+
+    def export() -> None:
+        with stage(f"the {args.format} export", kept=lambda: f"{args.output} as it was (written whole or not at all)"):
+            print(run(args))
+
     try:
-        print(run(args))
+        run_stoppable(export, "es-lightning-export", lambda: ["es-lightning-export", *argv])
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"es-lightning-export: error: {err}", file=sys.stderr)
         return 2

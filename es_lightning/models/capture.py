@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
 from es_lightning.models.layers import get_blocks
+from es_lightning.stopping import check_stop
 
 Pooling = Literal["last", "mean"]
 
@@ -28,13 +30,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Pool ``hidden: [B, T, d]`` over non-padding tokens to ``[B, d]``."""
+    """Pool ``hidden: [B, T, d]`` over non-padding tokens to ``[B, d]``; values at padding positions never matter."""
     if pooling == "last":
         index = last_token_index(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
-    if pooling == "mean":
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    if pooling == "mean":  # padding positions are filled, not multiplied by 0: a NaN there would survive a product
+        mask = attention_mask.bool().unsqueeze(-1)
+        return hidden.masked_fill(~mask, 0).sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(hidden.dtype)
     raise ValueError(f"Unknown pooling {pooling!r}: use 'last' or 'mean'.")
 
 
@@ -50,17 +52,19 @@ def capture_hidden_states(
     """Pooled outputs of the given blocks, ``[B, len(layers), d]`` in float32.
 
     Blocks after ``max(layers)`` and the LM head never run. The model is not modified: hooks are
-    removed before returning, also on errors.
+    removed before returning, also on errors. A non-finite value at a real token (``attention_mask`` 1) is an
+    error; padding positions are never read, so whatever a model leaves there is ignored.
     """
     blocks = get_blocks(model, block_path)
     wanted = sorted(set(layers))
     deepest = wanted[-1]
     captured: dict[int, torch.Tensor] = {}
+    real = attention_mask.bool()
 
     def make_hook(index: int):
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             hidden = block_output(output)
-            if not torch.isfinite(hidden).all():
+            if not torch.isfinite(hidden[real]).all():
                 raise FloatingPointError(
                     f"Non-finite values (NaN/Inf) in the output of block {index}. This is often a float16 "
                     f"overflow: load the model in float32 or bfloat16 (dtype in the model config)."
@@ -129,7 +133,8 @@ def capture_texts(
 
     Texts are sorted by length so batches carry little padding, then put back in input order. A batch holds at
     most ``batch_size`` texts and, when ``batch_tokens`` is set, at most that many padded tokens.
-    ``on_batch(k)`` is called after each batch of k texts (for progress bars).
+    ``on_batch(k)`` is called after each batch of k texts (for progress bars). A stop signal ends the loop between
+    batches (:func:`es_lightning.stopping.check_stop`).
     """
     ids, truncated = tokenize_texts(tokenizer, texts, max_length, add_special_tokens)
     if any(len(row) == 0 for row in ids):
@@ -138,6 +143,7 @@ def capture_texts(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[torch.Tensor | None] = [None] * len(ids)
     for chunk in token_batches([len(row) for row in ids], batch_size, batch_tokens):
+        check_stop()
         width = max(len(ids[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

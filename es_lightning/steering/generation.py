@@ -32,6 +32,7 @@ from es_lightning.models.layers import hidden_size
 from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.bundle import SteeringBundle
 from es_lightning.steering.hooks import POSITIONS, RowSteering, steer, steer_rows
+from es_lightning.stopping import check_stop
 
 
 def _is_int(value: object) -> bool:
@@ -196,23 +197,29 @@ def generate_rendered(
     seed_keys = list(texts) if seed_keys is None else list(seed_keys)
     stop = _stop_ids(model, tokenizer, pad_id)
     device = _model_device(model)
-    outputs: list[Generated] = []
+    # Longest prompts first, so rows of similar length share a batch (less padding; left padding keeps every row's
+    # result the same in any batch) and a memory peak shows at once; outputs come back in the input order.
+    lengths = [len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]) for text in texts]
+    order = sorted(range(len(texts)), key=lambda k: -lengths[k])
+    outputs: list[Generated | None] = [None] * len(texts)
     with torch.inference_mode():
         for start in range(0, len(texts), settings.batch_size):
-            chunk = list(texts[start : start + settings.batch_size])
+            check_stop()
+            rows = order[start : start + settings.batch_size]
+            chunk = [texts[k] for k in rows]
             encoded = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
                                 add_special_tokens=add_special_tokens)
-            lengths = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
-            if (lengths == 0).any():
-                empty = start + int((lengths == 0).nonzero()[0, 0])
+            lengths_in = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
+            if (lengths_in == 0).any():
+                empty = rows[int((lengths_in == 0).nonzero()[0, 0])]
                 raise ValueError(f"Prompt {empty} tokenizes to no tokens; give it text the tokenizer knows.")
             kwargs = {}
             if settings.do_sample:
-                seeds = [row_seed(settings.seed, key) for key in seed_keys[start : start + settings.batch_size]]
+                seeds = [row_seed(settings.seed, seed_keys[k]) for k in rows]
                 kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)])
             if steering is not None:
-                rows = steering.subset(range(start, start + len(chunk)))
-                scope: ContextManager = steer_rows(model, rows, positions=positions, block_path=block_path)  # type: ignore[arg-type]
+                scope: ContextManager = steer_rows(model, steering.subset(rows), positions=positions,  # type: ignore[arg-type]
+                                                   block_path=block_path)
             else:
                 scope = context() if context is not None else contextlib.nullcontext()
             with scope:
@@ -227,13 +234,13 @@ def generate_rendered(
                     **kwargs,
                 )
             width = encoded["input_ids"].shape[1]
-            for row in range(len(chunk)):
+            for row, k in enumerate(rows):
                 new = sequences[row, width:].tolist()
-                end = next((k for k, token in enumerate(new) if token in stop), len(new))
+                end = next((i for i, token in enumerate(new) if token in stop), len(new))
                 prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
                 text = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
-                outputs.append(Generated(tuple(prompt), tuple(new[:end]), text))
-    return outputs
+                outputs[k] = Generated(tuple(prompt), tuple(new[:end]), text)
+    return outputs  # type: ignore[return-value]  # every slot was filled above
 
 
 def generate(
