@@ -5,12 +5,18 @@ Builds random-init Llama-style models at the paper's widths (expert hidden 3584 
 thousand short texts: the widths, depths and layer counts that size the cache, the pair search, the auto-encoders
 and the RFM are the paper's), writes synthetic two-choice questions, and runs the real pipeline through the CLI
 (``python -m es_lightning.cli fit`` then ``test``) for each n. Stage boundaries are marked by a callback in the
-child process: wall time since the previous mark and the peak RSS in between (``VmHWM``, reset after each mark
-through ``/proc/self/clear_refs``). Stages: startup (interpreter, imports, config parsing), capture+cache (both models, data module setup), pair search,
-auto-encoders (setup, closed-form seed, training), vectors (RFM and baselines) and evaluation (``test``: target
-loading, the nested protocol on a fixed number of questions, scoring). For each stage it prints the estimate of
-:mod:`es_lightning.memory` beside the measurement, fits the growth exponent in n (log-log least squares on time
-and on the peak's rise over the stage's starting RSS) and extrapolates to n = 10,000.
+child process: wall time since the previous mark, the peak RSS in between (``VmHWM``, reset after each mark through
+``/proc/self/clear_refs``) and, from a thread sampling ``/proc/self/status`` every 10 ms, the stage's rise of
+anonymous memory (``RssAnon``: what the process allocated, without the file-backed pages of the mapped weights and
+cache, printed apart as the file peak) over the lowest value sampled before it. At each mark the child calls
+``malloc_trim(0)``, so pages an earlier stage freed but the allocator kept are counted again when a stage reuses
+them. Stages: startup (interpreter, imports, config parsing), capture+cache (both models, data module setup), pair
+search, auto-encoders (setup, closed-form seed, training), vectors (RFM and baselines) and evaluation (``test``:
+target loading, the nested protocol on a fixed number of questions, scoring). For each stage it prints the host
+estimate of :mod:`es_lightning.memory` for this CPU run beside the anonymous rise (``ratio``: measured / estimated),
+fits the growth exponent in n (log-log least squares on time, peak RSS and the anonymous rise) and extrapolates to
+n = 10,000. The cache of each n is kept under ``--work`` and reused by a later run of the same n (its capture+cache
+row then measures nothing); ``--from`` reprints a saved run with the estimator as it is now.
 
     python benchmarks/bench_scale.py --quick               # tiny widths, n in {50, 100}: about a minute
     python benchmarks/bench_scale.py --out bench_scale.json  # paper widths, n in {500, 1000, 2000}: 20+ CPU minutes
@@ -22,20 +28,29 @@ each nested evaluation fold of ``--eval-questions`` questions has enough held-ou
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 
+from es_lightning.memory import RunSettings, estimate_stages, read_shape
+
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-FIT_STAGES = ["capture+cache", "pair search", "auto-encoders", "vectors"]
+
+
+
+def config_max_length(words: int) -> int:
+    """``data.*.max_length`` of the run's config for questions of ``words`` words."""
+    return 4 * words + 16
 
 
 # ----------------------------------------------------------------------------------------- child side
@@ -43,24 +58,47 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-_last = {"time": None, "rss": 0}
+LIBC = ctypes.CDLL(None)  # glibc: malloc_trim
+_last = {"time": None, "rss": 0, "anon": 0}
+# KiB since the previous mark: the largest RssAnon / RssFile sampled, the lowest RssAnon, and the largest rise of
+# RssAnon over the lowest sampled before it (what the stage allocated above memory an earlier stage let go of)
+_peaks = {"anon": 0, "file": 0, "floor": 0, "drawup": 0}
+
+
+def _sample(anon: int, file: int) -> None:
+    _peaks.update(anon=max(_peaks["anon"], anon), file=max(_peaks["file"], file), floor=min(_peaks["floor"], anon))
+    _peaks["drawup"] = max(_peaks["drawup"], anon - _peaks["floor"])
+
+
+def _sample_forever(interval: float = 0.01) -> None:
+    """Sample RssAnon and RssFile (the kernel keeps no high-water mark of either)."""
+    while True:
+        _sample(_status_kib("RssAnon"), _status_kib("RssFile"))
+        time.sleep(interval)
 
 
 def record(stage: str) -> None:
-    """Append ``{stage, seconds, peak_rss_mib, start_rss_mib}`` since the previous mark to ``$BENCH_STAGES``, then
-    reset the peak RSS (``VmHWM := VmRSS``) for the next stage."""
+    """Append ``{stage, seconds, peak_rss_mib, start_rss_mib, peak_anon_mib, start_anon_mib, anon_rise_mib,
+    peak_file_mib}`` since the previous mark to ``$BENCH_STAGES``, then reset the peaks (``VmHWM := VmRSS``)."""
     now = time.time()
+    _sample(_status_kib("RssAnon"), _status_kib("RssFile"))
     start = _last["time"] if _last["time"] is not None else float(os.environ["BENCH_T0"])
     row = {"stage": stage, "seconds": round(now - start, 3), "peak_rss_mib": _status_kib("VmHWM") / 1024,
-           "start_rss_mib": _last["rss"] / 1024}
+           "start_rss_mib": _last["rss"] / 1024, "peak_anon_mib": _peaks["anon"] / 1024,
+           "start_anon_mib": _last["anon"] / 1024, "anon_rise_mib": _peaks["drawup"] / 1024,
+           "peak_file_mib": _peaks["file"] / 1024}
     with open(os.environ["BENCH_STAGES"], "a") as handle:
         handle.write(json.dumps(row) + "\n")
     Path("/proc/self/clear_refs").write_text("5")
-    _last.update(time=time.time(), rss=_status_kib("VmRSS"))
+    LIBC.malloc_trim(0)  # hand the heap's free pages back: the next stage's rise counts every page it touches
+    anon = _status_kib("RssAnon")
+    _peaks.update(anon=anon, file=_status_kib("RssFile"), floor=anon, drawup=0)
+    _last.update(time=time.time(), rss=_status_kib("VmRSS"), anon=anon)
 
 
 if os.environ.get("BENCH_STAGES") and __name__ != "__main__":  # imported by the CLI child while it parses the config
     record("startup (test)" if "test" in sys.argv else "startup")
+    threading.Thread(target=_sample_forever, daemon=True, name="bench-rss-sampler").start()
 
 
 class StageClock(L.Callback):
@@ -152,7 +190,7 @@ def write_config(path: Path, subcommand: str, args: argparse.Namespace, work: Pa
     model["evaluation"].update(folds=2, max_questions=questions, max_val_questions=max(2, questions // 5), random_draws=1,
                                coefficients=[-0.4, 0.4], permutations=100)
     for side, folder in (("expert", expert), ("target", target)):
-        config["data"][side].update(name=str(folder), max_length=4 * args.words + 16)
+        config["data"][side].update(name=str(folder), max_length=config_max_length(args.words))
     config["data"]["data"]["path"] = str(data)
     config["data"]["cache_dir"] = str(cache_dir)
     config["data"]["progress"] = False
@@ -169,29 +207,47 @@ def run_stages(subcommand: str, config: Path, run_name: str, extra: list[str], s
     env = dict(os.environ, BENCH_T0=repr(time.time()), BENCH_STAGES=str(stages_file),
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), str(ROOT), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "es_lightning.cli", "--quiet", subcommand, "--config", str(config), "--run_name", run_name, *extra]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return [json.loads(line) for line in stages_file.read_text().splitlines()]
 
 
 def estimates(expert: Path, target: Path, n_rows: int, args: argparse.Namespace) -> dict[str, float]:
-    """The memory estimator's prediction (MiB) for each measured stage's host bytes on this CPU run, and for the
-    cache on disk."""
-    from es_lightning.memory import RunSettings, estimate_stages, read_shape
+    """The memory estimator's host figure (MiB) for each measured stage of this CPU run (the settings of
+    :func:`write_config`; every split is cached, test rows included), and for the cache on disk."""
+    import yaml
 
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["data"]
     e, t = read_shape(expert, "expert"), read_shape(target, "target")
-    val = 0.25 if args.quick else 0.15
-    n_train, n_heldout = round(n_rows * (1 - 2 * val)), round(n_rows * val)
-    settings = RunSettings(n_train, n_heldout, e.layers, e.layers - 1, t.layers, t.layers - 1,
-                           cache_dtype=args.cache_dtype or "float32", extract_batch_tokens=args.extract_batch_tokens or 4096,
-                           max_length=2 * args.words + 8, max_components=256, top_k=3, batch_size=256,
+    val = 0.25 if args.quick else data["splits"]["val_fraction"]
+    n_heldout = round(n_rows * val)
+    n_test = round(n_rows * (val if args.quick else data["splits"]["test_fraction"]))
+    settings = RunSettings(n_rows - n_heldout - n_test, n_heldout, e.layers, e.layers - 1, t.layers, t.layers - 1, n_test=n_test,
+                           cache_dtype=args.cache_dtype or "float32",
+                           extract_batch_tokens=args.extract_batch_tokens or data["extract_batch_tokens"],
+                           extract_batch_size=data["extract_batch_size"], max_length=config_max_length(args.words),
+                           shard_rows=data["shard_size"], max_components=256, top_k=3, batch_size=data["batch_size"],
                            prompt_tokens=args.words + 4, completion_tokens=args.words // 2 + 1)
     by_name = {s.stage: s for s in estimate_stages(e, t, settings)}
     mib = {name: s.host_bytes / 2**20 for name, s in by_name.items()}
     return {"capture+cache": max(mib["capture expert"], mib["capture target"]) + mib["cache"], "pair search": mib["pair search"],
             "auto-encoders": mib["auto-encoders"], "vectors": mib["rfm"], "evaluation": mib["evaluation"],
             "cache on disk": by_name["cache"].disk_bytes / 2**20}
+
+
+def print_table(result: dict) -> None:
+    """Each stage of one n: time, peak RSS, the rise of anonymous memory over the stage's start, the file-backed peak
+    (mapped weights and cache), the estimate and measured / estimated."""
+    n, predicted = result["n"], result["estimate_mib"]
+    print(f"\nn = {n}: cache on disk {result['cache_mib']:.1f} MiB (estimate {predicted['cache on disk']:.1f} MiB)", flush=True)
+    print(f"  {'stage':<20} {'seconds':>9} {'peak RSS MiB':>13} {'anon rise MiB':>14} {'file peak MiB':>14} "
+          f"{'estimate MiB':>13} {'ratio':>6}")
+    for row in result["stages"]:
+        guess, rise = predicted.get(row["stage"]), row["anon_rise_mib"]
+        ratio = f"{rise / guess:.2f}" if guess else ""
+        print(f"  {row['stage']:<20} {row['seconds']:>9.1f} {row['peak_rss_mib']:>13.0f} {rise:>14.0f} "
+              f"{row['peak_file_mib']:>14.0f} {'' if guess is None else f'{guess:.0f}':>13} {ratio:>6}", flush=True)
 
 
 def growth(ns: list[int], values: list[float]) -> tuple[float, float]:
@@ -204,6 +260,21 @@ def growth(ns: list[int], values: list[float]) -> tuple[float, float]:
 
 def _disk_mib(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
+
+
+def work_folder(args: argparse.Namespace) -> Path:
+    """Where the models, data and caches of these widths live."""
+    return Path(args.work) / (f"e{args.expert_hidden}x{args.expert_blocks}-t{args.target_hidden}x{args.target_blocks}-v{args.vocab}"
+                              f"-i{args.intermediate}-h{args.heads}-{args.kv_heads}-{args.head_dim}")
+
+
+def reprint(saved: Path) -> None:
+    """Print the per-stage tables of a saved run with the estimator as it is now."""
+    data = json.loads(saved.read_text())
+    args = argparse.Namespace(**data["args"])
+    work = work_folder(args)
+    for result in data["results"]:
+        print_table({**result, "estimate_mib": estimates(work / "expert", work / "target", result["n"], args)})
 
 
 def main() -> None:
@@ -225,17 +296,22 @@ def main() -> None:
     parser.add_argument("--extract-batch-tokens", type=int, help="passed as --data.extract_batch_tokens")
     parser.add_argument("--work", type=Path, default=Path("/tmp/es_bench_scale"), help="models, data, caches and runs")
     parser.add_argument("--out", type=Path, help="results JSON (written atomically)")
+    parser.add_argument("--from", dest="saved", type=Path, help="reprint a saved --out file's tables with the current "
+                        "estimator; runs nothing")
     parser.add_argument("--quick", action="store_true", help="tiny widths (64/48, 4/6 blocks), n in {50, 100}: a smoke test")
     args = parser.parse_args()
     if args.quick:
         args.expert_hidden, args.expert_blocks, args.target_hidden, args.target_blocks = 64, 4, 48, 6
         args.heads, args.kv_heads, args.head_dim, args.intermediate, args.vocab = 4, 1, 16, 64, 128
         args.n, args.eval_questions = args.n or [50, 100], min(args.eval_questions, 24)
+    if args.saved:
+        reprint(args.saved)
+        return
     ns = sorted(args.n or [500, 1000, 2000])
-    shape = f"e{args.expert_hidden}x{args.expert_blocks}-t{args.target_hidden}x{args.target_blocks}-v{args.vocab}-i{args.intermediate}-h{args.heads}-{args.kv_heads}-{args.head_dim}"
-    work = args.work / shape
+    work = work_folder(args)
     work.mkdir(parents=True, exist_ok=True)
-    common = dict(vocab=args.vocab, intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
+    common = {"vocab": args.vocab, "intermediate": args.intermediate, "heads": args.heads, "kv_heads": args.kv_heads,
+              "head_dim": args.head_dim}
     start = time.perf_counter()
     expert = build_model(work / "expert", args.expert_hidden, args.expert_blocks, seed=0, **common)
     target = build_model(work / "target", args.target_hidden, args.target_blocks, seed=1, **common)
@@ -246,8 +322,8 @@ def main() -> None:
     results = []
     for n in ns:
         tag = f"n{n}-{int(time.time())}"
-        data = write_questions(work / f"{tag}.jsonl", n, args.words, args.vocab, seed=n)
-        cache = work / "caches" / tag
+        data = write_questions(work / f"n{n}.jsonl", n, args.words, args.vocab, seed=n)
+        cache = work / "caches" / f"n{n}"  # the same rows and models: a rerun reuses the cache
         stages = run_stages("fit", write_config(work / f"{tag}-fit.yaml", "fit", args, work, expert, target, data, n // 2, cache),
                             tag, extra, work / f"{tag}-stages.jsonl")
         cache_mib = _disk_mib(cache)
@@ -256,12 +332,7 @@ def main() -> None:
                                  tag, [*extra, "--ckpt_path", str(work / "runs" / tag / "last.ckpt")], work / f"{tag}-stages.jsonl")
         predicted = estimates(expert, target, n, args)
         results.append({"n": n, "stages": stages, "cache_mib": cache_mib, "estimate_mib": predicted})
-        print(f"\nn = {n}: cache on disk {cache_mib:.1f} MiB (estimate {predicted['cache on disk']:.1f} MiB)", flush=True)
-        print(f"  {'stage':<20} {'seconds':>9} {'peak RSS MiB':>13} {'rise MiB':>9} {'estimate MiB':>13}")
-        for row in stages:
-            guess = predicted.get(row["stage"])
-            print(f"  {row['stage']:<20} {row['seconds']:>9.1f} {row['peak_rss_mib']:>13.0f} "
-                  f"{row['peak_rss_mib'] - row['start_rss_mib']:>9.0f} {'' if guess is None else f'{guess:.0f}':>13}", flush=True)
+        print_table(results[-1])
 
     fits = {}
     if len(ns) >= 2:
@@ -271,7 +342,7 @@ def main() -> None:
             rows = [next(r for r in res["stages"] if r["stage"] == stage) for res in results]
             t_exp, t_10k = growth(ns, [r["seconds"] for r in rows])
             p_exp, p_10k = growth(ns, [r["peak_rss_mib"] for r in rows])
-            r_exp, r_10k = growth(ns, [max(r["peak_rss_mib"] - r["start_rss_mib"], 1.0) for r in rows])
+            r_exp, r_10k = growth(ns, [max(r["anon_rise_mib"], 1.0) for r in rows])
             fits[stage] = {"time_exponent": t_exp, "seconds_at_10k": t_10k, "peak_exponent": p_exp, "peak_mib_at_10k": p_10k,
                            "rise_exponent": r_exp, "rise_mib_at_10k": r_10k}
             print(f"  {stage:<20} {t_exp:>9.2f} {t_10k:>9.0f} {p_exp:>9.2f} {p_10k:>14.0f} {r_exp:>9.2f} {r_10k:>14.0f}")

@@ -205,7 +205,7 @@ class ExpertSteer(AlignmentAutoEncoder):
             self.log(f"test/accuracy/{entry.method}", accuracy.mean, rank_zero_only=True)
         if self.trainer.is_global_zero:
             self._record_chosen_coefficients(self._report_folder() / "report.json")
-        self._target = None
+        self._target = self._test = None  # the evaluator holds the target too: drop both before predict loads one
 
     def _record_chosen_coefficients(self, report: Path) -> None:
         """Write each method's coefficient chosen by this test (median over folds) into its bundle's metadata, so

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,9 +14,11 @@ from es_lightning.memory import (
     RunSettings,
     announce,
     autoencoder_estimate,
+    available,
     cache_bytes,
     cache_estimate,
     capture_estimate,
+    check,
     check_devices,
     check_fits,
     check_weights_fit,
@@ -26,7 +29,6 @@ from es_lightning.memory import (
     rfm_estimate,
     shape_from_config,
 )
-from es_lightning.memory import available, check
 
 LLAMA_8B = ModelShape("llama-8b", hidden=4096, layers=32, vocab=128256, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
 
@@ -67,11 +69,52 @@ def test_rfm_grows_as_n_squared_and_stops_at_the_row_cap():
     assert rfm_estimate(40_000, 64, max_rows=10_000) == rfm_estimate(10_000, 64, max_rows=10_000)
 
 
-def test_pair_search_is_linear_in_rows_up_to_its_cap():
+PAPER_BASES = 256 * (28 * 3584 + 32 * 4096) * 8  # every layer's d x p float64 principal directions, p = 256
+PAPER_MAPS = (3 * 4 + 8) * 3584 * 4096  # the 3 chosen pairs' float32 maps and one float64 product, at full width
+
+
+def test_pair_search_is_linear_in_rows_above_its_kept_directions_up_to_its_cap():
     a = pair_search_estimate(1000, 300, 28, 3584, 32, 4096, max_rows=None)
     b = pair_search_estimate(2000, 600, 28, 3584, 32, 4096, max_rows=None)
-    assert 1.9 < b.host_bytes / a.host_bytes < 2.3  # linear terms plus the small n_fit^2 Gram
+    assert a.host_bytes > PAPER_BASES and "principal directions" in a.dominant
+    fixed = PAPER_BASES + PAPER_MAPS
+    assert 1.9 < (b.host_bytes - fixed) / (a.host_bytes - fixed) < 2.3  # linear terms plus the n_fit^2 Gram
     assert pair_search_estimate(8000, 300, 28, 3584, 32, 4096, max_rows=4000) == pair_search_estimate(4000, 300, 28, 3584, 32, 4096, max_rows=4000)
+
+
+def test_a_reduced_layer_keeps_its_top_directions_not_a_view_of_every_eigenvector():
+    from es_lightning.steering.pair_search import _reduce
+
+    rng = np.random.default_rng(0)
+    layer = _reduce(rng.standard_normal((120, 300)), rng.standard_normal((40, 300)), max_components=16)
+    assert layer.basis.shape == (300, 16)
+    assert layer.basis.base is None  # owns its 300 x 16 floats; a view would keep the 300 x 120 matrix alive
+
+
+def test_the_rfm_counts_its_float64_d_by_d_matrices_on_the_host_and_the_states_it_holds():
+    d = 4096
+    gpu = rfm_estimate(500, d, device="cuda")
+    assert gpu.host_bytes >= 5 * d * d * 8  # the AGOP rescaled and eigendecomposed in float64 on the host
+    assert gpu.device_bytes >= 4 * d * d * 4  # the float32 Mahalanobis matrices and AGOP
+    held = rfm_estimate(500, d, device="cuda", inputs_bytes=2**30)
+    assert held.host_bytes - gpu.host_bytes == 2**30 and held.device_bytes == gpu.device_bytes
+
+
+def test_the_closed_form_seed_is_float64_on_the_host_and_the_cpu_peak_is_its_larger_phase():
+    gpu = autoencoder_estimate(3, 3584, 4096, 256, 350, "cuda")
+    cpu = autoencoder_estimate(3, 3584, 4096, 256, 350, "cpu")
+    assert gpu.host_bytes >= 4 * 4096**2 * 8  # Gram, identity, regularised copy and factor of the seed's solve
+    assert cpu.host_bytes == max(gpu.host_bytes, gpu.device_bytes) < gpu.host_bytes + gpu.device_bytes
+
+
+def test_the_run_plan_caches_every_split_and_bounds_a_capture_batch_by_its_rows():
+    settings = RunSettings(700, 150, 28, 27, 32, 31, n_test=150, max_length=48)
+    cache = next(s for s in estimate_stages(LLAMA_8B, LLAMA_8B, settings) if s.stage == "cache")
+    assert cache.disk_bytes == cache_bytes(1000, 28, 4096, 32, 4096)
+    by_tokens = next(s for s in estimate_stages(LLAMA_8B, LLAMA_8B, settings) if s.stage == "capture target")
+    settings.extract_batch_size = 16  # 16 x 48 tokens, well under the 4096-token budget
+    by_rows = next(s for s in estimate_stages(LLAMA_8B, LLAMA_8B, settings) if s.stage == "capture target")
+    assert by_rows.host_bytes < by_tokens.host_bytes
 
 
 def test_accelerator_moves_the_working_set_to_the_device():

@@ -2,7 +2,9 @@
 
 Every function takes the compute ``device``: on ``cpu`` all bytes are host bytes; on an accelerator the
 working set is device bytes and the host keeps what stays on it (loading passes the weights through host RAM).
-The interpreter, torch and the libraries (about 0.5 GiB) are not counted.
+The interpreter, torch and the libraries (about 0.5 GiB) are not counted, nor are the file-backed pages of memory-mapped
+files (weights while they load, the cache's reads: reclaimable): host figures are the memory a stage allocates
+(anonymous RSS on cpu, measured against these figures by ``benchmarks/bench_scale.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from es_lightning.memory.shapes import ModelShape, dtype_bytes
 
 GIB = 2**30
 KERNEL_COPIES = 3  # n x n float32 matrices alive at once in an RFM fit: distances, kernel and its gradient weights
+ADAMW_COPIES = 5  # the weights, their gradients, AdamW's two moments and its step's temporaries (one copy's worth)
+FLOAT32_SQUARES = 4  # d x d float32 matrices alive in an RFM fit: two models' M, the AGOP being summed, its scaled copy
+FLOAT64_SQUARES = 5  # d x d float64 matrices alive at the RFM's end: the AGOP, its rescaled copy, eigh's output and work
 CACHE_FIXES = ("fewer layers (data.expert.layers / data.target.layers)", "a half-precision cache (data.cache_dtype: bfloat16)",
                "fewer examples (data.data.limit)")
 
@@ -108,15 +113,26 @@ def cache_estimate(n_rows: int, expert_layers: int, expert_hidden: int, target_l
 
 
 def pair_search_estimate(n_fit: int, n_heldout: int, expert_layers: int, expert_hidden: int, target_layers: int,
-                         target_hidden: int, max_components: int = 256, max_rows: int | None = 4000) -> StageEstimate:
-    """The layer-pair search (numpy, host only): every layer's PCA-reduced float64 features,
-    (n_fit + n_heldout) x max_components x (L_E + L_T), plus one layer at full width while it is being reduced."""
+                         target_hidden: int, max_components: int = 256, max_rows: int | None = 4000,
+                         top_k: int = 3) -> StageEstimate:
+    """The layer-pair search (numpy float64, host only). Kept until it returns, for every layer: its fit and held-out
+    rows' principal-component scores, (n_fit + n_heldout) x p, and its principal directions, d x p (p =
+    ``min(max_components, n_fit)``). Alive briefly: one layer at full width while it is reduced (its rows, their
+    centred copy and its square, the n_fit x n_fit Gram with its eigenvectors; only the top p directions are formed),
+    and the target scores and maps of one expert layer while it is scored. At the end, with every layer still kept,
+    the ``top_k`` chosen pairs' maps expanded to full width: d_T x d_E float32 each, one float64 product at a time."""
     n_fit = min(n_fit, max_rows) if max_rows else n_fit
     rows, width = n_fit + n_heldout, max(expert_hidden, target_hidden)
     components = min(max_components, n_fit, width)
-    reduced = rows * components * (expert_layers + target_layers) * 8.0
-    one_layer = rows * width * 8.0 * 3 + min(n_fit, width) ** 2 * 8.0 * 2 + width * components * 8.0
-    terms = {"PCA-reduced features of every layer": reduced, "one layer at full width (float64)": one_layer}
+    small = min(n_fit, width)
+    terms = {
+        "principal directions of every layer (d x p, float64)":
+            components * (expert_layers * expert_hidden + target_layers * target_hidden) * 8.0,
+        "PCA-reduced rows of every layer": rows * components * (expert_layers + target_layers) * 8.0,
+        "one layer at full width (float64)": (3 * rows * width + 3 * small**2) * 8.0,
+        "one expert layer's maps and target scores": (rows + components) * components * target_layers * 8.0,
+        f"full-width maps of the {top_k} chosen pairs": (top_k * 4.0 + 8) * expert_hidden * target_hidden,
+    }
     fixes = ("fewer principal components (model.pairing.max_components)", "fewer rows (model.pairing.max_rows)",
              "fewer layers (data.expert.layers / data.target.layers)")
     return _place("pair search", terms, {}, "cpu", fixes)
@@ -124,30 +140,43 @@ def pair_search_estimate(n_fit: int, n_heldout: int, expert_layers: int, expert_
 
 def autoencoder_estimate(pairs: int, expert_hidden: int, target_hidden: int, batch_size: int, n_train: int,
                          device: str | torch.device = "cpu") -> StageEstimate:
-    """Auto-encoders of the chosen pairs: 2 x k x d_T x d_E float32 weights with gradients and AdamW's two moments,
-    a batch, and the closed-form seed (one pair's train rows and d_E x d_E Gram at a time). The cached rows
-    themselves are counted by :func:`cache_estimate`."""
+    """Auto-encoders of the chosen pairs, in two phases. Setup, on the host in float64 whatever the device: the
+    weights (2 x k x d_T x d_E float32) and the closed-form seed of one pair at a time (its standardised train rows,
+    and per ridge solve the Gram, identity, regularised copy and factor, d x d each, beside the d_E x d_T right-hand
+    side, solution and kept encoder). Training, on the trainer's device: the weights with gradients, AdamW's two
+    moments and its step's temporaries (about one more copy), and a batch. On cpu the larger phase is the peak. The cached rows are counted by :func:`cache_estimate`."""
     weights = pairs * (2.0 * expert_hidden * target_hidden + expert_hidden + target_hidden) * 4
-    batch = batch_size * pairs * (expert_hidden + target_hidden) * 4.0 * 4
-    seed = n_train * (expert_hidden + target_hidden) * 4.0 + expert_hidden**2 * 4.0 * 2
-    work = {f"weights, gradients and AdamW state of {pairs} pair(s)": 4 * weights, "batch": batch, "closed-form seed": seed}
+    widest = max(expert_hidden, target_hidden)
+    setup = {"weights": weights,
+             "closed-form seed (float64)": (n_train * (3 * expert_hidden + 2 * target_hidden) + 4 * widest**2
+                                            + 3 * expert_hidden * target_hidden) * 8.0}
+    training = {f"weights, gradients, AdamW state and step of {pairs} pair(s)": ADAMW_COPIES * weights,
+                "batch": batch_size * pairs * (expert_hidden + target_hidden) * 4.0 * 4}
     fixes = ("fewer pairs (model.pairing.top_k)", "a smaller batch (data.batch_size)")
-    host = {"checkpoint copy of the weights": weights} if _on_accelerator(device) else {}
-    return _place("auto-encoders", host, work, device, fixes)
+    if _on_accelerator(device):
+        return _place("auto-encoders", setup, training, device, fixes)
+    peak, phase = (training, "training") if sum(training.values()) >= sum(setup.values()) else (setup, "closed-form seed")
+    return _place("auto-encoders", peak, {}, "cpu", fixes, note=f"peak phase: {phase}")
 
 
 def rfm_estimate(n_rows: int, width: int, max_rows: int | None = 10_000, val_fraction: float = 0.2,
-                 device: str | torch.device = "cpu") -> StageEstimate:
-    """One RFM fit on ``min(n_rows, max_rows)`` rows of width d: the n_train^2 x 4-byte Laplace kernel
-    (:data:`KERNEL_COPIES` such matrices at once), the train x val kernel, the Mahalanobis matrix and AGOP
-    (d x d), and the features (float64 copies on the host)."""
+                 device: str | torch.device = "cpu", inputs_bytes: float = 0) -> StageEstimate:
+    """One RFM fit on ``min(n_rows, max_rows)`` rows of width d. On the device, float32: the n_train^2 Laplace kernel
+    (:data:`KERNEL_COPIES` such matrices at once), the train x val kernel, the features, and the d x d Mahalanobis
+    matrices and AGOP (:data:`FLOAT32_SQUARES` alive). On the host, float64: the features and their standardised
+    copy, and the AGOP mapped back to the original coordinates with its eigendecomposition (:data:`FLOAT64_SQUARES`
+    d x d matrices: two scaled copies, the eigenvectors, eigh's workspace of two). ``inputs_bytes``: the caller's
+    float32 states of the steered layers (train rows of both models), held on the host meanwhile."""
     n = min(n_rows, max_rows) if max_rows else n_rows
     n_train = math.ceil((1 - val_fraction) * n)
     kernel = float(n_train) ** 2 * 4
     work = {f"kernel n^2 x 4 B ({KERNEL_COPIES} x {gib(kernel)} at n_train={n_train})": KERNEL_COPIES * kernel,
             "validation kernel": float(n - n_train) * n_train * 4, "features": n * width * 4.0 * 2,
-            "Mahalanobis matrix and AGOP": width**2 * 4.0 * 2}
-    host = {"float64 features and their standardised copy": n * width * 8.0 * 2}
+            "Mahalanobis matrices and AGOP (float32)": FLOAT32_SQUARES * width**2 * 4.0}
+    host = {"float64 features and their standardised copy": n * width * 8.0 * 2,
+            "AGOP in float64 and its eigendecomposition": FLOAT64_SQUARES * width**2 * 8.0}
+    if inputs_bytes:
+        host["states of the steered layers"] = float(inputs_bytes)
     fixes = ("fewer rows (model.vectors.rfm_options.max_rows)",)
     return _place("rfm", host, work, device, fixes)
 

@@ -33,6 +33,7 @@ from es_lightning.steering.mi import METHODS as MI_METHODS
 from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, symmetric_eigh, whitened
 from es_lightning.steering.pairing import PairingRule, depth_pairs, depth_partner, select_pairs
 from es_lightning.steering.rows import LayerStates, PairedRows
+from es_lightning.stopping import check_stop, stage
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class PairSearch:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PairSearch":
+    def from_dict(cls, data: dict) -> PairSearch:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
         data["pairs"] = [tuple(p) for p in data["pairs"]]
@@ -157,25 +158,20 @@ class _Layer:
 
 
 def _reduce(fit: np.ndarray, heldout: np.ndarray, max_components: int) -> _Layer:
+    """Standardise and project one layer; only the top ``p`` directions are ever formed at full width (d x p)."""
     mean = fit.mean(0)
     centred = fit - mean
     scale = math.sqrt(float((centred ** 2).sum(1).mean()) / fit.shape[1]) or 1.0
-    centred = centred / scale
+    centred /= scale
     n, d = centred.shape
-    if d <= n:  # principal directions from the d x d covariance
-        values, vectors = symmetric_eigh(centred.T @ centred)
-        order = np.argsort(values)[::-1]
-        basis_all = vectors[:, order]
-    else:  # from the n x n Gram matrix: directions X^T u / s
-        values, vectors = symmetric_eigh(centred @ centred.T)
-        order = np.argsort(values)[::-1]
-        s_all = np.sqrt(np.clip(values[order], 0.0, None))
-        basis_all = centred.T @ vectors[:, order] / np.where(s_all > 0, s_all, 1.0)
+    values, vectors = symmetric_eigh(centred.T @ centred if d <= n else centred @ centred.T)  # d x d covariance or n x n Gram
+    order = np.argsort(values)[::-1]
     s = np.sqrt(np.clip(values[order], 0.0, None))
     keep = s > 1e-6 * max(float(s[0]), 1e-30)
     p = min(int(keep.sum()), max_components)
-    basis = basis_all[:, :p]
-    return _Layer(basis, s[:p], centred @ basis, ((heldout - mean) / scale) @ basis, float((centred ** 2).sum()), d)
+    top = vectors[:, order[:p]]  # a copy: the full eigenvector matrix is freed on return
+    basis = top if d <= n else centred.T @ top / np.where(s[:p] > 0, s[:p], 1.0)  # Gram: directions X^T u / s
+    return _Layer(basis, s[:p].copy(), centred @ basis, ((heldout - mean) / scale) @ basis, float((centred ** 2).sum()), d)
 
 
 def _ridge_scale(layer: _Layer, ridge: float) -> float:
@@ -243,6 +239,7 @@ def paired_maps(fit: PairedRows, expert_layers: Sequence[int], target_layers: Se
     return out
 
 
+@stage("layer-pair search")
 def search_pairs(
     fit: PairedRows,
     heldout: PairedRows,
@@ -263,7 +260,7 @@ def search_pairs(
     rule.check_fits(len(expert_layers), len(target_layers))
     config.check_rows(len(fit), len(heldout), "Layer-pair search")
     announce(pair_search_estimate(len(fit), len(heldout), len(expert_layers), fit.expert.width, len(target_layers),
-                                  fit.target.width, config.max_components, config.max_rows))
+                                  fit.target.width, config.max_components, config.max_rows, config.top_k))
     if objective not in ("paired", "reconstruction"):
         raise ValueError(f"Unknown objective {objective!r}: use 'paired' or 'reconstruction'.")
     overlap = set(fit.groups) & set(heldout.groups)
@@ -276,6 +273,7 @@ def search_pairs(
     d_t = fit.target.width
 
     def reduce(fit_side: LayerStates, held_side: LayerStates, position: int) -> _Layer:  # one full-width layer at a time
+        check_stop()
         return _reduce(fit_side.layer(position).double().numpy(), held_side.layer(position).double().numpy(), config.max_components)
 
     experts = [reduce(fit.expert, heldout.expert, a) for a in range(len(expert_layers))]
@@ -299,6 +297,7 @@ def search_pairs(
     target_held = [t.heldout for t in targets]
     raw_directions = np.zeros((d_t, len(experts)))  # reconstruction: each expert layer's direction, scored on raw target states
     for a, expert in enumerate(experts):
+        check_stop()
         direction = None
         if with_auc:
             direction = expert.fit[labels_fit == 1].mean(0) - expert.fit[labels_fit == 0].mean(0)  # [p_E]

@@ -32,7 +32,11 @@ Memory and device: the kernel matrix of the final refit is n_train x n_train flo
 three such matrices alive at once: distances, kernel, gradient weights), so rows beyond ``max_rows`` (default
 10,000: 8,000 training rows, 0.24 GiB per matrix) are dropped first by a seeded subsample of whole groups. The fit
 runs on ``device`` (callers pass the trainer's root device; default: the device of ``X``) in float32 whatever the
-model dtype: a Cholesky solve of the kernel in half precision is unsound.
+model dtype: a Cholesky solve of the kernel in half precision is unsound. The d x d matrices do not shrink with the
+rows: about four float32 ones on ``device`` (the Mahalanobis matrices of two live models, the AGOP being summed, its
+scaled copy), and at the end, on the host in float64, the AGOP mapped back to the original coordinates, its rescaled
+copy and its eigendecomposition (about five d x d float64 matrices with eigh's workspace: 0.6 GiB at d = 4096), all
+counted by :func:`es_lightning.memory.rfm_estimate`.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -125,7 +129,7 @@ class _Labels:
     positive: np.ndarray  # [n] float, 1 for the positive class
     metric: str
 
-    def take(self, rows: np.ndarray) -> "_Labels":
+    def take(self, rows: np.ndarray) -> _Labels:
         return _Labels(self.targets[torch.from_numpy(rows)], self.classes[rows], self.positive[rows], self.metric)
 
 
@@ -168,7 +172,7 @@ def _stratified_split(classes: np.ndarray, fraction: float, rng: np.random.Gener
     rest, chosen = [], []
     for label in np.unique(classes):
         members = rng.permutation(np.flatnonzero(classes == label))
-        take = min(max(int(round(fraction * len(members))), 1), len(members) - 1)
+        take = min(max(round(fraction * len(members)), 1), len(members) - 1)
         chosen.append(members[:take])
         rest.append(members[take:])
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(chosen))
@@ -180,7 +184,7 @@ def _grouped_split(classes: np.ndarray, groups: Sequence, fraction: float, rng: 
     keys = list(dict.fromkeys(groups))
     if len(keys) < 2:
         raise ValueError(f"The RFM's grouped validation split needs at least 2 groups (questions), got {len(keys)}.")
-    n_chosen = min(max(int(round(fraction * len(keys))), 1), len(keys) - 1)
+    n_chosen = min(max(round(fraction * len(keys)), 1), len(keys) - 1)
     for _ in range(20):
         picked = {keys[k] for k in rng.permutation(len(keys))[:n_chosen]}
         chosen = np.array([r for r, g in enumerate(groups) if g in picked])
@@ -316,7 +320,6 @@ def fit_rfm(
         log.info("RFM on a seeded %d of %d rows (whole %s; max_rows=%d): its n_train^2 float32 kernel takes %.2f GiB "
                  "per matrix at n_train~%d, about 3 alive at once.", len(kept), n_input,
                  "questions" if groups is not None else "rows", max_rows, kernel_bytes(n_train) / 2**30, n_train)
-    n = len(x_np)
     _check_class_counts(labels.classes, labels.targets.shape[1] if labels.metric == "accuracy" else 2)
 
     mean = x_np.mean(axis=0)

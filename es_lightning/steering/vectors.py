@@ -65,10 +65,13 @@ def _rfm(states: torch.Tensor, inputs: VectorInputs):
 
 
 def _announce_rfm(inputs: VectorInputs, width: int) -> None:
-    """Log the memory one RFM fit needs (its n^2 kernel) and refuse it when it will not fit."""
+    """Log the memory one RFM fit needs (its n^2 kernel, its d x d matrices, the states held meanwhile) and refuse it
+    when it will not fit."""
     options = inputs.rfm_options
     device = options.get("device", inputs.device)
-    announce(rfm_estimate(len(inputs.labels), width, options.get("max_rows", 10_000), options.get("val_fraction", 0.2), device), device)
+    held = sum(states.numel() * states.element_size() for states in (inputs.expert, inputs.target))
+    announce(rfm_estimate(len(inputs.labels), width, options.get("max_rows", 10_000), options.get("val_fraction", 0.2), device,
+                          held), device)
 
 
 @dataclass
