@@ -11,7 +11,7 @@ float32 transformers weights (the built-in ``smollm2-135m-instruct``), so both s
 differ by llama.cpp's quantised matmuls. The steering: random unit vectors on ``--layers`` scaled by each
 layer's mean hidden-state norm (measured on the prompts) times ``--coefficient``, written by
 ``es-lightning-export gguf``. llama-cpp-python binds ``llama_set_adapter_cvec`` but not llama.cpp's
-``common_control_vector_load`` (what ``llama-cli --control-vector`` calls), so this script does what that
+``common_control_vector_load`` (what ``llama-completion --control-vector-scaled`` calls), so this script does what that
 function does: ``direction.N`` goes to offset ``(N - 1) * n_embd`` of a buffer that starts at layer 1, applied
 to layers 1..n_layer. The block index convention under test is llama.cpp's (which block's output
 ``direction.N`` is added to), decided inside the engine.

@@ -61,14 +61,15 @@ def run(args: argparse.Namespace) -> str:
 
         out = export_gguf(source, args.output, args.overwrite, args.model_hint)
         return (f"wrote {out}: llama.cpp control vector, {head}\n"
-                f"  llama-cli -m MODEL.gguf --control-vector {out}")
+                f"  llama-completion -m MODEL.gguf -no-cnv -p PROMPT --control-vector-scaled {out}:1.0")
     target = resolve_target(source.bundle, args.model, args.cache_dir)
     if args.format == "lm-eval":
         from es_lightning.export.lmeval import export_lm_eval
 
         out = export_lm_eval(source, args.output, target, args.overwrite, args.block_path)
         return (f"wrote {out}: lm-eval steer file, {head}\n"
-                f"  lm_eval --model steered --model_args pretrained={target.directory},steer_path={out} --tasks TASK")
+                f"  lm_eval --model steered --model_args \"pretrained={target.directory},steer_path={out}\" "
+                f"--tasks es_lightning_mc --include_path configs/lmeval --metadata data_files=DATA.jsonl")
     from es_lightning.export.hf import export_hf
 
     out = export_hf(source, args.output, target, args.overwrite, args.dtype, args.block_path)
