@@ -125,7 +125,7 @@ def _run(argv: list[str]) -> None:
             log.info("\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
                      "(delete it to re-evaluate)", report_dir / "report.json")
         else:
-            stage("2/3 test: cross-validated multiple-choice evaluation", "test", "--ckpt_path", str(ckpt), "--verbose", "false")
+            stage("2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)", "test", "--ckpt_path", str(ckpt), "--verbose", "false")
             atomic_write_json(report_dir / REPORT_KEY_FILE, {"key": key, "report_sha256": sha256_file(report_dir / "report.json")})
         print((report_dir / "report.md").read_text(), flush=True)
 
