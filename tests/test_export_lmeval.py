@@ -34,19 +34,6 @@ metric_list:
 """
 
 
-@pytest.fixture()
-def offline(monkeypatch):
-    """No Hub access: lm-eval and datasets read only local files."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
 def lm_eval_loglikelihoods(tmp_path, model_dir, n_questions: int, steer_path=None) -> dict[int, list[float]]:
     """lm-eval's per-choice log-likelihoods (``hf`` model, or ``steered`` with ``steer_path``) per doc id."""
     from lm_eval import simple_evaluate
