@@ -108,6 +108,7 @@ def continuation_damage(
             chunk = [continuations[k] for k in index]
             base, targets, mask = _continuation_logprobs(model, chunk, pad_id)
             base_nll = -base.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            base_probs = base.exp()  # once per chunk, shared by every variant
             per_pass = max(1, batch_size // len(chunk))
             prompt_width = None if positions == "all" else max(len(p) for p, _ in chunk)  # _layout's boundary
             for first in range(0, len(variants), per_pass):
@@ -117,7 +118,7 @@ def continuation_damage(
                     steered, _, _ = _continuation_logprobs(model, chunk * len(group), pad_id)
                 steered = steered.view(len(group), len(chunk), *steered.shape[1:])
                 for k, variant in enumerate(group):
-                    kl = (base.exp() * (base - steered[k])).sum(-1).masked_fill(~mask, 0.0)
+                    kl = (base_probs * (base - steered[k])).sum(-1).masked_fill(~mask, 0.0)
                     increase = (-steered[k].gather(-1, targets.unsqueeze(-1)).squeeze(-1) - base_nll).masked_fill(~mask, 0.0)
                     for row, k_pair in enumerate(index):
                         totals[variant][k_pair] = Damage(float(kl[row].sum()), float(increase[row].sum()),
