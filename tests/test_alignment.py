@@ -86,9 +86,24 @@ def test_batched_maths_equals_a_loop_over_layers():
 def test_statistics_are_scalar_per_layer_so_directions_survive():
     module = built()
     expert, target = paired_data()
+    expert[:, 1] *= 5  # layer 2 (position 1) gets a scale of its own: each layer must be standardised on its own
     module.fit_statistics_and_init(expert, target)
     assert module.expert_scale.shape == (3,) and module.target_scale.shape == (2,)
-    assert module.encoder_linear(2).shape == (8, 12)
+    for states, mean, scale in ((expert, module.expert_mean, module.expert_scale),
+                                (target, module.target_mean, module.target_scale)):
+        for k in range(states.shape[1]):  # per-feature mean, one scale: the root mean square of the centred states
+            centred = states[:, k] - states[:, k].mean(0)
+            torch.testing.assert_close(mean[k], states[:, k].mean(0))
+            torch.testing.assert_close(scale[k], centred.pow(2).mean().sqrt())
+    assert float(module.expert_scale[0]) == pytest.approx(3.0, rel=0.05)  # paired_data's expert states: 3 N(0, 1) + 1
+    assert float(module.expert_scale[1]) == pytest.approx(15.0, rel=0.05)
+    xs, _ = module.standardise(expert)
+    for k in range(3):  # a difference of two raw states keeps its direction, only its length shrinks by the scale
+        raw, standardised = expert[1, k] - expert[0, k], xs[1, k] - xs[0, k]
+        torch.testing.assert_close(standardised * module.expert_scale[k], raw, rtol=1e-4, atol=1e-5)
+    # encoder_linear takes an absolute block index: block 2 is the second trained layer, not position 2
+    torch.testing.assert_close(module.encoder_linear(2), module.enc_weight[1].detach())
+    assert not torch.allclose(module.encoder_linear(2), module.encoder_linear(3))
 
 
 def test_checkpoint_round_trip_without_trainer(tmp_path):
@@ -106,3 +121,19 @@ def test_checkpoint_round_trip_without_trainer(tmp_path):
     other.build(layout(expert_layers=(0, 1, 3)), {0: 1, 1: 1, 3: 5})
     with pytest.raises(ValueError, match="Fix: resume with the checkpoint's config"):
         other.on_load_checkpoint(checkpoint)
+
+
+def test_encoder_linear_is_the_encoders_change_along_a_direction_without_its_bias():
+    """Mapped directions are W v: the step f(x + v) - f(x) of the encoder, whatever its bias b (not W v + b)."""
+    module = built()
+    expert, target = paired_data()
+    module.init_from_layers(lambda i: expert[:, [0, 2, 3].index(i)], lambda j: target[:, [1, 5].index(j)])
+    g = torch.Generator().manual_seed(4)
+    module.enc_bias.data = 5.0 * torch.randn(module.enc_bias.shape, generator=g)
+    xs, _ = module.standardise(expert)
+    v = torch.randn(12, generator=g)
+    step = module.encode(xs + v) - module.encode(xs)
+    for k, i in enumerate(module.trained_layers):
+        mapped = module.encoder_linear(i) @ v
+        torch.testing.assert_close(step[:, k], mapped.expand_as(step[:, k]), atol=1e-3, rtol=1e-4)
+        assert (mapped - step[0, k]).norm() < 1e-3 * mapped.norm()

@@ -169,3 +169,11 @@ def test_random_control_distribution_test():
     assert better.mean_accuracy == pytest.approx(draws.mean())
     with pytest.raises(ValueError, match="draws must be"):
         random_control(draws[0], draws[:, :10])
+
+
+def test_permutation_p_value_counts_the_observed_arrangement():
+    """p = (exceedances + 1) / (permutations + 1): never 0, and exactly 1 when the method equals the draws."""
+    draws = np.zeros((3, 40), dtype=bool)
+    always_right = random_control(np.ones(40, dtype=bool), draws, permutations=500)
+    assert always_right.p_value == 1 / 501  # 40 equal differences: only all-equal signs reach the observed mean
+    assert random_control(draws[0], draws, permutations=500).p_value == 1.0  # zero difference: every flip reaches it

@@ -10,7 +10,7 @@ import pytest
 import torch
 from xrfm.rfm_src import RFM
 
-from es_lightning.steering.rfm import KERNEL, _RFM, _ridge_solve, cap_rows, fit_rfm, rfm_direction
+from es_lightning.steering.rfm import KERNEL, _RFM, _ridge_solve, cap_rows, fit_rfm
 
 CHEAP = {"bandwidths": (1.0,), "regs": (0.1,), "iters": 1}
 
@@ -41,14 +41,14 @@ def test_planted_direction_recovered_with_grid_and_refit() -> None:
 
 def test_sign_follows_the_label() -> None:
     x, u, t = planted(600, 32, seed=2)
-    direction = rfm_direction(x.numpy(), (t < 0).numpy().astype(int), **CHEAP)  # label 1 when x.u is small
+    direction = fit_rfm(x.numpy(), (t < 0).numpy().astype(int), **CHEAP).direction  # label 1 when x.u is small
     assert float(direction @ u) < -0.9
 
 
 def test_direction_is_in_original_coordinates_when_standardising() -> None:
     scales = torch.logspace(-0.5, 0.5, 32)[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
     x, u, t = planted(1000, 32, seed=3, scales=scales)
-    direction = rfm_direction(x, (t > 0).long(), **CHEAP)
+    direction = fit_rfm(x, (t > 0).long(), **CHEAP).direction
     # the direction in the standardised space (proportional to sigma * u, so not mapped back) gives about 0.8 here
     assert float(direction @ u) > 0.9
 
@@ -191,3 +191,20 @@ def test_device_argument_reaches_the_kernel_fits(monkeypatch: pytest.MonkeyPatch
     fit_rfm(x, (t > 0).long(), device="cpu", **CHEAP)
     fit_rfm(x.numpy(), (t > 0).long(), **CHEAP)  # default: the device of X (cpu for arrays)
     assert seen == [torch.device("cpu"), torch.device("cpu")]
+
+
+def test_grouped_validation_split_never_puts_a_question_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Column 0 holds the question, so the rows each kernel fit trains and validates on name their questions."""
+    from es_lightning.steering import rfm
+
+    seen = []
+    original = rfm._fit_one
+    monkeypatch.setattr(rfm, "_fit_one", lambda *args: seen.append((args[0], args[2])) or original(*args))
+    x, _, t = planted(240, 8, seed=11)
+    question = torch.arange(240) // 4  # 60 questions of 4 rows, labels mixed within a question
+    x[:, 0] = question.float()
+    fit_rfm(x, (t > 0).long(), groups=[f"q{int(q)}" for q in question], val_fraction=0.25, **CHEAP)
+    train, val = seen[0]
+    in_train, in_val = {round(v, 4) for v in train[:, 0].tolist()}, {round(v, 4) for v in val[:, 0].tolist()}
+    assert not in_train & in_val
+    assert (len(in_train), len(in_val)) == (45, 15) and (len(train), len(val)) == (180, 60)
