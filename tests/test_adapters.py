@@ -175,15 +175,26 @@ def test_resolve_existing_path_is_returned(tmp_path, monkeypatch):
     assert resolve_data_path("org/some_dataset", hub=None) == "org/some_dataset"  # a `datasets` id: untouched
 
 
-def test_resolve_finds_shared_data_upward(tmp_path):
+def test_resolve_finds_shared_data_in_or_beside_the_checkout_only(tmp_path, monkeypatch):
     shared = _write_mc(tmp_path / "shared" / "data" / "truthfulqa_mc.jsonl", [MC_ROW])
     checkout = tmp_path / "main"
     (checkout / "configs").mkdir(parents=True)
     assert resolve_data_path(None, search_from=checkout, hub=None) == str(shared)
-    assert resolve_data_path("../shared/data/missing/truthfulqa_mc.jsonl", search_from=checkout / "configs", hub=None) == str(shared)
+    # a shipped config's "../shared/data/..." run from anywhere: found beside the checkout the package lives in
+    monkeypatch.setattr(resolve, "_checkout_dir", lambda: checkout)
+    monkeypatch.chdir(checkout / "configs")
+    assert resolve_data_path("../shared/data/truthfulqa_mc.jsonl", hub=None) == str(shared)
     # another configured file name is looked up under its own name, never swapped for TruthfulQA
     other = _write_mc(tmp_path / "shared" / "data" / "pubmedqa_pqal.jsonl", [MC_ROW])
     assert resolve_data_path("nowhere/pubmedqa_pqal.jsonl", search_from=checkout) == str(other)
+    inside = _write_mc(checkout / "shared" / "data" / "pubmedqa_pqal.jsonl", [MC_ROW])  # in the checkout comes first
+    assert resolve_data_path("nowhere/pubmedqa_pqal.jsonl", search_from=checkout) == str(inside)
+    # never further up than the start's parent folder: tmp_path/shared is two levels above main/configs
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_data_path(None, search_from=checkout / "configs", hub=None)
+    tried = [str(checkout / "configs" / "shared" / "data" / "truthfulqa_mc.jsonl"),
+             str(checkout / "shared" / "data" / "truthfulqa_mc.jsonl")]
+    assert f"{tried[0]}, {tried[1]}: none exists" in str(info.value) and str(shared) not in str(info.value)
 
 
 def test_truthfulqa_mc1_conversion():
@@ -248,10 +259,11 @@ def test_resolve_unreachable_hub_fails_fast(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", never)
     monkeypatch.setattr(resolve, "_hub_reachable", lambda timeout=3.0: "the Hub (huggingface.co:443) is unreachable: no DNS")
+    empty = tmp_path / "main"  # searched in and beside: both inside tmp_path, whatever lies above it
     with pytest.raises(FileNotFoundError, match="unreachable: no DNS"):
-        resolve_data_path(None, search_from=tmp_path, cache_dir=tmp_path / "cache")
+        resolve_data_path(None, search_from=empty, cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="skipped"):
-        resolve_data_path(None, search_from=tmp_path, hub=None, cache_dir=tmp_path / "cache")
+        resolve_data_path(None, search_from=empty, hub=None, cache_dir=tmp_path / "cache")
 
 
 def test_hub_probe_respects_offline_mode(monkeypatch):

@@ -16,7 +16,6 @@ from es_lightning.steering.bundle import (
     FORMAT_VERSION,
     ModelIdentity,
     SteeringBundle,
-    load_bundles,
     load_control_vector_gguf,
     save_bundles,
 )
@@ -212,18 +211,19 @@ def test_from_directions_rejects_zero_direction():
 def test_directory_of_bundles(tmp_path):
     bundles = [make_bundle("expertsteer"), make_bundle("mean_difference", expert=None, layer_pairs=[], seed=4)]
     paths = save_bundles(tmp_path / "bundles", bundles)
-    assert sorted(p.name for p in paths.values()) == ["expertsteer.safetensors", "mean_difference.safetensors"]
-    loaded = load_bundles(tmp_path / "bundles", expected_target=TARGET)
-    assert list(loaded) == ["expertsteer", "mean_difference"]
+    assert paths == {bundle.method: tmp_path / "bundles" / f"{bundle.method}.safetensors" for bundle in bundles}
     for bundle in bundles:
-        assert_same(bundle, loaded[bundle.method])
+        assert_same(bundle, SteeringBundle.load(paths[bundle.method], expected_target=TARGET))
+    # a later save of one method replaces its file and leaves the other methods' files in place
+    replaced = make_bundle("expertsteer", seed=7)
+    save_bundles(tmp_path / "bundles", [replaced])
+    assert sorted(path.name for path in (tmp_path / "bundles").iterdir()) == [
+        "expertsteer.safetensors", "mean_difference.safetensors"]
+    assert_same(replaced, SteeringBundle.load(paths["expertsteer"]))
+    assert_same(bundles[1], SteeringBundle.load(paths["mean_difference"]))
     with pytest.raises(ValueError, match="one bundle per method"):
         save_bundles(tmp_path / "other", [make_bundle(), make_bundle(seed=1)])
-    (tmp_path / "bundles" / "expertsteer.safetensors").rename(tmp_path / "bundles" / "renamed.safetensors")
-    with pytest.raises(ValueError, match="rename it to expertsteer.safetensors"):
-        load_bundles(tmp_path / "bundles")
-    with pytest.raises(FileNotFoundError, match="No steering bundles"):
-        load_bundles(tmp_path / "empty")
+    assert not (tmp_path / "other").exists()  # refused before anything is written
 
 
 def test_gguf_export_round_trip(tmp_path):

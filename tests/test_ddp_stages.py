@@ -19,13 +19,19 @@ import pytest
 import torch
 
 from conftest import TINY_CONF
-from es_lightning.steering.bundle import load_bundles
+from es_lightning.steering.bundle import SteeringBundle
 
 N_QUESTIONS = 24  # 48 rows, two choices each; the train split holds TRAIN_ROWS of them
 TRAIN_ROWS = 32
 METHODS = ["expertsteer", "mean_difference", "random", "rfm_self"]
-# Fields of report.json that name paths, checkpoints or times: they differ between runs by construction.
-VOLATILE = {"checkpoint", "seconds", "created", "path", "paths", "version", "duration_s"}
+# Fields of report.json that name paths, checkpoints, bundle files (sha256 of files with their own creation time)
+# or times: they differ between runs by construction.
+VOLATILE = {"checkpoint", "bundles", "seconds", "created", "path", "paths", "version", "duration_s"}
+
+
+def bundles_in(folder: Path) -> dict[str, SteeringBundle]:
+    """Every ``<method>.safetensors`` bundle of a run's ``bundles/`` folder, keyed by the file's method name."""
+    return {path.stem: SteeringBundle.load(path) for path in sorted(folder.glob("*.safetensors"))}
 
 
 def write_data(path: Path, n_questions: int) -> Path:
@@ -106,7 +112,7 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     for key in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
         torch.testing.assert_close(ckpt_one["state_dict"][key], ckpt_two["state_dict"][key], rtol=1e-5, atol=1e-6)
     # vectors within tolerance, every method, same layers
-    bundles_one, bundles_two = load_bundles(one / "bundles"), load_bundles(two / "bundles")
+    bundles_one, bundles_two = bundles_in(one / "bundles"), bundles_in(two / "bundles")
     assert sorted(bundles_one) == sorted(bundles_two) == METHODS
     for method in METHODS:
         a, b = bundles_one[method], bundles_two[method]

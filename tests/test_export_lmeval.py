@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from conftest import write_mc_jsonl
+from es_lightning.evaluation.report import DatasetReport, FoldResult, Report, method_result
+from es_lightning.evaluation.report_markdown import write_report
 from es_lightning.evaluation.scoring import score_choices
 from es_lightning.export.cli import main as export_main
 from es_lightning.export.lmeval import hookpoints
 from es_lightning.export.source import load_source, steering_deltas
+from es_lightning.io import sha256_file
 from es_lightning.models import load_model
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.hooks import _deltas, steer
@@ -71,16 +74,27 @@ def max_shift(a: dict, b: dict) -> float:
     return max(abs(x - y) for doc in a for x, y in zip(a[doc], b[doc]))
 
 
-def make_run(folder, loaded, layers: dict[int, float], seed: int = 0):
-    """A run folder whose ``bundles/expertsteer.safetensors`` holds random unit vectors for ``loaded``."""
+def make_run(folder, loaded, layers: dict[int, float], seed: int = 0, method: str = "expertsteer"):
+    """A run folder whose ``bundles/<method>.safetensors`` holds random unit vectors for ``loaded``."""
     generator = torch.Generator().manual_seed(seed)
     width = loaded.model.config.hidden_size
     bundle = SteeringBundle.from_directions(
-        "expertsteer", {layer: torch.randn(width, generator=generator) for layer in layers}, layers,
+        method, {layer: torch.randn(width, generator=generator) for layer in layers}, layers,
         ModelIdentity.of(loaded),
     )
-    bundle.save(folder / "bundles" / "expertsteer.safetensors")
+    bundle.save(folder / "bundles" / f"{method}.safetensors")
     return bundle
+
+
+def write_run_report(run, chosen: dict[str, list[float | None]], bundles: dict[str, object]):
+    """``<run>/report/report.json`` as ``es-lightning test`` writes it: each method's coefficient chosen in each fold,
+    with the sha256 of the bundle files (``{method: path}``) it was made from."""
+    folds = {method: [FoldResult(fold, c, 0.5, 0.5, 10) for fold, c in enumerate(values)]
+             for method, values in chosen.items()}
+    report = Report(model="tiny", scoring="mean", alpha=0.05, k=3, fold_mode="random",
+                    datasets=(DatasetReport("mc", 30, tuple(method_result(m, f) for m, f in folds.items())),),
+                    meta={"bundles": {method: sha256_file(path) for method, path in bundles.items()}})
+    return write_report(report, run / "report")[0]
 
 
 def test_lm_eval_steered_equals_es_lightning_scoring(tmp_path, tiny_llama_dir, offline):
@@ -140,28 +154,37 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, tiny_llama_dir, t
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
 
 
-def test_coefficient_defaults_to_the_reports_choice(tmp_path, tiny_llama_dir, monkeypatch):
-    """The export asks load_report + chosen_coefficients (tested with the report itself) for the method's value."""
-    import es_lightning.export.source as source_module
-
+def test_coefficient_defaults_to_the_reports_choice(tmp_path, tiny_llama_dir, capsys):
+    """Without --coefficient: the median of the folds' choices, from a report made from this very bundle file."""
     loaded = load_model(str(tiny_llama_dir))
-    make_run(tmp_path / "run", loaded, {1: 4.0})
-    (tmp_path / "run" / "report").mkdir()
-    (tmp_path / "run" / "report" / "report.json").write_text("{}")
-    seen = {}
-
-    def fake_load(path):
-        seen["path"] = path
-        return "report"
-
-    monkeypatch.setattr(source_module, "load_report", fake_load)
-    monkeypatch.setattr(source_module, "chosen_coefficients", lambda report: {"expertsteer": -0.1, "random": 0.2})
-    source = load_source(tmp_path / "run", "expertsteer")
-    assert source.coefficient == -0.1 and "report" in source.coefficient_origin
+    run = tmp_path / "run"
+    bundle = make_run(run, loaded, {1: 4.0, 3: 6.0})
+    make_run(run, loaded, {2: 5.0}, seed=3, method="rfm_self")
+    path, rfm_path = run / "bundles" / "expertsteer.safetensors", run / "bundles" / "rfm_self.safetensors"
+    report = write_run_report(run, {"none": [None, None, None], "expertsteer": [0.4, -0.1, -0.2], "random": [0.8] * 3},
+                              {"expertsteer": path, "rfm_self": rfm_path})
+    source = load_source(run, "expertsteer")
+    assert source.coefficient == -0.1 and source.coefficient_origin == f"report {report}"
+    assert load_source(path).coefficient == -0.1  # a bundle file inside a run: that run's report
+    elsewhere = tmp_path / "copy" / "expertsteer.safetensors"  # the same bytes anywhere, with the report named
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(path.read_bytes())
+    assert load_source(elsewhere, report=run / "report").coefficient == -0.1
+    out = tmp_path / "steer.pt"
+    assert export_main(["lm-eval", str(run), "--method", "expertsteer", "-o", str(out)]) == 0
+    exported = torch.load(out, weights_only=True)
+    for layer, delta in steering_deltas(bundle, -0.1).items():  # written at the report's coefficient
+        assert torch.equal(exported[f"layers.{layer}"]["steering_vector"], delta)
     with pytest.raises(ValueError, match="chose no coefficient for 'rfm_self'"):
-        source_module.default_coefficient("rfm_self", tmp_path / "run" / "report")
-    assert load_source(tmp_path / "run" / "bundles" / "expertsteer.safetensors").coefficient == -0.1
-    assert seen["path"] == tmp_path / "run" / "report"
+        load_source(run, "rfm_self")
+    write_run_report(run, {"expertsteer": [0.0, 0.0, 0.3]}, {"expertsteer": path})
+    with pytest.raises(ValueError, match="found no coefficient of 'expertsteer' within the damage budget"):
+        load_source(run, "expertsteer")
+    make_run(run, loaded, {1: 4.0, 3: 6.0}, seed=1)  # the bundle is recomputed: the report is of the old one
+    with pytest.raises(ValueError, match="was not made from this expertsteer bundle"):
+        load_source(run, "expertsteer")
+    assert export_main(["lm-eval", str(run), "--method", "expertsteer", "-o", str(tmp_path / "stale.pt")]) == 2
+    assert "pass --coefficient" in capsys.readouterr().err and not (tmp_path / "stale.pt").exists()
 
 
 @pytest.mark.slow

@@ -81,12 +81,26 @@ def test_chosen_map_carries_directions_between_the_true_layers():
 
 
 def test_reconstruction_objective_scores_codes_on_held_out_rows():
-    outcome = run(synthetic_rows(), rule="highest", top_k=2)
-    recon = search_pairs(*_split(synthetic_rows()), [0, 1, 2, 3], list(range(8)), 4, 8,
+    fit, held = _split(synthetic_rows())
+    recon = search_pairs(fit, held, [0, 1, 2, 3], list(range(8)), 4, 8,
                          PairSearchConfig(rule="highest", top_k=2, max_components=16), objective="reconstruction")
-    assert recon.result.ridge is None and recon.result.objective == "reconstruction"
-    assert all(recon.linear[i].shape == (12, 10) for i, _ in recon.result.pairs)
-    assert outcome.result.objective == "paired"
+    result = recon.result
+    assert result.ridge is None and result.ridge_scores == {} and result.objective == "reconstruction"
+    assert (result.n_fit, result.n_heldout) == (420, 180)
+    mi = torch.tensor(result.mi)
+    for i, j in TRUE_PARTNER.items():  # the code is a rotation of expert layer i, so it still peaks at its partner
+        assert mi[i].argmax().item() == j
+    assert len(result.pairs) == 2 and set(result.pairs) <= set(TRUE_PARTNER.items())
+    for i, _ in result.pairs:
+        # the code: expert layer i's principal directions on the fit rows, by variance, then zero rows (d_T > d_E)
+        code = recon.linear[i].double()
+        assert code.shape == (12, 10) and torch.equal(code[10:], torch.zeros(2, 10, dtype=torch.float64))
+        expert = fit.expert.layer(i).double()
+        _, _, principal = torch.linalg.svd(expert - expert.mean(0), full_matrices=False)
+        alignment = (code[:10] @ principal.T).abs()  # identity up to the sign of each direction
+        torch.testing.assert_close(alignment, torch.eye(10, dtype=torch.float64), atol=1e-4, rtol=0)
+    paired = run(synthetic_rows(), rule="highest", top_k=2)
+    assert paired.result.objective == "paired" and paired.result.ridge is not None
 
 
 def _split(rows):

@@ -4,9 +4,9 @@
 
 1. the configured ``path``, if that file exists (relative paths from the current directory);
    any later step taken for a configured path is announced at WARNING with the path actually used;
-2. ``shared/data/<file name>`` in the checkout or any directory above it (the checkout lives at e.g.
-   ``/work/main`` and the benchmark data at ``/work/shared/data``), searched upward from the repository
-   checkout and from the current directory;
+2. ``shared/data/<file name>`` in or beside the repository checkout or the current directory, that is in that
+   folder or in its parent folder (the checkout lives at e.g. ``/work/main`` and the benchmark data at
+   ``/work/shared/data``); never further up, so a ``shared/data`` folder higher up is never read by chance;
 3. for the TruthfulQA file only: the Hub dataset ``truthfulqa/truthful_qa`` (``multiple_choice``,
    ``validation``), its ``mc1_targets`` converted to our format and written to
    ``<cache_dir>/data/truthfulqa_mc1.jsonl`` (reused on later runs);
@@ -65,10 +65,10 @@ def _checkout_dir() -> Path:
 
 
 def _search_shared(name: str, starts: list[Path]) -> tuple[Path | None, list[Path]]:
-    """First ``<dir>/shared/data/<name>`` walking up from each start (start itself included); all candidates tried."""
+    """First ``<dir>/shared/data/<name>`` for ``<dir>`` each start and then its parent folder; all candidates tried."""
     tried: list[Path] = []
     for start in starts:
-        for directory in (start, *start.parents):
+        for directory in (start, start.parent):
             candidate = directory / "shared" / "data" / name
             if candidate in tried:
                 continue
@@ -133,8 +133,8 @@ def resolve_data_path(
     (``../shared/data/pubmedqa_pqal.jsonl`` -> ``shared/data/pubmedqa_pqal.jsonl``), and the Hub step
     applies only when that name is ``filename`` (the Hub copy stands in for TruthfulQA, nothing else).
     A ``path`` that is not a local file type (.jsonl/.json/.csv/.parquet) is a ``datasets`` id and is
-    returned unchanged. ``search_from``: where the upward search starts (default: this repository's
-    checkout and the current directory). ``hub``: ``(id, config, split)`` or ``None`` to skip the Hub.
+    returned unchanged. ``search_from``: the folder in and beside which ``shared/data`` is looked for (default:
+    this repository's checkout and the current directory). ``hub``: ``(id, config, split)`` or ``None`` to skip the Hub.
     ``cache_dir``: where the Hub copy is written (default: the es_lightning cache directory).
     """
     if path is not None and Path(path).suffix.lower() not in LOCAL_BUILDERS:
@@ -179,7 +179,7 @@ def resolve_data_path(
     raise FileNotFoundError(
         f"No data file {name!r} found. Tried:\n"
         f"  1. the configured path: {configured};\n"
-        f"  2. shared/data/{name} upward from {', '.join(str(s) for s in starts)}: {searched}: none exists;\n"
+        f"  2. shared/data/{name} in or beside {', '.join(str(s) for s in starts)}: {searched}: none exists;\n"
         f"  3. the Hub dataset {hub_text}: {hub_why}.\n"
         f"Fix: set data.data.path to an existing multiple-choice .jsonl file, put {name!r} into a shared/data/ folder "
         f"beside the checkout (e.g. ../shared/data/{name} from the repository root), or run once with Hub access "

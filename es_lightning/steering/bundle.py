@@ -4,7 +4,7 @@ One bundle holds one method's vectors for one target model. It is a single ``.sa
 tensors ``vectors`` ``[K, d]`` (float32 unit rows, one per target layer), ``norms`` ``[K]`` (float64 mean
 hidden-state norms) and optionally ``mi`` ``[L_E, L_T]``; everything else is JSON in the safetensors
 metadata header. Several methods live side by side as ``{method}.safetensors`` files in one directory
-(:func:`save_bundles` / :func:`load_bundles`).
+(:func:`save_bundles`; each file reads back with :meth:`SteeringBundle.load`).
 
 :meth:`SteeringBundle.export_gguf` writes a llama.cpp control vector. llama.cpp adds tensor
 ``direction.N`` to the output of block ``N`` counted from 0 (the same index as ``model.layers[N]`` in
@@ -371,23 +371,3 @@ def save_bundles(directory: str | Path, bundles: Iterable[SteeringBundle]) -> di
     if duplicates:
         raise ValueError(f"Several bundles for method(s) {duplicates}: a directory holds one bundle per method.")
     return {bundle.method: bundle.save(Path(directory) / f"{bundle.method}.safetensors") for bundle in bundles}
-
-
-def load_bundles(
-    directory: str | Path, expected_target: ModelIdentity | LoadedModel | None = None
-) -> dict[str, SteeringBundle]:
-    """Load every ``*.safetensors`` bundle of a directory, keyed by method."""
-    directory = Path(directory)
-    paths = sorted(directory.glob("*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(f"No steering bundles (*.safetensors) in {str(directory)!r}.")
-    bundles = {}
-    for path in paths:
-        bundle = SteeringBundle.load(path, expected_target)
-        if bundle.method != path.stem:
-            raise ValueError(
-                f"{str(path)!r} holds method {bundle.method!r}; rename it to {bundle.method}.safetensors."
-            )
-        bundles[bundle.method] = bundle
-    return bundles
-
