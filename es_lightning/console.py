@@ -64,7 +64,7 @@ class _StdoutHandler(logging.StreamHandler):
         self.set_name(_HANDLER_NAME)
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return sys.stdout
 
     @stream.setter

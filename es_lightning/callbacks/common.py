@@ -19,9 +19,9 @@ TEST_KEPT = "no results of this test (fold plans and scores are recomputed; the 
 
 def run_dir(trainer: L.Trainer) -> Path:
     """The folder of this run's checkpoints (``<output_dir>/<run_name>``)."""
-    callback = trainer.checkpoint_callback
-    if callback is not None and getattr(callback, "dirpath", None):
-        return Path(callback.dirpath)
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # a ModelCheckpoint's; not every Checkpoint has one
+    if dirpath:
+        return Path(dirpath)
     return Path(trainer.default_root_dir)
 
 
@@ -63,8 +63,9 @@ class StopAtBatchEnd(L.Callback):
 
     def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         writer = find_prediction_writer(trainer)
-        self._check("generating predictions", writer and (lambda: f"the rows of every finished prompt in "
-                                                                  f"{writer.parts_dir} (not generated again)"))
+        kept = None if writer is None else (
+            lambda: f"the rows of every finished prompt in {writer.parts_dir} (not generated again)")
+        self._check("generating predictions", kept)
 
 
 class WhenTrainingEnds(L.Callback):

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import lightning as L
 import torch
@@ -99,13 +99,15 @@ class SteeredPredictionWriter(BasePredictionWriter):
         self.complete = False  # a merged file of this fingerprint exists: nothing to write or merge
         self.rows_written = 0  # rows appended by this process in this predict run
         self._root: Path | None = None
-        self._handle = None
+        self._handle: BinaryIO | None = None
 
     @property
     def root(self) -> Path:
-        if self._root is None and self.output_dir is None:
+        if self._root is not None:
+            return self._root
+        if self.output_dir is None:
             raise RuntimeError("The prediction writer has no output directory yet: it is set when predict starts.")
-        return self._root if self._root is not None else self.output_dir
+        return self.output_dir
 
     @property
     def output_path(self) -> Path:
@@ -261,4 +263,5 @@ class SteeredPredictionWriter(BasePredictionWriter):
 
 def find_prediction_writer(trainer: L.Trainer) -> SteeredPredictionWriter | None:
     """The trainer's :class:`SteeredPredictionWriter` callback, if any."""
-    return next((callback for callback in trainer.callbacks if isinstance(callback, SteeredPredictionWriter)), None)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's CallbackConnector, undeclared
+    return next((callback for callback in callbacks if isinstance(callback, SteeredPredictionWriter)), None)

@@ -161,7 +161,9 @@ def _candidates(answer: Fraction, solution: str, peers: list[Fraction], rng: ran
 def _pick(side: list[tuple[str, Fraction, str]], k: int, rng: random.Random) -> list[str]:
     """``k`` texts by weighted sampling without replacement (Efraimidis-Spirakis keys), with per-source caps."""
     keyed = sorted(side, key=lambda c: rng.random() ** (1.0 / _WEIGHTS[c[2]]), reverse=True)
-    chosen, used, skipped = [], {s: 0 for s in _WEIGHTS}, []
+    chosen: list[str] = []
+    skipped: list[str] = []
+    used = {s: 0 for s in _WEIGHTS}
     for text, _, source in keyed:
         if len(chosen) == k:
             break

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +23,7 @@ from es_lightning.data.store import CacheStore
 from es_lightning.io import ensure_writable_dir
 from es_lightning.memory import announce, cache_estimate, capture_estimate, read_shape
 from es_lightning.models import loading
-from es_lightning.models.capture import capture_texts
+from es_lightning.models.capture import Pooling, capture_texts
 from es_lightning.models.spec import ModelSpec
 from es_lightning.stopping import on_every_rank, on_rank_zero, stage
 
@@ -99,7 +100,7 @@ class Extraction:
         announce(capture_estimate(read_shape(info.directory, info.name), spec.dtype, len(info.layers), max(info.layers),
                                   self.batch_tokens or self.batch_size * spec.max_length, spec.max_length, self.shard_size, side,
                                   self.device), self.device)
-        loaded = self._load(spec, side)
+        loaded: loading.LoadedModel | None = self._load(spec, side)
         try:
             todo = sum(len(cache.shard_rows(s)) for s in shards)
             with tqdm(total=todo, desc=f"Extracting {what} {side} hidden states (rank {self.rank})", disable=not self.progress,
@@ -121,8 +122,9 @@ class Extraction:
         spec = self.expert if side == "expert" else self.target
         info = self.layout.expert if side == "expert" else self.layout.target
         texts = [render_example(loaded.tokenizer, e.prompt, e.completion, spec.chat_template) for e in examples]
+        pooling = cast(Pooling, self.layout.pooling)  # a str field; capture rejects anything but "last"/"mean"
         states, truncated = capture_texts(
-            loaded.model, loaded.tokenizer, texts, list(info.layers), self.layout.pooling, spec.max_length,
+            loaded.model, loaded.tokenizer, texts, list(info.layers), pooling, spec.max_length,
             self.batch_size, add_special_tokens=not spec.chat_template, block_path=spec.block_path,
             on_batch=on_batch, batch_tokens=self.batch_tokens,
         )

@@ -97,7 +97,9 @@ class AnswerGenerator:
             for k, q in enumerate(questions):
                 text = cut_answer(answers[v][k].text)
                 question = self.questions[q]
-                correct = {m: answer_correct(m, text, question.choices, question.answer) for m in self.config.metrics}
+                correct: dict[str, bool] = {
+                    m: answer_correct(m, text, question.choices, question.answer) for m in self.config.metrics
+                }
                 likelihood = next(nll) if measured[v] else (0.0, 0)
                 health = AnswerHealth(1, int(is_empty(text)), repetition(text), *likelihood)
                 row.append(AnswerRecord(text, correct, health, damage_of[v][k] if v in damage_of else Damage()))

@@ -71,7 +71,7 @@ def _summary(data: DatasetReport, scoring: str) -> list[str]:
         primary = gen.metrics[0] if gen else None
         lines.append(_row([
             data.dataset, m.method, _accuracy_cell(m, scoring),
-            "–" if gen is None else f"{_accuracy(gen.accuracy[primary])} ({primary})",
+            "–" if gen is None or primary is None else f"{_accuracy(gen.accuracy[primary])} ({primary})",
             _number(None if gen is None else gen.kl), _number(None if gen is None else gen.ce_increase),
             _percent(None if gen is None else gen.empty), _both_coefficients(m), m.verdict or "–",
             (gen.verdict if gen else None) or "–",
@@ -157,7 +157,7 @@ def render_markdown(report: Report) -> str:
     ]
     for data in report.datasets:
         lines += ["", f"## {data.dataset}: summary", "", *_summary(data, report.scoring)]
-        lines += ["", f"### Multiple choice at the constrained coefficient", "", *_choice_table(data, False)]
+        lines += ["", "### Multiple choice at the constrained coefficient", "", *_choice_table(data, False)]
         if any(m.unconstrained is not None for m in data.methods):
             lines += ["", "### Multiple choice at the unconstrained coefficient", "", *_choice_table(data, True)]
         generation = _generation_table(data)
@@ -165,7 +165,7 @@ def render_markdown(report: Report) -> str:
             lines += ["", "### Generated answers (random draws at the constrained coefficient)", "", *generation]
         sweep = _sweep_table(data)
         if sweep:
-            lines += ["", f"### Coefficient sweep (validation, mean over folds)", "", *sweep]
+            lines += ["", "### Coefficient sweep (validation, mean over folds)", "", *sweep]
     return "\n".join(lines) + "\n"
 
 

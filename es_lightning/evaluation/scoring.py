@@ -107,7 +107,7 @@ def _score_group(
         tokens[q, width - len(ids) :] = torch.tensor(ids, device=device)
         mask[q, width - len(ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module types .config as Tensor | Module
     cache_arg = _cache_argument(model)
     out = model(
         input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,

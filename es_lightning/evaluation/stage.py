@@ -33,7 +33,7 @@ from es_lightning.evaluation.protocol import (
 from es_lightning.evaluation.report import Report
 from es_lightning.evaluation.report_markdown import write_report
 from es_lightning.io import sha256_file
-from es_lightning.steering.pair_search import PairSearch, PairSearchConfig
+from es_lightning.steering.pair_search import Objective, PairSearch, PairSearchConfig
 from es_lightning.steering.vectors import VectorConfig
 from es_lightning.stopping import check_stop, on_every_rank, stage
 
@@ -93,8 +93,8 @@ class CrossValidatedTest:
         self.plans: list[FoldPlan] = []
         self.results: list[tuple[int, int, TestRecord]] = []  # (fold, question, its record)
 
-    def start(self, trainer, layout, objective: str, pairing_result: PairSearch, encoder_linear: Callable[[int], torch.Tensor],
-              load_target: Callable[[], Any]) -> Any:
+    def start(self, trainer, layout, objective: Objective, pairing_result: PairSearch,
+              encoder_linear: Callable[[int], torch.Tensor], load_target: Callable[[], Any]) -> Any:
         """Plan all folds, spread over the ranks; returns the loaded target (the caller drops it when done)."""
         datamodule = trainer.datamodule
         fmt = datamodule.source.format
@@ -106,7 +106,7 @@ class CrossValidatedTest:
             target = load_target()
         spec = datamodule.target_spec
         rendered = render_questions(target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template)
-        shared = SharedAlignment([tuple(p) for p in pairing_result.pairs], encoder_linear)
+        shared = SharedAlignment([(i, j) for i, j in pairing_result.pairs], encoder_linear)
         layers = LayerInfo(list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers)
         answers = AnswerGenerator(target.model, target.tokenizer, datamodule.all_questions, self.evaluation.generation,
                                   self.evaluation.positions, spec.block_path) if self.evaluation.generation.enabled else None

@@ -17,6 +17,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -26,6 +27,9 @@ from es_lightning.export.source import EXPORT_RECORD, ExportSource, TargetModel,
 from es_lightning.io import atomic_directory
 from es_lightning.models.layers import get_blocks, hidden_size
 from es_lightning.models.loading import resolve_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def fold(model: torch.nn.Module, deltas: dict[int, torch.Tensor], block_path: st
 
     recipe = recipe_for(model.config)
     width = hidden_size(model)
-    config = copy.deepcopy(model.config)
+    config = cast("PreTrainedConfig", copy.deepcopy(model.config))  # nn.Module types .config as Tensor | Module
     if recipe.as_llama is not None:
         from transformers import LlamaConfig
 
@@ -112,6 +116,7 @@ def fold(model: torch.nn.Module, deltas: dict[int, torch.Tensor], block_path: st
         config = LlamaConfig(**{**data, **recipe.as_llama, recipe.switch: True})
         config.architectures = ["LlamaForCausalLM"]
     if recipe.as_llama is not None or (recipe.switch and not getattr(config, recipe.switch, False)):
+        assert recipe.switch is not None  # every as_llama recipe names its switch
         setattr(config, recipe.switch, True)
         folded = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = folded.load_state_dict(model.state_dict(), strict=False)
@@ -134,11 +139,11 @@ def fold(model: torch.nn.Module, deltas: dict[int, torch.Tensor], block_path: st
             if tuple(delta.shape) != (width,):
                 raise ValueError(
                     f"The vector of layer {layer} has shape {tuple(delta.shape)}, the model's width is {width}.")
-            projection = blocks[layer].get_submodule(recipe.projection)
-            if projection.bias is None or projection.bias.shape != (width,):
+            bias = blocks[layer].get_submodule(recipe.projection).bias
+            if not isinstance(bias, torch.Tensor) or bias.shape != (width,):
                 raise RuntimeError(
                     f"{type(model).__name__} block {layer}: {recipe.projection} has no bias of width {width}.")
-            projection.bias.add_(delta.to(projection.bias.dtype))
+            bias.add_(delta.to(bias.dtype))
     return folded
 
 
@@ -167,7 +172,7 @@ def export_hf(
     out_dtype = resolve_dtype(dtype) if dtype else saved
     model = AutoModelForCausalLM.from_pretrained(target.directory, dtype=torch.float32)
     model.eval()
-    folded = fold(model, source.deltas(), block_path).to(out_dtype)
+    folded = cast("PreTrainedModel", fold(model, source.deltas(), block_path).to(out_dtype))  # a copy of model
     del model
     tokenizer = AutoTokenizer.from_pretrained(target.directory)
     record = {

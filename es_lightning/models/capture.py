@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -20,7 +20,9 @@ class _StopForward(Exception):
 
 def block_output(output: object) -> torch.Tensor:
     """The hidden-state tensor inside a decoder block's output (a tensor or a tuple led by one)."""
-    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[index,return-value]
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return cast(torch.Tensor, output)  # a block that returns no tuple returns its hidden state itself
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

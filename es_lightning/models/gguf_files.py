@@ -55,6 +55,13 @@ def _model_key(path: Path) -> tuple[str, int]:
     return (split["stem"], int(split["count"])) if split else (path.stem, 0)
 
 
+def _part_index(path: Path) -> int:
+    """The index of a part (``x-00002-of-00003.gguf`` -> 2)."""
+    split = SPLIT_PART.match(path.name)
+    assert split is not None, path  # only files named like a part have a part count, so only they get here
+    return int(split["index"])
+
+
 def find_gguf_files(path: Path) -> GGUFModelFiles:
     """The one GGUF model that a ``.gguf`` file or a folder of ``.gguf`` files holds.
 
@@ -83,14 +90,14 @@ def find_gguf_files(path: Path) -> GGUFModelFiles:
         )
     (stem, count), parts = next(iter(models.items()))
     if count:
-        indices = {int(SPLIT_PART.match(part.name)["index"]) for part in parts}
+        indices = {_part_index(part) for part in parts}
         missing = sorted(set(range(1, count + 1)) - indices)
         if missing:
             raise FileNotFoundError(
                 f"The GGUF model {stem!r} in {str(folder)!r} is split in {count} parts but part(s) "
                 f"{', '.join(map(str, missing))} are missing. Fix: download every part into that folder."
             )
-        parts.sort(key=lambda part: int(SPLIT_PART.match(part.name)["index"]))
+        parts.sort(key=_part_index)
     with open(parts[0], "rb") as handle:
         if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
             raise ValueError(
@@ -142,7 +149,11 @@ def _merge_shards(parts: tuple[Path, ...], target: Path) -> None:
 
     readers = [gguf.GGUFReader(part) for part in parts]
     first = readers[0]
-    architecture = first.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    architecture_field = first.get_field(gguf.Keys.General.ARCHITECTURE)
+    if architecture_field is None:
+        raise ValueError(f"{str(parts[0])!r} has no {gguf.Keys.General.ARCHITECTURE} field, so it is not the first "
+                         f"shard of a gguf-split model. Fix: download every part of the model again.")
+    architecture = architecture_field.contents()
     writer = gguf.GGUFWriter(target, architecture, endianess=first.endianess)
     alignment = first.get_field(gguf.Keys.General.ALIGNMENT)
     if alignment is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -24,7 +24,7 @@ BLOCK_PATHS: dict[str, str] = {
 }
 
 
-def _resolve(model: nn.Module, path: str) -> nn.Module | None:
+def _resolve(model: nn.Module, path: str) -> nn.ModuleList | None:
     obj: object = model
     for part in path.split("."):
         if not hasattr(obj, part):
@@ -64,7 +64,7 @@ def num_layers(model: nn.Module, block_path: str | None = None) -> int:
 
 def hidden_size(model: nn.Module) -> int:
     """Width of the residual stream (the blocks' output size)."""
-    config = model.config
+    config: Any = model.config  # a transformers config, which nn.Module's __getattr__ types as Tensor | Module
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     for name in ("hidden_size", "n_embd", "d_model"):

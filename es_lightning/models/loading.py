@@ -324,7 +324,8 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, device)).to(device)
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, device))
+    model = model.to(device)  # called as nn.Module.to: transformers' @wraps(nn.Module.to) hides its bound type
     model.eval()
     return LoadedModel(
         name=name, model=model, tokenizer=tokenizer, directory=folder, fingerprint=fingerprint_model_dir(folder)

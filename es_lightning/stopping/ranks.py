@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from es_lightning.stopping.signals import StopRequested, arm, check_stop, state
 
@@ -132,13 +132,13 @@ def on_rank_zero(compute: Callable[[], T], what: str) -> T:
     if ranks is None:
         return compute()
     key = ranks.next_key()
-    result = None
+    result: T | None = None
     if ranks.rank == 0:
         result = _run_shared(compute)
         ranks.store.add(key, 1)
     else:
         ranks.wait(key, 1, what, [0])
-    return ranks.broadcast(result)
+    return cast(T, ranks.broadcast(result))  # every rank gets rank 0's result, never the other ranks' None
 
 
 def on_every_rank(work: Callable[[], T], what: str) -> list[T]:
@@ -244,7 +244,8 @@ class Watchdog(threading.Thread):
             self.join(timeout=4 * BEAT_SECONDS)
 
     def run(self) -> None:
-        owner, store = None, None  # the Ranks whose store this thread has its own client of
+        owner: Ranks | None = None  # the Ranks whose store this thread has its own client of
+        store: Any = None
         while not self.done.wait(BEAT_SECONDS):
             try:
                 ranks = current()

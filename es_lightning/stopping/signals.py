@@ -131,7 +131,7 @@ def _on_alarm(_signum: int, _frame: Any) -> None:
 
 def install() -> dict[int, Any]:
     """Install the stop and grace handlers (main thread only); returns the handlers they replace."""
-    previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    previous: dict[int, Any] = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
     previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, _on_alarm)
     return previous
 
