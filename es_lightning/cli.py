@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -21,6 +22,8 @@ from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_checkpoint_io, ensure_writable_dir
 from es_lightning.memory import check_devices
 from es_lightning.module import ExpertSteer
+from es_lightning.run.keys import stage_options
+from es_lightning.run.record import FitRecorder, read_fit_record
 from es_lightning.stopping import run_stoppable, stage
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -45,7 +48,7 @@ class ESLightningCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (``build_cli`` always passes them, from ``sys.argv`` or the pipeline), then set up the console."""
-        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(cast(list[str], args))
         configure(verbosity_from_flags(bool(self.config.get("quiet")), bool(self.config.get("verbose"))))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -72,6 +75,9 @@ class ESLightningCLI(LightningCLI):
                 f"The run folder {config.checkpoint.dirpath} already holds last.ckpt. Resume it with --ckpt_path last, "
                 f"or start a new run with another --run_name (or delete the folder)."
             )
+        self.fit_options = stage_options(config, "fit") if self.subcommand == "fit" else None
+        if self.fit_options is not None and config.get("ckpt_path"):
+            check_resumable(Path(config.checkpoint.dirpath), str(config.ckpt_path), self.fit_options)
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # rows are streamed to disk by SteeredPredictionWriter
 
@@ -81,10 +87,27 @@ class ESLightningCLI(LightningCLI):
         :class:`StopAtBatchEnd` after its callbacks."""
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(StopAtBatchEnd())
+        if getattr(self, "fit_options", None) is not None:
+            trainer.callbacks.append(FitRecorder(self.fit_options))
         connector = trainer._accelerator_connector
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO" and connector.checkpoint_io is None:
             trainer.strategy.checkpoint_io = atomic_checkpoint_io()
         return trainer
+
+
+def check_resumable(run_dir: Path, ckpt_path: str, options: dict) -> None:
+    """Refuse to resume a fit from a checkpoint made under other fit options (``--ckpt_path last`` or a path)."""
+    path = run_dir / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    record = read_fit_record(path)
+    if record is None or not record.key:  # no file (Lightning says so), or a checkpoint older than fit records
+        return
+    changes = record.changes_to(options)
+    if changes:
+        raise ValueError(
+            f"{path} was fitted with other options ({'; '.join(changes[:6])}), so resuming it would mix two "
+            f"configurations. Fix: resume with the options it was fitted with, or start a new run with another "
+            f"--run_name (es-lightning-pipeline moves such a checkpoint aside and fits again)."
+        )
 
 
 def build_cli(args: list[str] | None = None) -> ESLightningCLI:
@@ -129,8 +152,9 @@ def main(args: list[str] | None = None) -> None:
         with stage(next((arg for arg in argv if arg in SUBCOMMANDS), "es-lightning")):
             build_cli(argv)
 
+    before_subcommand = argv[: next((k for k, arg in enumerate(argv) if arg in SUBCOMMANDS), len(argv))]
     run_stoppable(run, "es-lightning", lambda: resume_command(argv, ESLightningCLI.run_dir),
-                  lambda: kept_in_run_folder(ESLightningCLI.run_dir))
+                  lambda: kept_in_run_folder(ESLightningCLI.run_dir), traceback="--verbose" in before_subcommand)
 
 
 if __name__ == "__main__":

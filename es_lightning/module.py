@@ -4,7 +4,7 @@ vectors), ``test`` runs the cross-validated steering evaluation, ``predict`` gen
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,42 +12,20 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from es_lightning.alignment import AlignmentAutoEncoder
-from es_lightning.alignment.autoencoder import CHECKPOINT_KEY
-from es_lightning.callbacks.prediction_writer import find_prediction_writer
+from es_lightning.alignment.autoencoder import CHECKPOINT_KEY, Objective
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.stage import CrossValidatedTest, check_folds, evaluation_folds
-from es_lightning.evaluation.report import chosen_coefficients, load_report
-from es_lightning.io import sha256_file, sha256_json
+from es_lightning.data import PairedHiddenStatesDataModule
+from es_lightning.io import sha256_file
 from es_lightning.memory import announce, check_model_fits, evaluation_estimate, read_shape
 from es_lightning.models.loading import LoadedModel, dtype_name, load_model, resolve_model_dir
-from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
-from es_lightning.steering.generation import GenerationSettings, generate, uses_chat_template
-from es_lightning.steering.options import check_coefficients, check_methods
+from es_lightning.prediction import PredictConfig, SteeredPrediction
+from es_lightning.steering.bundle import ModelIdentity
+from es_lightning.steering.generation import GenerationSettings
 from es_lightning.steering.pair_search import PairSearch, PairSearchConfig
 from es_lightning.steering.vectors import VectorConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PredictConfig:
-    """What ``es-lightning predict`` generates for every prompt: an unsteered row, then each method at its
-    coefficients. ``coefficients_from_report`` (default): each method's coefficient is the one ``test`` chose for
-    it within the damage budget (median over folds) when a report of this checkpoint exists (``model.report_dir``,
-    default ``<run>/report``); otherwise, and for methods the report lacks, every nonzero value of ``coefficients``.
-    A method with no coefficient within budget is not generated (the log says so).
-    ``bundle_dir``: where ``<method>.safetensors`` bundles are (default: the ones the checkpoint's fit wrote)."""
-
-    methods: list[str] = field(default_factory=lambda: ["expertsteer"])
-    coefficients: list[float] = field(default_factory=lambda: [0.1])
-    coefficients_from_report: bool = True
-    positions: Literal["all", "prompt", "generated"] = "all"
-    bundle_dir: str | None = None
-    include_unsteered: bool = True
-
-    def validate(self) -> None:
-        check_methods(self.methods, "predict.methods")
-        check_coefficients(self.coefficients, "predict.coefficients")
 
 
 class ExpertSteer(AlignmentAutoEncoder):
@@ -66,7 +44,7 @@ class ExpertSteer(AlignmentAutoEncoder):
 
     def __init__(
         self,
-        objective: Literal["reconstruction", "paired"] = "paired",
+        objective: Objective = "paired",
         pair_weight: float = 1.0,
         layer_map: dict[int, int] | None = None,
         closed_form_init: bool = True,
@@ -94,7 +72,6 @@ class ExpertSteer(AlignmentAutoEncoder):
         self.predict_config = predict
         self.target_dtype = target_dtype
         self.report_dir = report_dir
-        self._target: LoadedModel | None = None
 
     # ---------------------------------------------------------------------------------- checks
     def prepare_data(self) -> None:
@@ -123,6 +100,23 @@ class ExpertSteer(AlignmentAutoEncoder):
         if stage == "test":
             check_folds(evaluation_folds(datamodule, self.evaluation, self.vectors.seed), datamodule, self.evaluation, self.pairing)
 
+    # ------------------------------------------------------------------------- step results
+    def record_pairing(self, result: PairSearch) -> None:
+        """Step 2's result: the intervention pairs (saved in the checkpoint). Before ``setup`` (the paired
+        objective's search), the auto-encoders are then trained only for these pairs, seeded with its ridge."""
+        self.pairing_result = result
+        if not self.is_built:
+            self.plan_layers(dict(result.pairs), result.ridge)
+
+    def record_bundles(self, paths: dict[str, str]) -> None:
+        """Step 3's result: each method's bundle file (saved in the checkpoint; ``predict`` loads them)."""
+        self.extra["bundles"] = dict(paths)
+
+    @property
+    def bundle_paths(self) -> dict[str, str]:
+        """Each method's bundle file written by the fit (empty before step 3)."""
+        return dict(self.extra.get("bundles") or {})
+
     # ------------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -134,13 +128,24 @@ class ExpertSteer(AlignmentAutoEncoder):
         saved = self.extra.pop("pairing", None)
         self.pairing_result = PairSearch.from_dict(saved) if saved else None
         if self._trainer is not None and self.trainer.state.fn == "predict":
-            self._prepare_predict()
+            # the first hook that knows the checkpoint path, and still before the prompt dataloader is built
+            self._predict = SteeredPrediction(self.predict_config, self.generation, str(self.trainer.ckpt_path),
+                                              self._report_folder())
+            self._predict.resume(self.trainer, self._datamodule(), self.target_dtype)
 
     # ------------------------------------------------------------------------------ shared pieces
     def setup(self, stage: str) -> None:
         if stage in ("test", "predict"):
             return  # the checkpoint (restored after setup) builds the module; work starts in on_*_start
         super().setup(stage)
+
+    def _datamodule(self) -> PairedHiddenStatesDataModule:
+        """The trainer's paired data module (the CLI sets it; any other is refused with the fix)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not isinstance(datamodule, PairedHiddenStatesDataModule):
+            raise TypeError("ExpertSteer needs es_lightning.data.PairedHiddenStatesDataModule as the data module "
+                            "(the es-lightning CLI sets it).")
+        return datamodule
 
     def _require(self, what: str) -> PairSearch:
         if not self.is_built:
@@ -153,26 +158,27 @@ class ExpertSteer(AlignmentAutoEncoder):
         return self.pairing_result
 
     def _load_target(self) -> LoadedModel:
-        datamodule = self.trainer.datamodule
+        datamodule, fitted = self._datamodule(), self.built_layout.target
         dtype = self.target_dtype or datamodule.target_spec.dtype
         self._announce_scoring(dtype)
-        target = load_model(self.layout.target.name, getattr(datamodule, "cache_dir", None), dtype, device=self.device)
-        if target.fingerprint != self.layout.target.fingerprint:
+        target = load_model(fitted.name, datamodule.cache_dir, dtype, device=self.device)
+        if target.fingerprint != fitted.fingerprint:
             raise ValueError(
-                f"The target model {self.layout.target.name!r} has changed since this checkpoint was fitted "
-                f"(fingerprint {target.fingerprint} vs {self.layout.target.fingerprint}). Refit with the current weights."
+                f"The target model {fitted.name!r} has changed since this checkpoint was fitted "
+                f"(fingerprint {target.fingerprint} vs {fitted.fingerprint}). Refit with the current weights."
             )
         return target
 
     def _announce_scoring(self, dtype: str) -> None:
         """Log and check the memory of scoring (test) or generation (predict) before the target loads. Prompt and
         completion lengths are upper bounds: ``max_length`` tokens, and a choice's characters or ``max_new_tokens``."""
-        datamodule, testing = self.trainer.datamodule, self.trainer.state.fn == "test"
+        datamodule, testing = self._datamodule(), self.trainer.state.fn == "test"
         spec = datamodule.target_spec
         completion = (min(spec.max_length, max((len(c) for q in datamodule.all_questions for c in q.choices), default=1))
                       if testing else self.generation.max_new_tokens)
         batch = self.evaluation.batch_size if testing else datamodule.predict_batch_size
-        shape = read_shape(resolve_model_dir(self.layout.target.name, getattr(datamodule, "cache_dir", None)), self.layout.target.name)
+        name = self.built_layout.target.name
+        shape = read_shape(resolve_model_dir(name, datamodule.cache_dir), name)
         generation = self.evaluation.generation
         rows, tokens = (generation.batch_size, generation.max_new_tokens) if testing and generation.enabled else (0, 0)
         announce(evaluation_estimate(shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device,
@@ -183,145 +189,44 @@ class ExpertSteer(AlignmentAutoEncoder):
 
     # ------------------------------------------------------------------------------------- test
     def on_test_start(self) -> None:
-        self._require("test")
-        self._test = CrossValidatedTest(self.evaluation, self.vectors, self.pairing)
-
-        def load() -> LoadedModel:
-            self._target = self._load_target()
-            return self._target
-
-        self._test.start(self.trainer, self.layout, self.objective, self.pairing_result, lambda i: self.encoder_linear(i).cpu(), load)
+        pairing = self._require("test")
+        self._test: CrossValidatedTest | None = CrossValidatedTest(self.evaluation, self.vectors, self.pairing)
+        self._test.start(self.trainer, self.built_layout, self.objective, pairing, lambda i: self.encoder_linear(i).cpu(),
+                         self._load_target)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        assert self._test is not None  # on_test_start made it
         self._test.step(batch["question"].tolist())
 
     def on_test_epoch_end(self) -> None:
-        meta = {"target": self.layout.target.name, "expert": self.layout.expert.name, "objective": self.objective,
-                "fit_pairs": [list(p) for p in self.pairing_result.pairs], "pairing": asdict(self.pairing),
-                "vectors": asdict(self.vectors)}
-        dataset = self._test.finish(self.trainer, Path(self.trainer.datamodule.source.path).stem, meta, self._report_folder())
+        layout, pairing = self.built_layout, self._require("test")
+        assert self._test is not None  # on_test_start made it
+        meta = {"target": layout.target.name, "expert": layout.expert.name, "objective": self.objective,
+                "fit_pairs": [list(p) for p in pairing.pairs], "pairing": asdict(self.pairing),
+                "vectors": asdict(self.vectors),
+                "bundles": {m: sha256_file(p) for m, p in self.bundle_paths.items() if Path(p).exists()}}
+        dataset = self._test.finish(self.trainer, Path(self._datamodule().source.path).stem, meta, self._report_folder())
         for entry in dataset.methods:
             accuracy = entry.accuracy_mean if self.evaluation.scoring == "mean" else entry.accuracy_sum
             self.log(f"test/accuracy/{entry.method}", accuracy.mean, rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            self._record_chosen_coefficients(self._report_folder() / "report.json")
-        self._target = self._test = None  # the evaluator holds the target too: drop both before predict loads one
-
-    def _record_chosen_coefficients(self, report: Path) -> None:
-        """Write each method's coefficient chosen by this test (median over folds) into its bundle's metadata, so
-        the bundle carries the strength it was evaluated at; ``predict`` and the exports read the same report."""
-        chosen = chosen_coefficients(load_report(report))
-        for method, path in (self.extra.get("bundles") or {}).items():
-            if chosen.get(method) and Path(path).exists():
-                bundle = SteeringBundle.load(path)
-                bundle.extra["chosen_coefficient"] = {"value": chosen[method], "report": str(report.resolve()),
-                                                      "protocol": self.evaluation.protocol}
-                bundle.save(path)
+        self._test = None  # the evaluator holds the target: drop it before predict loads one
 
     def _report_folder(self) -> Path:
         return Path(self.report_dir) if self.report_dir else self._run_folder() / "report"
 
     # ---------------------------------------------------------------------------------- predict
-    def _prepare_predict(self) -> None:
-        """Coefficients and resumption, called when the checkpoint is loaded for ``predict``: the first hook that
-        knows the checkpoint path, and still before the prompt dataloader is built."""
-        self._ckpt_sha256 = sha256_file(self.trainer.ckpt_path)
-        self._variants = self._predict_variants()
-        self._resume_predictions()
-
-    def _predict_variants(self) -> list[tuple[str, float]]:
-        """``(method, coefficient)`` of each row per prompt: unsteered first, then each method (see PredictConfig)."""
-        config = self.predict_config
-        chosen = self._chosen_coefficients() if config.coefficients_from_report else {}
-        variants = [("none", 0.0)] if config.include_unsteered else []
-        for method in config.methods:
-            if chosen.get(method) == 0:
-                log.warning("test found no coefficient of %s within the damage budget (evaluation.budget): it is not "
-                            "generated. Pass model.predict.coefficients_from_report false to generate it anyway.", method)
-                continue
-            values = [chosen[method]] if method in chosen else list(config.coefficients)
-            variants += [(method, float(c)) for c in values if c != 0]
-        return variants
-
-    def _chosen_coefficients(self) -> dict[str, float]:
-        """Each method's coefficient chosen by ``test`` for this checkpoint, or ``{}`` without such a report."""
-        path = (Path(self.report_dir) if self.report_dir else self._run_folder() / "report") / "report.json"
-        fallback = f"predict uses predict.coefficients {list(self.predict_config.coefficients)}"
-        if not path.exists():
-            log.info("No evaluation report at %s: %s.", path, fallback)
-            return {}
-        report = load_report(path)
-        if (report.meta.get("checkpoint") or {}).get("sha256") != self._ckpt_sha256:
-            log.warning("The evaluation report %s was made from another checkpoint: %s.", path, fallback)
-            return {}
-        chosen = chosen_coefficients(report)
-        log.info("Steering coefficients chosen by test (%s): %s", path, chosen)
-        return chosen
-
-    def _resume_predictions(self) -> None:
-        """Tell the prediction writer what makes the rows; leave out of the prompts those already written."""
-        writer = find_prediction_writer(self.trainer)
-        if writer is None:
-            return
-        datamodule = self.trainer.datamodule
-        done = writer.start(self.trainer, sha256_json({  # rows of another configuration are never mixed in
-            "ckpt": self._ckpt_sha256,
-            "predict": asdict(self.predict_config), "variants": self._variants, "generation": asdict(self.generation),
-            "target_dtype": self.target_dtype, "prompts": datamodule.prompts.fingerprint,
-        }))
-        if done is None:
-            log.info("Predictions already complete for this configuration: %s (delete it to regenerate).", writer.output_path)
-        elif done:
-            log.info("Resuming predictions: %d of %d prompts already written.", len(done), len(datamodule.prompts))
-            datamodule.prompts = datamodule.prompts.without(done)
-        if done is None or not len(datamodule.prompts):  # nothing to generate: Lightning skips the loop, the
-            self._predict_limit = self.trainer.limit_predict_batches  # writer keeps (or merges) the file
-            self.trainer.limit_predict_batches = 0
-        elif len(datamodule.prompts) < self.trainer.world_size:
-            # Lightning's non-padding DDP predict sampler fails with a bare AssertionError on a rank without prompts
-            # (found running predict with 1 prompt on 2 processes); every rank sees the same count, so all refuse.
-            left = len(datamodule.prompts)
-            raise ValueError(
-                f"{left} prompt(s) left to generate but {self.trainer.world_size} processes: under DDP every process "
-                f"needs at least one prompt. Fix: --trainer.devices {left} (or 1)."
-            )
-
     def on_predict_start(self) -> None:
         self._require("predict")
-        config = self.predict_config
-        identity = ModelIdentity(self.layout.target.name, self.layout.target.fingerprint, self.layout.target.model_type)
-        recorded = self.extra.get("bundles") or {}
-        self._bundles: dict[str, SteeringBundle] = {}
-        for method in config.methods:
-            path = Path(config.bundle_dir) / f"{method}.safetensors" if config.bundle_dir else recorded.get(method)
-            if not path or not Path(path).exists():
-                raise FileNotFoundError(
-                    f"No {method!r} steering bundle found ({path or 'none recorded in the checkpoint'}). Fit with "
-                    f"SteeringVectorCallback(methods=[..., {method!r}]) or set model.predict.bundle_dir."
-                )
-            self._bundles[method] = SteeringBundle.load(path, expected_target=identity)
-        self._target = self._load_target()
-        chat = uses_chat_template(self.generation, self._target.tokenizer)
-        log.info("Generating %s per prompt%s.", ", ".join(m if m == "none" else f"{m} x{c:g}" for m, c in self._variants),
-                 " (prompts in the target's chat template)" if chat else "")
+        layout = self.built_layout
+        identity = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)
+        self._predict.load(identity, self.bundle_paths, self._load_target)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        prompts = list(batch["prompt"])
-        outputs = [
-            generate(self._target.model, self._target.tokenizer, prompts, self.generation, self._bundles.get(method),
-                     coefficient if method in self._bundles else 0.0, self.predict_config.positions,
-                     block_path=self.trainer.datamodule.target_spec.block_path)
-            for method, coefficient in self._variants
-        ]
-        return [
-            {"index": int(index), "id": batch["id"][k], "prompt": prompts[k], "output": outputs[v][k], "method": method,
-             "coefficient": coefficient}
-            for k, index in enumerate(batch["index"]) for v, (method, coefficient) in enumerate(self._variants)
-        ]
+        return self._predict.rows(batch, self._datamodule().target_spec.block_path)
 
     def on_predict_end(self) -> None:
-        self._target = None
+        self._predict.target = None
 
     def teardown(self, stage: str) -> None:
-        if stage == "predict" and getattr(self, "_predict_limit", None) is not None:
-            self.trainer.limit_predict_batches, self._predict_limit = self._predict_limit, None
+        if stage == "predict" and getattr(self, "_predict", None) is not None:
+            self._predict.restore(self.trainer)

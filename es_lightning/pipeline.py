@@ -3,11 +3,12 @@
     es-lightning-pipeline --config configs/default.yaml [--quiet | --verbose]
 
 Each stage is the ordinary ``es-lightning`` subcommand (same config, same run folder), so any stage can
-be re-run on its own. Started again with the same command, the job continues where it stopped: a finished
-fit is kept (an unfinished one resumes from ``last.ckpt``); a report is kept only if it was made by this
-pipeline from the same checkpoint with the same evaluation options and data (``<report_dir>/pipeline.json``
-records that key); prediction rows already written for the same configuration and prompt file are reused
-by the prediction writer. The predictions are also written side by side to ``<run>/predictions.md``.
+be re-run on its own. Started again, the job reuses only what was made from the same inputs: each stage's
+content key (:mod:`es_lightning.run.keys`) hashes the options it depends on, the files they name and its input
+artifacts. A fit is kept if ``last.ckpt`` records the same fit key (an unfinished one resumes; one fitted under
+other options is moved to ``<run>/superseded/`` and the fit starts again, saying which options changed); a report
+is kept if this pipeline made it under the same report key (``<report_dir>/pipeline.json``); prediction rows
+already written under the same key are reused by the prediction writer. The predictions are also written side by side to ``<run>/predictions.md``.
 SIGTERM or SIGINT stops it within seconds with one line saying what was kept and the command that resumes (the
 same one); see :mod:`es_lightning.stopping`.
 """
@@ -21,9 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from es_lightning.callbacks.prediction_writer import find_prediction_writer
 from es_lightning.cli import ESLightningCLI, build_cli, kept_in_run_folder
 from es_lightning.console import configure, verbosity_from_flags
-from es_lightning.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from es_lightning.io import atomic_write_json, atomic_write_text, sha256_file
+from es_lightning.run.keys import stage_key, stage_options
+from es_lightning.run.record import FitRecord, read_fit_record
 from es_lightning.stopping import run_stoppable
 from es_lightning.stopping import stage as stopping_stage
 
@@ -74,11 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ESLightningCLI.run_dir = None
     run_stoppable(lambda: _run(argv), "es-lightning-pipeline", lambda: ["es-lightning-pipeline", *argv],
-                  lambda: kept_in_run_folder(ESLightningCLI.run_dir))
+                  lambda: kept_in_run_folder(ESLightningCLI.run_dir), traceback="--verbose" in argv)
 
 
-def _run(argv: list[str]) -> None:
-    """The three stages (see :func:`main`)."""
+def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], list[str]]:
+    """The pipeline's own flags, the loudness flags for every stage, the options every stage gets (``--config``
+    and the rest), and the options only the stages' Trainers get (progress bar, model summary)."""
     parser = argparse.ArgumentParser(description="ExpertSteer end to end: fit -> test -> predict.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--prompts", default=None, help="JSONL prompts for the predict stage (default: the config's)")
@@ -90,12 +95,27 @@ def _run(argv: list[str]) -> None:
     verbosity = verbosity_from_flags(args.quiet, args.verbose)
     configure(verbosity)
     flags = {"quiet": ["--quiet"], "verbose": ["--verbose"], "default": []}[verbosity]
-    common = ["--config", args.config, *extra]
     stage_extra = ["--trainer.enable_progress_bar", "false", "--data.progress", "false"] if args.quiet else []
     if not args.verbose:  # Lightning's parameter table says nothing about the run (the checkpoint records the sizes)
         stage_extra += ["--trainer.enable_model_summary", "false"]
-    start = time.time()
+    return args, flags, ["--config", args.config, *extra], stage_extra
 
+
+def _fit_is_current(ckpt: Path, config) -> bool:
+    """True if ``ckpt`` holds a finished fit under this configuration's fit key. A checkpoint fitted under other
+    options is moved aside first (see :func:`_supersede`); an unfinished one under the same key is resumed."""
+    options = stage_options(config, "fit")
+    record = read_fit_record(ckpt)
+    if record is not None and record.key != stage_key(options):
+        _supersede(ckpt, record, options)
+        return False
+    return record is not None and record.complete
+
+
+def _run(argv: list[str]) -> None:
+    """The three stages (see :func:`main`)."""
+    args, flags, common, stage_extra = _arguments(argv)
+    start = time.time()
     config = _parsed_config([*flags, *common])
     run_dir = Path(config.trainer.default_root_dir)
     report_dir = Path(config.model.report_dir) if config.model.report_dir else run_dir / "report"
@@ -111,8 +131,8 @@ def _run(argv: list[str]) -> None:
         return cli
 
     if "fit" not in args.skip:
-        if _fit_complete(ckpt):
-            log.info("\n=== 1/3 fit ===\nfit already complete: %s holds pairs and bundles (delete the run folder to refit)", ckpt)
+        if _fit_is_current(ckpt, config):
+            log.info("\n=== 1/3 fit ===\nfit already complete with these options: %s holds pairs and bundles", ckpt)
         else:
             stage("1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors", "fit",
                   *(["--ckpt_path", "last"] if ckpt.exists() else []))
@@ -120,19 +140,24 @@ def _run(argv: list[str]) -> None:
         raise FileNotFoundError(f"No checkpoint at {ckpt}: run the fit stage first.")
 
     if "test" not in args.skip:
-        key = _report_key(config, ckpt)
+        key = stage_key(stage_options(config, "report"), {"checkpoint": sha256_file(ckpt)})
         if _report_matches(report_dir, key):
             log.info("\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
                      "(delete it to re-evaluate)", report_dir / "report.json")
         else:
-            stage("2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)", "test", "--ckpt_path", str(ckpt), "--verbose", "false")
-            atomic_write_json(report_dir / REPORT_KEY_FILE, {"key": key, "report_sha256": sha256_file(report_dir / "report.json")})
+            stage("2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)", "test",
+                  "--ckpt_path", str(ckpt), "--verbose", "false")
+            atomic_write_json(report_dir / REPORT_KEY_FILE,
+                              {"key": key, "report_sha256": sha256_file(report_dir / "report.json")})
         print((report_dir / "report.md").read_text(), flush=True)
 
     if "predict" not in args.skip:
         predict_args = ["--data.predict_data.path", args.prompts] if args.prompts else []
         cli = stage("3/3 predict: unsteered vs steered generations", "predict", *predict_args, "--ckpt_path", str(ckpt))
-        writer = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "SteeredPredictionWriter")
+        writer = find_prediction_writer(cli.trainer)
+        if writer is None:
+            raise ValueError("The pipeline's predict stage needs es_lightning.callbacks.SteeredPredictionWriter in "
+                             "trainer.callbacks (see configs/default.yaml).")
         markdown = run_dir / "predictions.md"
         atomic_write_text(markdown, predictions_markdown(writer.output_path))
         print(side_by_side(writer.output_path), flush=True)
@@ -145,21 +170,15 @@ def _run(argv: list[str]) -> None:
             print(f"  {path}")
 
 
-def _fit_complete(ckpt: Path) -> bool:
-    """True if ``ckpt`` exists and its fit ran to the end (pairs and bundles recorded)."""
-    if not ckpt.exists():
-        return False
-    import torch
-
-    meta = torch.load(ckpt, map_location="cpu", weights_only=False).get("es_lightning", {})
-    return bool(meta.get("pairing")) and bool(meta.get("bundles"))
-
-
-def _report_key(config, ckpt: Path) -> str:
-    """What a report depends on: the checkpoint's bytes, the evaluation options, the target dtype and the data."""
-    data = {k: v for k, v in config.data.items() if k not in ("predict_data", "predict_batch_size", "progress", "num_workers")}
-    return sha256_json({"checkpoint": sha256_file(ckpt), "evaluation": config.model.evaluation,
-                        "target_dtype": config.model.target_dtype, "data": data})
+def _supersede(ckpt: Path, record: FitRecord, options: dict) -> None:
+    """Move a checkpoint fitted under other options out of the way (to ``<run>/superseded/``), saying what changed;
+    the fit then starts afresh."""
+    changes = record.changes_to(options) if record.key else ["it was written before checkpoints recorded their options"]
+    kept = ckpt.parent / "superseded" / f"last-{record.key[:12] or 'unrecorded'}.ckpt"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.replace(kept)
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    log.info("\n%s was fitted with other options (%s): moved to %s, fitting again.", ckpt, shown, kept)
 
 
 def _report_matches(report_dir: Path, key: str) -> bool:

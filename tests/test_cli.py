@@ -78,8 +78,13 @@ def test_interrupted_run_resumes_to_the_same_weights_and_step(run_args, tmp_path
 
 def test_resume_with_a_different_cache_is_refused(run_args, tmp_path):
     build_cli(["fit", *run_args, "--run_name", "r3"])
-    with pytest.raises(ValueError, match="layers \\[0, 3\\]. Fix: resume"):
-        build_cli(["fit", *run_args, "--run_name", "r3", "--data.target.layers", "[0, 3]", "--ckpt_path", "last", "--trainer.max_epochs", "5"])
+    changed = ["--data.target.layers", "[0, 3]", "--ckpt_path", "last", "--trainer.max_epochs", "5"]
+    with pytest.raises(ValueError, match=r"fitted with other options \(data\.target\.layers: \[1, 3\] -> \[0, 3\]; "
+                                         r"trainer\.max_epochs: 3 -> 5\)"):
+        build_cli(["fit", *run_args, "--run_name", "r3", *changed])
+    ckpt = str(tmp_path / "runs" / "r3" / "last.ckpt")
+    with pytest.raises(ValueError, match="layers \\[0, 3\\]"):  # a stage that reads the checkpoint refuses it too
+        build_cli(["validate", *run_args, "--run_name", "r3", "--data.target.layers", "[0, 3]", "--ckpt_path", ckpt])
 
 
 def test_bad_config_values_are_refused(run_args):

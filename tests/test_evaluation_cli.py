@@ -9,7 +9,8 @@ import torch
 from conftest import write_two_choice_jsonl
 from es_lightning.cli import build_cli
 from es_lightning.evaluation import protocol
-from es_lightning.evaluation.report import chosen_coefficients, load_report
+from es_lightning.io import sha256_file
+from es_lightning.evaluation.report import load_report
 from es_lightning.steering.bundle import SteeringBundle
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -28,13 +29,13 @@ def fitted(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
 def test_cross_validated_report(fitted, monkeypatch):
     tmp, args = fitted
     seen_rows = []
-    real = protocol.compute_vectors
+    real = protocol.compute_vector_set
 
-    def spy(method, pairs, inputs):
-        seen_rows.append((method, inputs.labels.shape[0]))
-        return real(method, pairs, inputs)
+    def spy(methods, pairs, inputs):
+        seen_rows.extend((method, inputs.labels.shape[0]) for method in methods)
+        return real(methods, pairs, inputs)
 
-    monkeypatch.setattr(protocol, "compute_vectors", spy)
+    monkeypatch.setattr(protocol, "compute_vector_set", spy)
     build_cli(["test", *args, "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
     folder = tmp / "runs" / "default" / "report"
     report = load_report(folder / "report.json")
@@ -69,13 +70,11 @@ def test_cross_validated_report(fitted, monkeypatch):
     for column in ("MC accuracy", "Generation accuracy", "KL", "CE increase", "Empty", "(constrained / unconstrained)",
                    "Generation verdict", "Multiple choice at the unconstrained coefficient", "bleu_acc (p vs none"):
         assert column in markdown
-    chosen = chosen_coefficients(load_report(folder / "report.json"))
+    bundles = load_report(folder / "report.json").meta["bundles"]  # the report names the bundle files it evaluated
     for method in ("expertsteer", "rfm_self", "mean_difference"):
-        extra = SteeringBundle.load(tmp / "runs" / "default" / "bundles" / f"{method}.safetensors").extra
-        if chosen[method]:
-            assert extra["chosen_coefficient"]["value"] == chosen[method] and extra["chosen_coefficient"]["protocol"] == "nested"
-        else:
-            assert "chosen_coefficient" not in extra
+        path = tmp / "runs" / "default" / "bundles" / f"{method}.safetensors"
+        assert bundles[method] == sha256_file(path)
+        assert "chosen_coefficient" not in SteeringBundle.load(path).extra  # test writes nothing into the bundles
     assert (folder / "coefficient_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -72,12 +72,15 @@ def test_nothing_stale_is_reused_and_predict_uses_the_chosen_coefficients(job, c
     assert set(chosen_coefficients(load_report(report)).values()) == {0.0}
     assert {r["method"] for r in rows(run / "predictions.jsonl")} == {"none"}
     # without the report's choice, the config's coefficient (tiny.yaml: 0.5)
-    main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.coefficients_from_report", "false"])
+    fixed = [*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.coefficients_from_report", "false"]
+    main(fixed)
     assert {r["coefficient"] for r in rows(run / "predictions.jsonl")} == {0.0, 0.5}
-    # an edited prompts file is generated again, never served from the old predictions
-    prompts.write_text('{"id": "a", "prompt": "what is the dog ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
     capsys.readouterr()
-    main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]"])
+    main(fixed)  # the same command again: every prediction is reused ...
+    assert "Predictions already complete" in capsys.readouterr().out
+    # ... and after an edit of the prompts file alone (nothing else changed), generated again
+    prompts.write_text('{"id": "a", "prompt": "what is the dog ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
+    main(fixed)
     out = capsys.readouterr().out
     assert "Predictions already complete" not in out and "[a] what is the dog ?" in out
     assert {r["prompt"] for r in rows(run / "predictions.jsonl")} == {"what is the dog ?", "where is the sun ?"}

@@ -29,6 +29,7 @@ from es_lightning.data.resolve import resolve_data_path
 from es_lightning.data.sources import load_records, require_columns, rows
 from es_lightning.data.splits import SPLITS, group_split
 from es_lightning.data.store import CacheStore, LayerRows, PairedStates
+from es_lightning.models.capture import Pooling
 from es_lightning.models.loading import default_cache_dir, dtype_name
 from es_lightning.models.spec import ModelSpec, describe
 
@@ -96,7 +97,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         data: DataSource,
         alignment_data: DataSource | None = None,
         splits: SplitConfig = SplitConfig(),
-        pooling: Literal["last", "mean"] = "last",
+        pooling: Pooling = "last",
         batch_size: int = 64,
         extract_batch_size: int = 16,
         extract_batch_tokens: int | None = 4096,
@@ -185,7 +186,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         else:
             self.examples = examples
             self.split_indices = group_split([e.group for e in examples], cfg.val_fraction, cfg.test_fraction, cfg.seed)
-            by_group = {q.group: [] for q in questions}
+            by_group: dict[str, list[Question]] = {q.group: [] for q in questions}
             for q in questions:
                 by_group[q.group].append(q)
             self.questions = {
@@ -218,11 +219,18 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
     def _extraction(self) -> Extraction:
         trainer = self.trainer
         return Extraction(
-            self.expert_spec, self.target_spec, self.layout, self.cache_dir, self.shard_size, self.cache_dtype,
+            self.expert_spec, self.target_spec, self.built_layout, self.cache_dir, self.shard_size, self.cache_dtype,
             self.extract_batch_size, self.extract_batch_tokens, self.progress,
             device=trainer.strategy.root_device if trainer else "cpu",
             rank=trainer.global_rank if trainer else 0, world=trainer.world_size if trainer else 1,
         )
+
+    @property
+    def built_layout(self) -> PairedLayout:
+        """The cache layout (models, captured layers, pooling); an error before :meth:`prepare_layout` or ``setup``."""
+        if self.layout is None:
+            raise RuntimeError("The data module's layout is not known yet: call prepare_layout() or setup() first.")
+        return self.layout
 
     def prepare_layout(self) -> PairedLayout:
         """Read the examples and both models' configs (no weights): what checks need before any extraction."""
@@ -306,7 +314,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # A DistributedSampler even on one process: its shuffle depends only on (seed, epoch), so a resumed
         # run sees the same batches as an uninterrupted one, and Lightning keeps it as is under DDP.
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.split_config.seed, drop_last=False)
+        sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.split_config.seed, drop_last=False)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
@@ -319,12 +327,18 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         """Indices into ``all_questions``: the evaluation decides which are tested in which fold."""
         questions = QuestionIndices(len(self.all_questions))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = DistributedSampler(questions, num_replicas=world, rank=rank, shuffle=False)
+        sampler: DistributedSampler = DistributedSampler(questions, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(questions, batch_size=self.batch_size, sampler=sampler)
+
+    def require_prompts(self) -> PromptDataset:
+        """The prompts ``setup("predict")`` read (an error before)."""
+        if self.prompts is None:
+            raise RuntimeError("The prompts are read by setup('predict'); call it first.")
+        return self.prompts
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts of ``predict_data`` in input order (under DDP Lightning adds its non-padding predict sampler)."""
-        return DataLoader(self.prompts, batch_size=self.predict_batch_size, shuffle=False, collate_fn=collate_prompts,
+        return DataLoader(self.require_prompts(), batch_size=self.predict_batch_size, shuffle=False, collate_fn=collate_prompts,
                           num_workers=self.num_workers)
 
     # ----------------------------------------------------------------------------- checkpointing

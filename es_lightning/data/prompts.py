@@ -157,10 +157,12 @@ class PromptDataset(Dataset):
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the source settings and the content: a local file's bytes, else the ``datasets`` fingerprint."""
+        """Hash of the source settings and the content: a local file's bytes (wherever it lies: the path is left
+        out), else the ``datasets`` id and fingerprint."""
         path = Path(self.source.path).expanduser()
-        content = sha256_file(path) if path.is_file() else getattr(self._table, "_fingerprint", None)
-        return sha256_json({"source": asdict(self.source), "content": content})
+        if path.is_file():
+            return sha256_json({"source": {**asdict(self.source), "path": None}, "content": sha256_file(path)})
+        return sha256_json({"source": asdict(self.source), "content": getattr(self._table, "_fingerprint", None)})
 
     def without(self, done: Iterable[int]) -> "PromptDataset":
         """A view without the prompts whose row numbers are in ``done``; items keep their original ``index``."""

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from es_lightning.evaluation.report import chosen_coefficients, load_report
+from es_lightning.io import sha256_file
 from es_lightning.models.loading import fingerprint_model_dir, resolve_model_dir
+from es_lightning.run.coefficients import resolve_coefficients
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.options import check_coefficient
 
@@ -71,32 +72,34 @@ def find_bundle(source: str | Path, method: str | None) -> Path:
     return path
 
 
-def default_coefficient(method: str, report: Path | None) -> tuple[float, str]:
+def default_coefficient(bundle_path: Path, method: str, report: Path | None) -> tuple[float, str]:
     """The coefficient the evaluation chose for ``method`` within its damage budget (median over folds), read from
-    ``report``."""
-    if report is None or not (report.is_file() or (report / "report.json").is_file()):
-        where = f" (no report.json in {str(report)!r})" if report is not None else ""
+    ``report``, which must have been made from this very bundle file (see :func:`resolve_coefficients`)."""
+    if report is None:
         raise ValueError(
-            f"No coefficient given and no evaluation report to take it from{where}: pass --coefficient "
-            f"(relative to the layer's mean hidden-state norm, e.g. 0.2) or run `es-lightning test` first."
+            "No coefficient given and no evaluation report to take it from: pass --coefficient (relative to the "
+            "layer's mean hidden-state norm, e.g. 0.2) or --report, or run `es-lightning test` first."
         )
     try:
-        chosen = chosen_coefficients(load_report(report))
+        chosen = resolve_coefficients(report, bundle_sha256={method: sha256_file(bundle_path)})
     except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(
             f"Cannot read the evaluation report {str(report)!r} ({type(err).__name__}: {err}); pass --coefficient."
         ) from err
-    if method not in chosen:
+    if chosen.report is None:
+        raise ValueError(f"No coefficient given, and {chosen.reason}: pass --coefficient (e.g. 0.2), or run "
+                         f"`es-lightning test` on this run first.")
+    if method not in chosen.values:
         raise ValueError(
-            f"The evaluation report {str(report)!r} chose no coefficient for {method!r} (it has {sorted(chosen)}); "
-            f"pass --coefficient."
+            f"The evaluation report {str(chosen.report)!r} chose no coefficient for {method!r} (it has "
+            f"{sorted(chosen.values)}); pass --coefficient."
         )
-    if chosen[method] == 0:
+    if chosen.values[method] == 0:
         raise ValueError(
-            f"The evaluation report {str(report)!r} found no coefficient of {method!r} within the damage budget "
+            f"The evaluation report {str(chosen.report)!r} found no coefficient of {method!r} within the damage budget "
             f"(evaluation.budget), so there is nothing safe to export: pass --coefficient to export one anyway."
         )
-    return chosen[method], f"report {report}"
+    return chosen.values[method], f"report {chosen.report}"
 
 
 def load_source(
@@ -116,7 +119,7 @@ def load_source(
     if coefficient is None:
         run = _run_of_bundle(path)
         report_path = Path(report) if report is not None else (run / "report" if run is not None else None)
-        coefficient, origin = default_coefficient(bundle.method, report_path)
+        coefficient, origin = default_coefficient(path, bundle.method, report_path)
     else:
         origin = "given"
     return ExportSource(bundle=bundle, bundle_path=path, coefficient=float(coefficient), coefficient_origin=origin)

@@ -15,6 +15,10 @@ from es_lightning.stopping.signals import StopRequested, describe, disarm, insta
 
 T = TypeVar("T")
 
+# Errors that mean "the input is wrong" (a path, an option value, a model name, a machine too small): the product
+# raises them with the problem and its fix in the message, so a command prints that message alone.
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, MemoryError)
+
 
 def stop_message(command: str, stop: StopRequested, resume: list[str], kept: Callable[[], str] | None = None) -> str:
     """The one line a stopped command prints: the signal, the step, what was kept and the command that resumes."""
@@ -25,7 +29,7 @@ def stop_message(command: str, stop: StopRequested, resume: list[str], kept: Cal
 
 
 def run_stoppable(main: Callable[[], T], command: str, resume: Callable[[], list[str]],
-                  kept: Callable[[], str] | None = None) -> T:
+                  kept: Callable[[], str] | None = None, traceback: bool = True) -> T:
     """Run a console command's ``main()`` with clean stops and shared failures; return what it returns.
 
     A stop prints :func:`stop_message` to stderr (on rank 0) and raises ``SystemExit(128 + signal)``: 143 for
@@ -33,6 +37,8 @@ def run_stoppable(main: Callable[[], T], command: str, resume: Callable[[], list
     folder holds. Any other error is published to the other ranks (DDP) and re-raised; a rank whose own error
     follows another rank's failure raises that failure instead, so every rank ends with the same message. Ranks
     other than 0 end after rank 0 (see :func:`~es_lightning.stopping.ranks.outlive_rank_zero`).
+    With ``traceback=False`` (a console command without ``--verbose``), an input error (:data:`INPUT_ERRORS`)
+    prints ``<command>: error: <message>`` alone on rank 0 and raises ``SystemExit(2)``.
     Nested calls, and calls outside the main thread, just run ``main()``.
     """
     if state.active or threading.current_thread() is not threading.main_thread():
@@ -53,8 +59,14 @@ def run_stoppable(main: Callable[[], T], command: str, resume: Callable[[], list
         outlive_rank_zero()
         if stop is not None:
             raise SystemExit(stop.exit_code) from None
-        if state.peer is not None and state.peer is not error:
-            raise state.peer from error
+        failure = state.peer if state.peer is not None and state.peer is not error else error
+        if not traceback and isinstance(failure, INPUT_ERRORS):
+            if this_rank() == 0:
+                print(f"{command}: error: {failure}\n(run again with --verbose for the traceback)", file=sys.stderr,
+                      flush=True)
+            raise SystemExit(2) from None
+        if failure is not error:
+            raise failure from error
         raise
     finally:
         watchdog.stop()
