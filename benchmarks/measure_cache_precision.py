@@ -79,7 +79,7 @@ def main() -> None:
     groups = {name: dm.split_groups(name) for name in index}
     t_pos, e_pos = layout.target_layers.index, layout.expert_layers.index
     config = model.pairing
-    rfm_options = dict(model.vectors.rfm_options)
+    rfm_options = model.vectors.rfm_options.fit_arguments()
     print(f"{layout.expert.name} -> {layout.target.name}; rows train {len(index['train'])}, val {len(index['val'])}, "
           f"test {len(index['test'])}; rule {config.rule}, top_k {config.top_k}", flush=True)
     rfm_cache: dict[tuple[str, int], torch.Tensor] = {}

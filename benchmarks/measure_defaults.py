@@ -108,7 +108,7 @@ def main() -> None:
     def autoencoder() -> AlignmentAutoEncoder:
         module = AlignmentAutoEncoder(objective="paired", ridge=paired.ridge,
                                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.0))
-        module.planned_layer_map = dict(pairs)
+        module.plan_layers(dict(pairs), paired.ridge)
         return module
 
     seeded = autoencoder()

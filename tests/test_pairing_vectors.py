@@ -31,7 +31,7 @@ def test_pairing_errors():
     with pytest.raises(ValueError, match="Unknown pairing rule"):
         select_pairs(MI, [2, 5], [1, 4, 7], 8, PairingRule("middle"))
     with pytest.raises(ValueError, match="does not match"):
-        select_pairs(MI, [2], [1, 4, 7], 8, PairingRule())
+        select_pairs(MI, [2], [1, 4, 7], 8, PairingRule("highest"))
 
 
 def planted(n=600, d_e=24, d_t=16, seed=0):
@@ -111,3 +111,21 @@ def test_expertsteer_applies_an_equal_width_map_untransposed():
     wrong = torch.nn.functional.normalize(mapping.T @ u, dim=0)
     assert torch.dot(vector, right) > 0.95
     assert torch.dot(vector, right) - torch.dot(vector, wrong) > 0.2
+
+
+def test_rfm_options_are_fit_rfms_defaults_and_refuse_unknown_names():
+    import inspect
+    from dataclasses import fields
+
+    from es_lightning.steering.options import RFMOptions
+    from es_lightning.steering.rfm import fit_rfm
+    from es_lightning.steering.vectors import VectorConfig
+
+    signature = inspect.signature(fit_rfm).parameters
+    for option in fields(RFMOptions):
+        default = getattr(RFMOptions(), option.name)
+        expected = signature[option.name].default
+        assert (list(expected) if isinstance(expected, tuple) else expected) == default, option.name
+    assert VectorConfig(rfm_options={"iters": 1}).rfm_options == RFMOptions(iters=1)
+    with pytest.raises(ValueError, match=r"Unknown vectors.rfm_options \['iter'\]"):
+        VectorConfig(rfm_options={"iter": 1})

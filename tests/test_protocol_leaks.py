@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from es_lightning.cli import build_cli
 from es_lightning.data.folds import Fold
@@ -33,7 +32,7 @@ def recorded(fitted, monkeypatch):  # noqa: F811
     seen: dict[int, dict[str, set[int]]] = {}
     folds: dict[int, Fold] = {}
     state = {"fold": None, "evaluator": None, "test_fold": None}
-    real_plan, real_search, real_vectors, real_score = Evaluator.plan, protocol.search_pairs, protocol.compute_vectors, Evaluator.score
+    real_plan, real_search, real_vectors, real_score = Evaluator.plan, protocol.search_pairs, protocol.compute_vector_set, Evaluator.score
     real_answer, real_reference, real_test = AnswerGenerator.answer, AnswerGenerator.reference, Evaluator.score_test
 
     def plan(self, fold):
@@ -52,9 +51,9 @@ def recorded(fitted, monkeypatch):  # noqa: F811
         record("pairs", _questions_of(state["evaluator"], list(fit.groups) + list(heldout.groups)))
         return real_search(fit, heldout, *a, **k)
 
-    def vectors(method, pairs, inputs):
+    def vectors(methods, pairs, inputs):
         record("vectors", _questions_of(state["evaluator"], inputs.groups))
-        return real_vectors(method, pairs, inputs)
+        return real_vectors(methods, pairs, inputs)
 
     def score(self, questions, *a, **k):
         if state["fold"] is not None:
@@ -87,7 +86,7 @@ def recorded(fitted, monkeypatch):  # noqa: F811
     monkeypatch.setattr(Evaluator, "score_test", score_test)
     monkeypatch.setattr(Evaluator, "plan", plan)
     monkeypatch.setattr(protocol, "search_pairs", search)
-    monkeypatch.setattr(protocol, "compute_vectors", vectors)
+    monkeypatch.setattr(protocol, "compute_vector_set", vectors)
     monkeypatch.setattr(Evaluator, "score", score)
     out = tmp / "leak-report"
     build_cli(["test", *args, "--model.report_dir", str(out), "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import CosineSimilarity, ExplainedVariance, MeanMetric, MeanSquaredError
 
+from es_lightning.alignment.closed_form import seed_weights, statistics
 from es_lightning.alignment.layer_map import proportional_layer_map, validate_layer_map
+from es_lightning.alignment.metrics import AlignmentMetrics
 from es_lightning.data.cache import PairedLayout
 from es_lightning.memory import announce, autoencoder_estimate
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("reconstruction", "paired")
+Objective = Literal["reconstruction", "paired"]  # paired: ours, the default; reconstruction: the paper's
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 CHECKPOINT_KEY = "es_lightning"
-
-
-def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least-squares ``W`` with ``x @ W ≈ y`` (centred inputs), Tikhonov-regularised relative to the trace."""
-    gram = x.T @ x
-    scale = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + scale * eye, x.T @ y)
 
 
 class AlignmentAutoEncoder(L.LightningModule):
@@ -50,9 +44,22 @@ class AlignmentAutoEncoder(L.LightningModule):
     # hyperparameters so that LightningCLI does not restore them over the command line on --ckpt_path.
     runtime_arguments: tuple[str, ...] = ("optimizer", "scheduler")
 
+    # parameters and buffers, created by build() for a layout
+    enc_weight: nn.Parameter  # [L_E, d_T, d_E]
+    enc_bias: nn.Parameter  # [L_E, d_T]
+    dec_weight: nn.Parameter  # [L_E, d_E, d_T]
+    dec_bias: nn.Parameter  # [L_E, d_E]
+    expert_index: torch.Tensor  # position of each trained layer among the cached expert layers
+    expert_mean: torch.Tensor  # [L_E, d_E] standardisation, train split
+    expert_scale: torch.Tensor  # [L_E]
+    target_mean: torch.Tensor  # [L_T cached, d_T]
+    target_scale: torch.Tensor  # [L_T cached]
+    paired_index: torch.Tensor  # position of each trained layer's target layer among the cached target layers
+    metrics: AlignmentMetrics
+
     def __init__(
         self,
-        objective: Literal["reconstruction", "paired"] = "paired",
+        objective: Objective = "paired",
         pair_weight: float = 1.0,
         layer_map: dict[int, int] | None = None,
         closed_form_init: bool = True,
@@ -75,15 +82,30 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.scheduler_factory = scheduler
         self.layout: PairedLayout | None = None
         self.layer_map: dict[int, int] = {}
-        self.planned_layer_map: dict[int, int] | None = None  # set by the layer-pair search before setup
+        self.trained_layers: list[int] = []  # the expert layers with an auto-encoder, once built
+        self.planned_layer_map: dict[int, int] | None = None  # see plan_layers
         self.planned_ridge: float | None = None
         self.cache_keys: dict[str, str] = {}
-        self.extra: dict[str, Any] = {}  # filled by callbacks: bundle paths
+        self.extra: dict[str, Any] = {}  # what subclasses save beside the layout (see on_save_checkpoint)
+
+    def plan_layers(self, layer_map: dict[int, int], ridge: float | None) -> None:
+        """Train the auto-encoders only for ``layer_map`` (expert -> target block), seeded with ``ridge``: what the
+        layer-pair search chose, given before ``setup`` builds the parameters."""
+        if self.is_built:
+            raise RuntimeError("plan_layers must come before setup builds the auto-encoders.")
+        self.planned_layer_map, self.planned_ridge = dict(layer_map), ridge
 
     # ------------------------------------------------------------------------------- structure
     @property
     def is_built(self) -> bool:
         return self.layout is not None
+
+    @property
+    def built_layout(self) -> PairedLayout:
+        """The cache layout the parameters were built for (an error before :meth:`build`)."""
+        if self.layout is None:
+            raise RuntimeError("The auto-encoders are not built yet: fit them, or load a checkpoint.")
+        return self.layout
 
     def build(self, layout: PairedLayout, layer_map: dict[int, int]) -> None:
         """Create parameters, buffers and metrics for ``layout`` (idempotent for the same layout)."""
@@ -110,12 +132,7 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.register_buffer("target_scale", torch.ones(n_target))
         target_pos = {layer: k for k, layer in enumerate(layout.target.layers)}
         self.register_buffer("paired_index", torch.tensor([target_pos[layer_map[i]] for i in trained], dtype=torch.long))
-        self.val_metrics = nn.ModuleDict({
-            "mse": nn.ModuleList(MeanSquaredError() for _ in range(n_layers)),
-            "explained_variance": nn.ModuleList(ExplainedVariance(multioutput="variance_weighted") for _ in range(n_layers)),
-            "pair_cosine": nn.ModuleList(CosineSimilarity(reduction="mean") for _ in range(n_layers)),
-        })
-        self.val_loss = MeanMetric()
+        self.metrics = AlignmentMetrics(n_layers, paired=self.objective == "paired")
 
     def _layer_map_for(self, layout: PairedLayout) -> dict[int, int]:
         if self.declared_layer_map is not None:
@@ -134,15 +151,16 @@ class AlignmentAutoEncoder(L.LightningModule):
         targets = sorted(set(self.layer_map.values())) if self.objective == "paired" else []
         return list(self.trained_layers), targets
 
-    def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None):
+    def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Standardise raw cached states with the train-split statistics.
 
         ``expert`` ``[B, L, d_E]`` holds every cached expert layer or only the trained ones; ``target`` every cached
         target layer or only the target layers of :attr:`batch_layers` (both in block order). Returns the trained
         expert layers and the target layers as given."""
-        if expert.shape[1] not in (len(self.trained_layers), len(self.layout.expert.layers)):
+        if expert.shape[1] not in (len(self.trained_layers), len(self.built_layout.expert.layers)):
             raise ValueError(f"Expert states hold {expert.shape[1]} layers: expected every cached expert layer "
-                             f"({len(self.layout.expert.layers)}) or the trained ones {self.trained_layers}.")
+                             f"({len(self.built_layout.expert.layers)}) or the trained ones {self.trained_layers}.")
         if expert.shape[1] != len(self.trained_layers):
             expert = expert[:, self.expert_index]
         xs = (expert - self.expert_mean) / self.expert_scale[:, None]
@@ -153,10 +171,10 @@ class AlignmentAutoEncoder(L.LightningModule):
 
     def _target_positions(self, count: int) -> list[int]:
         """Positions among the cached target layers of a target tensor with ``count`` layers (see :meth:`standardise`)."""
-        cached = list(self.layout.target.layers)
+        cached = list(self.built_layout.target.layers)
         if count == len(cached):
             return list(range(count))
-        served = self.batch_layers[1]
+        served = sorted(set(self.layer_map.values())) if self.objective == "paired" else []
         if count != len(served):
             raise ValueError(f"Target states hold {count} layers: expected every cached target layer ({len(cached)}) or "
                              f"the paired ones {served}.")
@@ -185,6 +203,7 @@ class AlignmentAutoEncoder(L.LightningModule):
         total = out["recon"].mean()
         if self.objective == "paired":
             positions = self._target_positions(batch["target"].shape[1])
+            assert ys is not None  # the batch's target states were standardised with the expert's
             paired_target = ys[:, [positions.index(int(b)) for b in self.paired_index]]
             out["pair"] = (code - paired_target).pow(2).mean(dim=(0, 2))
             out["paired_target"] = paired_target
@@ -196,54 +215,39 @@ class AlignmentAutoEncoder(L.LightningModule):
     @torch.no_grad()
     def fit_statistics_and_init(self, expert: torch.Tensor, target: torch.Tensor) -> None:
         """Standardisation statistics and the closed-form seed from in-memory train states ``[n, L_cached, d]``."""
-        expert_pos = {layer: k for k, layer in enumerate(self.layout.expert.layers)}
-        target_pos = {layer: k for k, layer in enumerate(self.layout.target.layers)}
+        expert_pos = {layer: k for k, layer in enumerate(self.built_layout.expert.layers)}
+        target_pos = {layer: k for k, layer in enumerate(self.built_layout.target.layers)}
         self.init_from_layers(lambda i: expert[:, expert_pos[i]], lambda j: target[:, target_pos[j]])
-
-    @staticmethod
-    def _statistics(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = states.mean(0)
-        return mean, (states - mean).pow(2).sum(-1).mean().sqrt().clamp_min(1e-6) / states.shape[-1] ** 0.5
 
     @torch.no_grad()
     def init_from_layers(self, expert_layer: Callable[[int], torch.Tensor], target_layer: Callable[[int], torch.Tensor]) -> None:
-        """Standardisation statistics from the train split, then the closed-form seed of the weights.
+        """Standardisation statistics from the train split, then the closed-form seed of the weights
+        (:mod:`es_lightning.alignment.closed_form`).
 
         ``expert_layer(i)``/``target_layer(j)`` return the train states ``[n, d]`` of one block; each layer is read
         on its own (every target layer once for its statistics, each trained pair once more for its seed), so the
         whole cache is never in memory."""
-        for b, j in enumerate(self.layout.target.layers):
-            self.target_mean[b], self.target_scale[b] = self._statistics(target_layer(j).double())
+        layout = self.built_layout
+        for b, j in enumerate(layout.target.layers):
+            self.target_mean[b], self.target_scale[b] = statistics(target_layer(j).double())
         ridge = self.ridge if self.ridge is not None else (self.planned_ridge if self.planned_ridge is not None else 1e-2)
         for k, i in enumerate(self.trained_layers):
             raw = expert_layer(i).double()
-            self.expert_mean[k], self.expert_scale[k] = self._statistics(raw)
+            self.expert_mean[k], self.expert_scale[k] = statistics(raw)
             x = (raw - self.expert_mean[k].double()) / self.expert_scale[k].double()
-            d_e, d_t = x.shape[-1], self.layout.target.hidden_size
             if not self.closed_form_init:
                 nn.init.xavier_uniform_(self.enc_weight.data[k])
                 nn.init.xavier_uniform_(self.dec_weight.data[k])
                 continue
-            x_mean = x.mean(0)
-            xc = x - x_mean
+            target = None
             if self.objective == "paired":
                 b = int(self.paired_index[k])
-                y = (target_layer(self.layout.target.layers[b]).double() - self.target_mean[b].double()) / self.target_scale[b].double()
-                w = _ridge(xc, y - y.mean(0), ridge)  # [d_E, d_T]
-                enc_w, enc_b = w.T, y.mean(0) - x_mean @ w
-            else:
-                _, _, vh = torch.linalg.svd(xc, full_matrices=False)
-                basis = torch.zeros(d_t, d_e, dtype=x.dtype, device=x.device)
-                rank = min(d_t, vh.shape[0])
-                basis[:rank] = vh[:rank]
-                enc_w, enc_b = basis, -(basis @ x_mean)
-            code = x @ enc_w.T + enc_b
-            code_mean = code.mean(0)
-            dec = _ridge(code - code_mean, xc, ridge)  # [d_T, d_E]
+                target = (target_layer(layout.target.layers[b]).double() - self.target_mean[b].double()) / self.target_scale[b].double()
+            enc_w, enc_b, dec_w, dec_b = seed_weights(x, target, layout.target.hidden_size, ridge)
             self.enc_weight.data[k] = enc_w.float()
             self.enc_bias.data[k] = enc_b.float()
-            self.dec_weight.data[k] = dec.T.float()
-            self.dec_bias.data[k] = (x_mean - code_mean @ dec).float()
+            self.dec_weight.data[k] = dec_w.float()
+            self.dec_bias.data[k] = dec_b.float()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -280,27 +284,15 @@ class AlignmentAutoEncoder(L.LightningModule):
         return out["total"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.losses(batch)
-        self.val_loss.update(out["total"], weight=batch["expert"].shape[0])
-        for k in range(out["xs"].shape[1]):
-            recon, original = out["recon_x"][:, k].contiguous(), out["xs"][:, k].contiguous()
-            self.val_metrics["mse"][k].update(recon, original)
-            self.val_metrics["explained_variance"][k].update(recon, original)
-            if self.objective == "paired":
-                self.val_metrics["pair_cosine"][k].update(out["code"][:, k].contiguous(), out["paired_target"][:, k].contiguous())
+        self.metrics.update(self.losses(batch), rows=batch["expert"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
-        self.val_loss.reset()
-        names = ["mse", "explained_variance"] + (["pair_cosine"] if self.objective == "paired" else [])
-        for name in names:
-            values = []
-            for k, metric in enumerate(self.val_metrics[name]):
-                value = metric.compute()
-                values.append(value)
-                self.log(f"val/{name}/layer{self.trained_layers[k]}", value)
-                metric.reset()
-            self.log(f"val/{name}", torch.stack(values).mean(), prog_bar=name != "mse")
+        loss, values = self.metrics.compute()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        for name, per_layer in values.items():
+            for layer, value in zip(self.trained_layers, per_layer):
+                self.log(f"val/{name}/layer{layer}", value)
+            self.log(f"val/{name}", torch.stack(per_layer).mean(), prog_bar=name != "mse")
 
     def configure_optimizers(self):
         optimizer = (self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)))(self.parameters())
@@ -324,12 +316,13 @@ class AlignmentAutoEncoder(L.LightningModule):
             raise ValueError("This checkpoint has no es-lightning layout: it was not written by AlignmentAutoEncoder.")
         layout = PairedLayout.from_dict(saved["layout"])
         layer_map = {int(k): int(v) for k, v in saved["layer_map"].items()}
-        if self.is_built and self.layout != layout:
+        if self.layout is not None and self.layout != layout:
+            built = self.layout
             raise ValueError(
                 f"The checkpoint was trained for expert {layout.expert.name} layers {layout.expert_layers} and target "
                 f"{layout.target.name} layers {layout.target_layers}, but this run's cache holds expert "
-                f"{self.layout.expert.name} layers {self.layout.expert_layers} and target {self.layout.target.name} "
-                f"layers {self.layout.target_layers}. Fix: resume with the checkpoint's config, or drop --ckpt_path."
+                f"{built.expert.name} layers {built.expert_layers} and target {built.target.name} "
+                f"layers {built.target_layers}. Fix: resume with the checkpoint's config, or drop --ckpt_path."
             )
         self.build(layout, layer_map)
         self.cache_keys = saved.get("cache_keys", {})

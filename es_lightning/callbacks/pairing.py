@@ -10,10 +10,12 @@ import lightning as L
 import torch
 
 from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
+from es_lightning.callbacks.steps import StepsModule, paired_data, steps_module
+from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_write_json, atomic_write_with
 from es_lightning.steering.mi import mi_matrix
 from es_lightning.steering.pair_search import PairSearch, search_pairs
-from es_lightning.steering.pairing import depth_pairs, select_pairs
+from es_lightning.steering.pairing import choose_pairs, depth_pairs
 from es_lightning.steering.rows import PairedRows
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,12 @@ class LayerPairingCallback(WhenTrainingEnds):
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or pl_module.is_built or pl_module.objective != "paired" or pl_module.declared_layer_map is not None:
+        module = steps_module(pl_module)
+        if stage != "fit" or module.is_built or module.objective != "paired" or module.declared_layer_map is not None:
             return
-        datamodule = trainer.datamodule
-        layout = datamodule.layout
-        config = pl_module.pairing
+        datamodule = paired_data(trainer)
+        layout = datamodule.built_layout
+        config = module.pairing
         log.info("Layer-pair search (%s rule) over %d x %d expert/target layers ...", config.rule, len(layout.expert_layers), len(layout.target_layers))
         start = time.perf_counter()
 
@@ -81,48 +84,46 @@ class LayerPairingCallback(WhenTrainingEnds):
             return outcome.result.to_dict()
 
         result = PairSearch.from_dict(on_rank_zero(trainer, compute))
-        pl_module.pairing_result = result
-        pl_module.planned_layer_map = dict(result.pairs)
-        pl_module.planned_ridge = result.ridge
+        module.record_pairing(result)
         self._publish(trainer, result, time.perf_counter() - start)
 
     @torch.no_grad()
-    def _reconstruction_pairs(self, pl_module, datamodule) -> dict:
-        layout, config = pl_module.layout, pl_module.pairing
-        val = datamodule.states("val", pl_module.trained_layers, layout.target_layers)  # every trained x target pair is scored
+    def _reconstruction_pairs(self, module: StepsModule, datamodule: PairedHiddenStatesDataModule) -> dict:
+        layout, config = module.built_layout, module.pairing
+        val = datamodule.states("val", module.trained_layers, layout.target_layers)  # every trained x target pair is scored
         config.check_rows(len(val["label"]), len(val["label"]), "Layer pairing on the val split")
-        xs, ys = pl_module.standardise(val["expert"].to(pl_module.device), val["target"].to(pl_module.device))
-        encoded = pl_module.encode(xs).cpu()
+        xs, ys = module.standardise(val["expert"].to(module.device), val["target"].to(module.device))
+        assert ys is not None  # target states were given
+        encoded = module.encode(xs).cpu()
         rule = config.pairing_rule
-        baseline = depth_pairs(pl_module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, rule)
-        mi = None
-        if config.rule == "depth":
-            pairs = baseline
-        else:
-            if config.rule == "separability":
-                raise ValueError("The separability rule needs the paired objective; use rule: highest or lowest with objective: reconstruction.")
-            mi = mi_matrix(encoded, ys.cpu(), method=config.mi_method, **{"seed": config.seed, **config.mi_options}).float()
-            pairs = select_pairs(mi, pl_module.trained_layers, layout.target_layers, layout.target.num_layers, rule,
-                                 highest=config.rule == "highest")
+        baseline = depth_pairs(module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, rule)
+        if config.rule == "separability":
+            raise ValueError("The separability rule needs the paired objective; use rule: highest or lowest with objective: reconstruction.")
+        mi = None if config.rule == "depth" else mi_matrix(
+            encoded, ys.cpu(), method=config.mi_method, **{"seed": config.seed, **config.mi_options}).float()
+        pairs = choose_pairs(rule, module.trained_layers, layout.target_layers, layout.expert.num_layers,
+                             layout.target.num_layers, mi=mi)
         return PairSearch(
-            rule=config.rule, objective="reconstruction", expert_layers=list(pl_module.trained_layers),
+            rule=config.rule, objective="reconstruction", expert_layers=list(module.trained_layers),
             target_layers=list(layout.target_layers), pairs=pairs, mi=None if mi is None else mi.tolist(), auc=None,
             depth_pairs=baseline, ridge=None, mi_method=config.mi_method, n_fit=0, n_heldout=len(val["label"]), top_k=config.top_k,
         ).to_dict()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True
-        if pl_module.objective != "reconstruction" and pl_module.pairing_result is not None:
+        module = steps_module(pl_module)
+        if module.objective != "reconstruction" and module.pairing_result is not None:
             return
         start = time.perf_counter()
-        if pl_module.objective == "reconstruction":
-            result = PairSearch.from_dict(on_rank_zero(trainer, lambda: self._reconstruction_pairs(pl_module, trainer.datamodule)))
+        if module.objective == "reconstruction":
+            datamodule = paired_data(trainer)
+            result = PairSearch.from_dict(on_rank_zero(trainer, lambda: self._reconstruction_pairs(module, datamodule)))
         else:  # a declared layer_map: its pairs are the intervention pairs
-            layout = pl_module.layout
-            pairs = sorted(pl_module.layer_map.items(), key=lambda p: p[1])
-            result = PairSearch("declared", "paired", list(layout.expert_layers), list(layout.target_layers), pairs, None, None,
-                                [], pl_module.ridge, top_k=len(pairs))
-        pl_module.pairing_result = result
+            layout = module.built_layout
+            pairs = sorted(module.layer_map.items(), key=lambda p: p[1])
+            result = PairSearch("declared", "paired", list(layout.expert_layers), list(layout.target_layers), pairs, None,
+                                None, [], module.ridge, top_k=len(pairs))
+        module.record_pairing(result)
         self._publish(trainer, result, time.perf_counter() - start)
         resave_last_checkpoint(trainer)
 

@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import lightning as L
 import torch
 
 from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
+from es_lightning.callbacks.steps import StepsModule, paired_data, steps_module
+from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, save_bundles
-from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vectors, layer_norms
+from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vector_set
 
 log = logging.getLogger(__name__)
 
 
-def bundles_for(pl_module, datamodule, config: VectorConfig) -> list[SteeringBundle]:
-    """One bundle per method of ``config`` for the pairs :class:`LayerPairingCallback` stored in ``pl_module``."""
-    pairing = pl_module.pairing_result
+def bundles_for(module: StepsModule, datamodule: PairedHiddenStatesDataModule, config: VectorConfig) -> list[SteeringBundle]:
+    """One bundle per method of ``config`` for the pairs :class:`LayerPairingCallback` recorded in ``module``."""
+    pairing = module.pairing_result
     if pairing is None or not pairing.pairs:
         raise RuntimeError(
             "No layer pairs found: add LayerPairingCallback before SteeringVectorCallback in trainer.callbacks."
         )
-    pairs = [tuple(p) for p in pairing.pairs]
-    layout = pl_module.layout
+    pairs = [(int(i), int(j)) for i, j in pairing.pairs]
+    layout = module.built_layout
     for i, j in pairs:
         if i not in layout.expert_layers or j not in layout.target_layers:
             raise ValueError(f"Pair {(i, j)} is not among the cached layers; the pairing and the cache disagree.")
@@ -32,27 +33,24 @@ def bundles_for(pl_module, datamodule, config: VectorConfig) -> list[SteeringBun
     inputs = VectorInputs(
         expert=states["expert"], target=states["target"], labels=states["label"],
         expert_layers=expert_layers, target_layers=target_layers,
-        encoder_linear=lambda i: pl_module.encoder_linear(i).cpu(), rfm_options=dict(config.rfm_options), seed=config.seed,
-        groups=datamodule.split_groups("train"), device=pl_module.device,
+        encoder_linear=lambda i: module.encoder_linear(i).cpu(), rfm_options=config.rfm_options, seed=config.seed,
+        groups=datamodule.split_groups("train"), device=module.device,
     )
-    norms = layer_norms(states["target"], target_layers, [j for _, j in pairs])
+    computed = compute_vector_set(config.methods, pairs, inputs)
+    for method in config.methods:
+        log.info("Steering vectors: %s for target layers %s (%.1f s)", method, sorted(computed.vectors[method]),
+                 computed.seconds[method])
     target = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)
     expert = ModelIdentity(layout.expert.name, layout.expert.fingerprint, layout.expert.model_type)
-    bundles = []
     mi = torch.tensor(pairing.mi) if pairing.mi is not None else torch.zeros(len(pairing.expert_layers), len(pairing.target_layers))
-    for method in config.methods:
-        start = time.perf_counter()
-        result = compute_vectors(method, pairs, inputs)
-        bundles.append(SteeringBundle(
-            method=method, vectors=result.vectors, norms=norms, target=target, expert=expert,
-            layer_pairs=pairs if method == "expertsteer" else [], mi=mi,
-            mi_expert_layers=pairing.expert_layers, mi_target_layers=pairing.target_layers,
-            data_key=pl_module.cache_keys.get("data", ""), cache_key=pl_module.cache_keys.get("alignment", pl_module.cache_keys.get("data", "")),
-            extra={"diagnostics": {str(k): v for k, v in result.diagnostics.items()}, "objective": pl_module.objective,
-                   "pairs": [list(p) for p in pairs], "split": "train", "seconds": round(time.perf_counter() - start, 3)},
-        ))
-        log.info("Steering vectors: %s for target layers %s (%.1f s)", method, sorted(result.vectors), time.perf_counter() - start)
-    return bundles
+    return [SteeringBundle(
+        method=method, vectors=computed.vectors[method], norms=computed.norms, target=target, expert=expert,
+        layer_pairs=pairs if method == "expertsteer" else [], mi=mi,
+        mi_expert_layers=pairing.expert_layers, mi_target_layers=pairing.target_layers,
+        data_key=module.cache_keys.get("data", ""), cache_key=module.cache_keys.get("alignment", module.cache_keys.get("data", "")),
+        extra={"diagnostics": computed.diagnostics[method], "objective": module.objective,
+               "pairs": [list(p) for p in pairs], "split": "train", "seconds": round(computed.seconds[method], 3)},
+    ) for method in config.methods]
 
 
 class SteeringVectorCallback(WhenTrainingEnds):
@@ -66,11 +64,13 @@ class SteeringVectorCallback(WhenTrainingEnds):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ran = True
+        module, datamodule = steps_module(pl_module), paired_data(trainer)
+
         def compute() -> dict[str, str]:
-            bundles = bundles_for(pl_module, trainer.datamodule, pl_module.vectors)
+            bundles = bundles_for(module, datamodule, module.vectors)
             saved = save_bundles(run_dir(trainer) / "bundles", bundles)
             log.info("Steering bundles written to %s", run_dir(trainer) / "bundles")
             return {method: str(path.resolve()) for method, path in saved.items()}
 
-        pl_module.extra["bundles"] = on_rank_zero(trainer, compute)
+        module.record_bundles(on_rank_zero(trainer, compute))
         resave_last_checkpoint(trainer)

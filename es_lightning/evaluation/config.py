@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from es_lightning.evaluation.generation_metrics import GENERATION_METRICS, GenerationMetric
-from es_lightning.steering.options import check_coefficients
+from es_lightning.data.folds import FoldMode
+from es_lightning.steering.options import Positions, check_coefficients
+
+Scoring = Literal["mean", "sum"]  # length-normalised or summed log-likelihood of a choice
 
 
 @dataclass
@@ -97,12 +100,12 @@ class EvaluationConfig:
     random_draws: int = 8
     permutations: int = 10000
     folds: int | None = 5
-    fold_mode: Literal["random", "group", "contiguous"] = "random"
+    fold_mode: FoldMode = "random"
     val_fraction: float = 0.25
     max_questions: int | None = None
     max_val_questions: int | None = None
-    scoring: Literal["mean", "sum"] = "mean"
-    positions: Literal["all", "prompt", "generated"] = "all"
+    scoring: Scoring = "mean"
+    positions: Positions = "all"
     batch_size: int = 16
     alpha: float = 0.05
     generation: GenerationEvaluation = field(default_factory=GenerationEvaluation)

@@ -31,9 +31,9 @@ from es_lightning.evaluation.damage import AnswerHealth, Damage
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
 from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.hooks import SteeringVariant, row_steering
-from es_lightning.steering.pair_search import PairSearchConfig, search_pairs
+from es_lightning.steering.pair_search import Objective, PairSearchConfig, search_pairs
 from es_lightning.steering.rows import PairedRows, split_by_group
-from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vectors, layer_norms, random_directions
+from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vector_set, random_directions
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Evaluator:
         config: EvaluationConfig,
         vectors: VectorConfig,
         pairing: PairSearchConfig,
-        objective: str = "paired",
+        objective: Objective = "paired",
         shared: SharedAlignment | None = None,
         progress: bool = True,
         add_special_tokens: bool = True,
@@ -194,12 +194,14 @@ class Evaluator:
         """The cached rows of these questions (read one layer at a time on demand), grouped by the question's group key."""
         rows = [(r, q) for q in questions for r in self.question_rows[q]]
         index = [r for r, _ in rows]
-        return PairedRows(LayerRows(self.store, "expert", index), LayerRows(self.store, "target", index),
-                          self.store.labels[torch.tensor(index, dtype=torch.long)], [self.rendered.groups[q] for _, q in rows])
+        expert, target = LayerRows(self.store, "expert", index), LayerRows(self.store, "target", index)
+        labels = self.store.labels[torch.tensor(index, dtype=torch.long)]
+        return PairedRows(expert, target, labels, [self.rendered.groups[q] for _, q in rows])
 
     def fold_alignment(self, fold: Fold) -> tuple[list[tuple[int, int]], Callable[[int], torch.Tensor], dict]:
         """Pairs and expert->target maps for a fold: searched inside its train questions (nested) or shared."""
         if self.config.protocol == "shared":
+            assert self.shared is not None  # __init__ refuses protocol: shared without it
             return list(self.shared.pairs), self.shared.encoder_linear, {"protocol": "shared"}
         seed = self.vector_config.seed + fold.index
         groups = [self.rendered.groups[q] for q in fold.train]
@@ -214,22 +216,18 @@ class Evaluator:
     def fold_vectors(self, fold: Fold, pairs, encoder_linear) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:
         """Vectors of every method from the fold's train questions only."""
         rows = self.rows_of(fold.train)
+        assert isinstance(rows.expert, LayerRows) and isinstance(rows.target, LayerRows) and rows.labels is not None
         seed = self.vector_config.seed + fold.index
         expert_layers, target_layers = list(dict.fromkeys(i for i, _ in pairs)), list(dict.fromkeys(j for _, j in pairs))
         target = self.store.read("target", rows.target.rows, target_layers)  # only the chosen pairs' layers
         inputs = VectorInputs(
             expert=self.store.read("expert", rows.expert.rows, expert_layers), target=target, labels=rows.labels,
             expert_layers=expert_layers, target_layers=target_layers, encoder_linear=encoder_linear,
-            rfm_options=dict(self.vector_config.rfm_options), seed=seed, groups=rows.groups,
+            rfm_options=self.vector_config.rfm_options, seed=seed, groups=rows.groups,
             device=getattr(self.model, "device", "cpu"),
         )
-        vectors, diagnostics = {}, {}
-        for method in self.vector_config.methods:
-            result = compute_vectors(method, pairs, inputs)
-            vectors[method] = result.vectors
-            diagnostics[method] = {str(k): v for k, v in result.diagnostics.items()}
-        norms = layer_norms(target, target_layers, [j for _, j in pairs])
-        return vectors, norms, diagnostics
+        result = compute_vector_set(self.vector_config.methods, pairs, inputs)
+        return result.vectors, result.norms, result.diagnostics
 
     def random_draws(self, fold: Fold, pairs) -> list[dict[int, torch.Tensor]]:
         """The fold's random control: ``random_draws`` independent unit vectors per steered layer."""
@@ -306,10 +304,12 @@ class Evaluator:
         mc_keys, gen_keys = self.test_variants(plan)
         scored = self.score(questions, [plan.variant(k) for k in mc_keys],
                             desc=f"fold {plan.fold.index} test, {len(mc_keys)} variants")
-        answers = []
+        answers: list[list[AnswerRecord]] = []
         if gen_keys:  # the random draws are scored for accuracy only: no damage or perplexity measured for them
-            answers = self.answers.answer(questions, [plan.variant(k) for k in gen_keys], self.answers.reference(questions),
-                                          measured=[not k[0].startswith(DRAW) for k in gen_keys])
+            generator = self.answers
+            assert generator is not None  # test_variants gives generation variants only with an AnswerGenerator
+            answers = generator.answer(questions, [plan.variant(k) for k in gen_keys], generator.reference(questions),
+                                       measured=[not k[0].startswith(DRAW) for k in gen_keys])
         return [TestRecord(
             {key: {s: bool(scored[v][s][k]) for s in ("mean", "sum")} for v, key in enumerate(mc_keys)},
             {key: answers[v][k] for v, key in enumerate(gen_keys)},

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
+from es_lightning.evaluation.config import Scoring
 from es_lightning.evaluation.stats import RandomControl, SignTest, Spread, Verdict, random_control, sign_test, summarise, verdict
 
-Scoring = Literal["sum", "mean"]
 SCORINGS: tuple[str, ...] = ("sum", "mean")
 REPORT_FORMAT = 3
 

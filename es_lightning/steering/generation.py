@@ -24,7 +24,7 @@ import hashlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager, Sequence, cast
 
 import torch
 
@@ -41,20 +41,23 @@ def _is_int(value: object) -> bool:
 
 @dataclass
 class GenerationSettings:
-    """How to generate: length, greedy or sampled (with temperature, top-p and seed), chat template, batch size.
-
-    ``chat_template``: ``None`` (default) wraps each prompt in the tokenizer's chat template when it has one (an
-    instruct model answers its own turn format; without it SmolLM2-Instruct often ends at once), ``True``
-    requires the template, ``False`` feeds the prompt as plain text.
-    """
+    """How to generate (``model.generation``): length, greedy or sampled, chat template, batch size."""
 
     max_new_tokens: int = 48
+    """New tokens per answer at most."""
     do_sample: bool = False
+    """Sample (with ``temperature``, ``top_p`` and ``seed``) instead of greedy decoding."""
     temperature: float = 1.0
+    """Sampling temperature (> 0; greedy: ``do_sample: false``)."""
     top_p: float = 1.0
+    """Nucleus sampling mass."""
     seed: int = 0
+    """Seed of the sampling."""
     chat_template: bool | None = None
+    """null: wrap each prompt in the tokenizer's chat template when it has one (an instruct model answers in its own
+    turn format; without it SmolLM2-Instruct often ends at once); true: require it; false: plain text."""
     batch_size: int = 8
+    """Prompts per generate call."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -122,7 +125,7 @@ class SeededSampler:
         uniform = torch.stack([torch.rand(vocab, generator=generator) for generator in self.generators])
         uniform = uniform.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
         gumbel = -torch.log(-torch.log(uniform))
-        return logits + gumbel.to(logits.device)
+        return cast(torch.FloatTensor, logits + gumbel.to(logits.device))
 
 
 def _check_bundle(model: torch.nn.Module, steering: SteeringBundle) -> None:
@@ -223,7 +226,7 @@ def generate_rendered(
             else:
                 scope = context() if context is not None else contextlib.nullcontext()
             with scope:
-                sequences = model.generate(
+                sequences = model.generate(  # type: ignore[operator]  # nn.Module.__getattr__ hides generate()
                     input_ids=encoded["input_ids"].to(device),
                     attention_mask=encoded["attention_mask"].to(device),
                     max_new_tokens=settings.max_new_tokens,

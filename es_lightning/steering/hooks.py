@@ -29,15 +29,16 @@ import math
 import numbers
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from typing import Iterator, Literal, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
+from es_lightning.steering.options import Positions
 from es_lightning.models.capture import block_output
 from es_lightning.models.layers import get_blocks, hidden_size
 
-Positions = Literal["all", "prompt", "generated"]
 POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
 
 
@@ -115,8 +116,7 @@ def _add(hidden: torch.Tensor, delta: torch.Tensor, start: int, stop: int) -> to
     return steered
 
 
-def _find_cache(args: tuple, kwargs: dict) -> object | None:
-    from transformers.cache_utils import Cache
+def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
 
     return next((value for value in (*args, *kwargs.values()) if isinstance(value, Cache)), None)
 
@@ -248,7 +248,8 @@ def row_steering(
     if bad:
         raise ValueError(f"Variant indices {bad[:5]} are out of range for {len(variants)} variants.")
     n_blocks, width = len(get_blocks(model, block_path)), hidden_size(model)
-    per_variant = [_deltas(model, v.vectors, v.coefficient, v.norms, n_blocks) if v.steers else {} for v in variants]
+    per_variant = [_deltas(model, v.vectors, v.coefficient, v.norms, n_blocks) if v.vectors is not None and v.steers else {}
+                   for v in variants]
     layers = sorted({layer for deltas in per_variant for layer in deltas})
     table = {layer: torch.zeros(len(variants), width) for layer in layers}
     for index, deltas in enumerate(per_variant):

@@ -28,46 +28,54 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from es_lightning.alignment.autoencoder import Objective
 from es_lightning.memory import announce, pair_search_estimate
 from es_lightning.steering.mi import METHODS as MI_METHODS
 from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, symmetric_eigh, whitened
-from es_lightning.steering.pairing import PairingRule, depth_pairs, depth_partner, select_pairs
+from es_lightning.steering.pairing import PairingRule, Rule, choose_pairs, depth_pairs, depth_partner
 from es_lightning.steering.rows import LayerStates, PairedRows
 from es_lightning.stopping import check_stop, stage
 
 log = logging.getLogger(__name__)
 
-Objective = Literal["paired", "reconstruction"]
 
 
 @dataclass
 class PairSearchConfig:
-    """How layer pairs are searched; one config serves the fit's pairing and every evaluation fold.
+    """How layer pairs are searched (``model.pairing``); one config serves the fit's pairing and every evaluation
+    fold. The rule itself is applied by :func:`es_lightning.steering.pairing.choose_pairs`."""
 
-    ``rule``/``top_k``/``one_target_per_expert``/``depth_window``: see :class:`PairingRule`. ``mi_method`` and
-    ``mi_options``: the MI estimator (:mod:`es_lightning.steering.mi`). ``heldout_fraction``: share of questions
-    held out for scoring when no held-out rows are given. ``ridges``: the grid searched by grouped
-    ``ridge_folds``-fold cross-validation (relative to the mean Gram diagonal, as in the auto-encoder's
-    closed-form seed); a single value fixes it. ``max_components``: principal components kept per layer.
-    ``max_rows``: a seeded subsample of fit rows bounds the cost.
-    """
-
-    rule: Literal["highest", "lowest", "separability", "depth"] = "depth"
+    rule: Rule = "depth"
+    """``depth`` (same relative depth, no statistics; the default: no MI rule beat it, README), ``highest`` held-out
+    MI (ours), ``lowest`` (the paper's criterion as secondary sources report it) or ``separability`` (ours)."""
     top_k: int = 3
+    """Number of (expert layer, target layer) pairs steered."""
     one_target_per_expert: bool = True
+    """Use each expert layer at most once (each target layer always is)."""
     depth_window: tuple[float, float] | None = None
+    """Relative depths ``[low, high]`` the target layers must lie in; null: the rule's own (depth: 0.4-0.6)."""
     mi_method: Literal["gaussian", "ksg"] = "gaussian"
+    """The MI estimator (:mod:`es_lightning.steering.mi`); the paper names none: ``gaussian`` is ours."""
     mi_options: dict[str, Any] = field(default_factory=dict)
+    """The estimator's options (e.g. ``n_components``), checked by :func:`es_lightning.steering.mi.resolve_options`."""
     heldout_fraction: float = 0.3
+    """Share of the questions held out to score pairs when no held-out rows are given (evaluation folds)."""
     ridges: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    """Ridge grid of the closed-form maps (relative to the mean Gram diagonal), chosen by grouped cross-validation;
+    one value fixes it."""
     ridge_folds: int = 3
+    """Folds of that cross-validation (grouped by question)."""
     max_components: int = 256
+    """Principal components kept per layer while scoring pairs."""
     max_rows: int | None = 4000
+    """A seeded subsample of the fit rows bounds the cost; null: every row."""
     seed: int = 0
+    """Seed of the subsample and of the MI estimator."""
 
     @property
     def pairing_rule(self) -> PairingRule:
-        return PairingRule(self.rule, self.top_k, self.one_target_per_expert, tuple(self.depth_window) if self.depth_window else None)
+        window = (float(self.depth_window[0]), float(self.depth_window[1])) if self.depth_window else None
+        return PairingRule(self.rule, self.top_k, self.one_target_per_expert, window)
 
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded."""
@@ -278,7 +286,8 @@ def search_pairs(
 
     experts = [reduce(fit.expert, heldout.expert, a) for a in range(len(expert_layers))]
     targets = [reduce(fit.target, heldout.target, b) for b in range(len(target_layers))]
-    ridge, ridge_scores = None, {}
+    ridge: float | None = None
+    ridge_scores: dict[str, float] = {}
     if objective == "paired":
         same_depth = [targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))] for e in expert_layers]
         ridge, ridge_scores = _choose_ridge(experts, same_depth, fit.groups, config)
@@ -302,13 +311,14 @@ def search_pairs(
         if with_auc:
             direction = expert.fit[labels_fit == 1].mean(0) - expert.fit[labels_fit == 0].mean(0)  # [p_E]
         if objective == "paired":
+            assert ridge is not None  # chosen above for the paired objective
             lam = _ridge_scale(expert, ridge)
             maps = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target_fit  # [p_E, sum p_T]
             mapped_all = expert.heldout @ maps
             if direction is not None:
                 mapped_direction = direction @ maps
                 scores = np.stack([target_held[b] @ mapped_direction[bounds[b]:bounds[b + 1]] for b in range(len(targets))], 1)
-                auc[a] = _aucs(labels_held, scores)
+                auc[a] = _aucs(labels_held, scores)  # type: ignore[arg-type]  # with_auc: labels_held is set
             if need_mi:
                 for b in range(len(targets)):
                     mapped = whitened(mapped_all[:, bounds[b]:bounds[b + 1]], opts, 0, f"mapped expert layer {expert_layers[a]}")
@@ -323,22 +333,16 @@ def search_pairs(
                 raw_directions[: min(d_t, len(direction)), a] = direction[:d_t]
     if objective == "reconstruction" and with_auc:
         for b in range(len(targets)):  # one raw held-out target layer at a time
-            auc[:, b] = _aucs(labels_held, heldout.target.layer(b).double().numpy() @ raw_directions)
+            auc[:, b] = _aucs(labels_held, heldout.target.layer(b).double().numpy() @ raw_directions)  # type: ignore[arg-type]  # with_auc
 
-    if config.rule == "depth":
-        pairs = baseline
-    elif config.rule == "separability":
-        if not with_auc:
-            raise ValueError("The separability rule needs 0/1 labels on the fit and held-out rows; use rule: highest for unlabelled data.")
-        pairs = select_pairs(torch.from_numpy(auc), expert_layers, target_layers, target_depth, rule, highest=True)
-    else:
-        pairs = select_pairs(torch.from_numpy(mi), expert_layers, target_layers, target_depth, rule, highest=config.rule == "highest")
+    pairs = choose_pairs(rule, expert_layers, target_layers, expert_depth, target_depth,
+                         mi=torch.from_numpy(mi) if need_mi else None, auc=torch.from_numpy(auc) if with_auc else None)
 
     linear = {i: _full_width_map(experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)], ridge, d_t)
               for i, j in pairs}
     result = PairSearch(
         rule=config.rule, objective=objective, expert_layers=list(expert_layers), target_layers=list(target_layers),
-        pairs=[tuple(p) for p in pairs], mi=mi.tolist() if need_mi else None, auc=auc.tolist() if with_auc else None,
+        pairs=[(int(i), int(j)) for i, j in pairs], mi=mi.tolist() if need_mi else None, auc=auc.tolist() if with_auc else None,
         depth_pairs=baseline, ridge=ridge, ridge_scores=ridge_scores, mi_method=config.mi_method,
         n_fit=len(fit), n_heldout=len(heldout), top_k=config.top_k,
     )

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Rule = Literal["highest", "lowest", "separability", "depth"]
-RULES: tuple[str, ...] = ("highest", "lowest", "separability", "depth")
+RULES: tuple[str, ...] = get_args(Rule)
 DEFAULT_DEPTH_WINDOW = (0.4, 0.6)
 
 
@@ -28,7 +28,7 @@ class PairingRule:
     most once (each target layer always is). ``depth_window``: keep only target layers whose relative depth
     ``j / (depth - 1)`` lies in ``[low, high]`` (for ``depth``: where its expert layers are spread)."""
 
-    rule: Rule = "highest"
+    rule: Rule
     top_k: int = 3
     one_target_per_expert: bool = True
     depth_window: tuple[float, float] | None = None
@@ -113,3 +113,18 @@ def select_pairs(
         if len(pairs) == rule.top_k:
             break
     return sorted(pairs, key=lambda p: p[1])
+
+
+def choose_pairs(rule: PairingRule, expert_layers: Sequence[int], target_layers: Sequence[int], expert_depth: int,
+                 target_depth: int, mi: torch.Tensor | None = None, auc: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """The one place a rule picks pairs, for the fit and every evaluation fold, either objective: ``depth`` from the
+    layers alone, ``separability`` by held-out ROC AUC ``[L_E, L_T]``, ``highest``/``lowest`` by held-out MI."""
+    if rule.rule == "depth":
+        return depth_pairs(expert_layers, target_layers, expert_depth, target_depth, rule)
+    scores = auc if rule.rule == "separability" else mi
+    if scores is None and rule.rule == "separability":
+        raise ValueError("The separability rule needs 0/1 labels on the fit and held-out rows; use rule: highest for "
+                         "unlabelled data.")
+    if scores is None:
+        raise ValueError(f"The {rule.rule} rule needs held-out MI scores, and none were computed.")
+    return select_pairs(scores, expert_layers, target_layers, target_depth, rule, highest=rule.rule != "lowest")

@@ -379,8 +379,3 @@ def fit_rfm(
         n_input=n_input,
         fit_seconds=time.perf_counter() - start,
     )
-
-
-def rfm_direction(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, **options) -> torch.Tensor:
-    """Unit concept direction [d] of an RFM fitted on ``X`` [n, d] and ``y``; ``options`` go to :func:`fit_rfm`."""
-    return fit_rfm(X, y, **options).direction

@@ -16,7 +16,8 @@ class LayerStates(Protocol):
     ``[n, width]`` float32), so the search never holds every layer at full width. The data module's readers
     (:class:`es_lightning.data.store.LayerRows`) read each layer from the memory-mapped cache on demand."""
 
-    width: int
+    @property
+    def width(self) -> int: ...
 
     def __len__(self) -> int: ...
 

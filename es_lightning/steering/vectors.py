@@ -11,17 +11,19 @@ Every method has the same signature, so evaluation can compare them on equal ter
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from es_lightning.memory import announce, rfm_estimate
-from es_lightning.steering.options import METHODS, check_methods
+from es_lightning.steering.options import METHODS, Method, RFMOptions, check_methods
 from es_lightning.steering.rfm import fit_rfm
 
-RFM_OPTIONS = ("iters", "bandwidths", "regs", "val_fraction", "grid_max_train", "standardize", "device", "max_rows")
+log = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -29,16 +31,19 @@ class VectorConfig:
     """Which steering-vector methods run and how: the one place for methods, RFM options and seed, read by the
     fit's bundles and by every evaluation fold. ``rfm_options`` go to :func:`es_lightning.steering.rfm.fit_rfm`."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    rfm_options: dict[str, Any] = field(default_factory=dict)
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    """Which methods make vectors (bundles and evaluation rows), in report order."""
+    rfm_options: RFMOptions = field(default_factory=RFMOptions)
+    """The RFM's settings, for ``expertsteer`` and ``rfm_self``."""
     seed: int = 0
+    """Seed of the RFM's splits and of ``random``; a fold adds its index."""
+
+    def __post_init__(self) -> None:
+        self.rfm_options = RFMOptions.of(self.rfm_options)
 
     def validate(self) -> None:
-        """Refuse unknown methods or RFM options before any model is loaded."""
+        """Refuse unknown methods before any model is loaded (unknown RFM options are refused on construction)."""
         check_methods(self.methods, "vectors.methods")
-        unknown = sorted(set(self.rfm_options) - set(RFM_OPTIONS))
-        if unknown:
-            raise ValueError(f"Unknown vectors.rfm_options {unknown}: use some of {list(RFM_OPTIONS)}.")
 
 
 @dataclass
@@ -51,27 +56,29 @@ class VectorInputs:
     expert_layers: Sequence[int]
     target_layers: Sequence[int]
     encoder_linear: Callable[[int], torch.Tensor] | None = None  # expert layer -> [d_T, d_E]
-    rfm_options: dict[str, Any] = field(default_factory=dict)
+    rfm_options: RFMOptions = field(default_factory=RFMOptions)
     seed: int = 0
     groups: Sequence | None = None  # one key per row (the question): the RFM's validation split takes whole groups
     device: str | torch.device = "cpu"  # where the RFM's kernels live (the trainer's root device); rfm_options.device overrides
 
+    def __post_init__(self) -> None:
+        self.rfm_options = RFMOptions.of(self.rfm_options)
+
 
 def _rfm(states: torch.Tensor, inputs: VectorInputs):
     """One RFM fit of ``states`` [n, d] with the inputs' labels, groups, seed and options, on their device."""
-    options = dict(inputs.rfm_options)
-    device = options.pop("device", inputs.device)
-    return fit_rfm(states, inputs.labels, seed=inputs.seed, groups=inputs.groups, device=device, **options)
+    device = inputs.rfm_options.device or inputs.device
+    return fit_rfm(states, inputs.labels, seed=inputs.seed, groups=inputs.groups, device=device,
+                   **inputs.rfm_options.fit_arguments())
 
 
 def _announce_rfm(inputs: VectorInputs, width: int) -> None:
     """Log the memory one RFM fit needs (its n^2 kernel, its d x d matrices, the states held meanwhile) and refuse it
     when it will not fit."""
     options = inputs.rfm_options
-    device = options.get("device", inputs.device)
+    device = options.device or inputs.device
     held = sum(states.numel() * states.element_size() for states in (inputs.expert, inputs.target))
-    announce(rfm_estimate(len(inputs.labels), width, options.get("max_rows", 10_000), options.get("val_fraction", 0.2), device,
-                          held), device)
+    announce(rfm_estimate(len(inputs.labels), width, options.max_rows, options.val_fraction, device, held), device)
 
 
 @dataclass
@@ -173,3 +180,29 @@ def compute_vectors(method: str, pairs: Sequence[tuple[int, int]], inputs: Vecto
 def layer_norms(target: torch.Tensor, target_layers: Sequence[int], layers: Sequence[int]) -> dict[int, float]:
     """Mean hidden-state norm of each steered target layer, so coefficients are relative to it."""
     return {j: float(target[:, list(target_layers).index(j)].norm(dim=-1).mean()) for j in layers}
+
+
+@dataclass(frozen=True)
+class VectorSet:
+    """Step 3's result for one set of pairs: each method's unit vector per steered target layer, each layer's mean
+    hidden-state norm (coefficients are relative to it), and per method its diagnostics and seconds."""
+
+    vectors: dict[str, dict[int, torch.Tensor]]
+    norms: dict[int, float]
+    diagnostics: dict[str, dict[str, dict[str, float]]]
+    seconds: dict[str, float]
+
+
+def compute_vector_set(methods: Sequence[str], pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> VectorSet:
+    """Every method's vectors for ``pairs`` from ``inputs``: the one function the fit's bundles and every evaluation
+    fold call, so both compute vectors and norms the same way."""
+    vectors, diagnostics, seconds = {}, {}, {}
+    for method in methods:
+        start = time.perf_counter()
+        result = compute_vectors(method, pairs, inputs)
+        vectors[method] = result.vectors
+        diagnostics[method] = {str(k): v for k, v in result.diagnostics.items()}
+        seconds[method] = time.perf_counter() - start
+        log.debug("Steering vectors: %s for target layers %s (%.1f s)", method, sorted(result.vectors), seconds[method])
+    norms = layer_norms(inputs.target, inputs.target_layers, [j for _, j in pairs])
+    return VectorSet(vectors, norms, diagnostics, seconds)
