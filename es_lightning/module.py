@@ -31,16 +31,15 @@ log = logging.getLogger(__name__)
 class ExpertSteer(AlignmentAutoEncoder):
     """The auto-encoders of :class:`AlignmentAutoEncoder` plus ExpertSteer's evaluation and steered generation.
 
-    ``pairing`` (the layer-pair search) and ``vectors`` (methods, RFM options, seed) serve both the fit's callbacks
-    and every evaluation fold. ``test`` needs a checkpoint whose fit ran :class:`LayerPairingCallback`; it loads
-    the target model and runs the cross-validated protocol of :mod:`es_lightning.evaluation.protocol`: with
-    ``evaluation.protocol: nested`` every fold searches pairs, fits maps and vectors on its own train questions
-    and picks coefficients on its val questions, so no fitted piece sees its test questions. Reports go to
-    ``report_dir`` (default ``<run folder>/report``). ``predict`` needs the bundles written by
-    :class:`SteeringVectorCallback` (or ``predict.bundle_dir``).
+    ``pairing`` and ``vectors`` serve both the fit's callbacks (steps 2 and 3, results handed over through
+    :meth:`record_pairing` and :meth:`record_bundles`) and every evaluation fold. ``test`` runs the nested
+    cross-validated protocol (:mod:`es_lightning.evaluation.stage`: no fitted piece sees a fold's test questions)
+    and writes its report to ``report_dir`` (default ``<run folder>/report``); ``predict`` generates with the
+    fit's bundles (:mod:`es_lightning.prediction`).
     """
 
-    runtime_arguments = AlignmentAutoEncoder.runtime_arguments + ("pairing", "vectors", "evaluation", "generation", "predict", "target_dtype", "report_dir")
+    runtime_arguments = AlignmentAutoEncoder.runtime_arguments + (
+        "pairing", "vectors", "evaluation", "generation", "predict", "target_dtype", "report_dir")
 
     def __init__(
         self,
@@ -184,9 +183,6 @@ class ExpertSteer(AlignmentAutoEncoder):
         announce(evaluation_estimate(shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device,
                                      rows, tokens), self.device)
 
-    def _run_folder(self) -> Path:
-        return Path(self.trainer.default_root_dir)
-
     # ------------------------------------------------------------------------------------- test
     def on_test_start(self) -> None:
         pairing = self._require("test")
@@ -212,7 +208,7 @@ class ExpertSteer(AlignmentAutoEncoder):
         self._test = None  # the evaluator holds the target: drop it before predict loads one
 
     def _report_folder(self) -> Path:
-        return Path(self.report_dir) if self.report_dir else self._run_folder() / "report"
+        return Path(self.report_dir) if self.report_dir else Path(self.trainer.default_root_dir) / "report"
 
     # ---------------------------------------------------------------------------------- predict
     def on_predict_start(self) -> None:

@@ -1,7 +1,6 @@
 """Faults and numbers: a run killed in the callbacks resumes, capture works in every dtype, files stay whole."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

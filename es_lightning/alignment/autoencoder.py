@@ -38,6 +38,11 @@ class AlignmentAutoEncoder(L.LightningModule):
     Weights are seeded with the closed-form solution (PCA for reconstruction, ridge least squares for
     paired) and then trained. Layer shapes come from the DataModule's cache layout at ``setup``. ``ridge``:
     the closed-form seed's ridge; ``null`` takes ``planned_ridge`` (chosen by the pair search) or 0.01.
+
+    Long because: the parameters, their standardisation and Lightning's training hooks act on the same tensors and
+    checkpoint keys; the seed's maths is in :mod:`~es_lightning.alignment.closed_form`, the metrics in
+    :mod:`~es_lightning.alignment.metrics`. Holding the maps in a plain ``nn.Module`` that :class:`ExpertSteer`
+    composes is the next split (it changes the checkpoint's keys).
     """
 
     # Init arguments that are settings of a run, not of the fitted model: kept out of the checkpoint's

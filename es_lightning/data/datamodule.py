@@ -4,64 +4,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from es_lightning.data.adapters import adapt_rows
 from es_lightning.data.cache import PairedLayout, check_cache_dtype, dtype_mismatch
-from es_lightning.data.examples import (
-    Example,
-    ExampleFormat,
-    Question,
-    check_two_classes,
-    examples_from_questions,
-    examples_from_text_rows,
-    questions_from_rows,
-)
+from es_lightning.data.examples import Example, Question
 from es_lightning.data.extraction import Extraction
 from es_lightning.data.prompts import PromptDataset, PromptSource, collate_prompts
-from es_lightning.data.resolve import resolve_data_path
-from es_lightning.data.sources import load_records, require_columns, rows
-from es_lightning.data.splits import SPLITS, group_split
+from es_lightning.data.question_table import DataSource, QuestionTable, SplitConfig, read_source
 from es_lightning.data.store import CacheStore, LayerRows, PairedStates
 from es_lightning.models.capture import Pooling
 from es_lightning.models.loading import default_cache_dir, dtype_name
 from es_lightning.models.spec import ModelSpec, describe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DataSource:
-    """Where records come from: a local .jsonl/.json/.csv/.parquet path or a ``datasets`` id, and their format.
-
-    ``adapter`` names a row adapter (:mod:`es_lightning.data.adapters`, e.g. ``gsm8k_mc``) applied before the
-    format; ``limit`` keeps the first rows only (after adapting).
-    """
-
-    path: str
-    name: str | None = None
-    split: str = "train"
-    format: ExampleFormat = field(default_factory=ExampleFormat)
-    adapter: str | None = None
-    adapter_options: dict[str, Any] = field(default_factory=dict)
-    limit: int | None = None
-
-
-@dataclass
-class SplitConfig:
-    """Train/val/test by group-wise fractions with a seed, or from separate files (``val_path``/``test_path``)."""
-
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    val_path: str | None = None
-    test_path: str | None = None
 
 
 class QuestionIndices(Dataset):
@@ -88,6 +49,11 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
     only); under DDP each rank extracts its share of the shards once. The cache stores states in
     ``cache_dtype`` (``float32``, ``bfloat16`` or ``float16``: half the disk) and every read is memory-mapped and
     returns float32: :meth:`states` reads the rows and layers a stage asks for, never the whole cache.
+
+    Long because: it is Lightning's one data object (constructor options, setup, four loaders, its state in the
+    checkpoint) and the typed readers every step uses (:meth:`states`, :meth:`layer_rows`, :attr:`question_table`);
+    reading and splitting the data lives in :mod:`~es_lightning.data.question_table`, the cache in ``cache.py``,
+    ``extraction.py`` and ``store.py``.
     """
 
     def __init__(
@@ -135,6 +101,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.predict_batch_size = predict_batch_size
         self.prompts: PromptDataset | None = None
         self.layout: PairedLayout | None = None
+        self._table: QuestionTable | None = None
         self.examples: list[Example] = []
         self.questions: dict[str, list[Question]] = {}
         self.all_questions: list[Question] = []  # every split's questions, train then val then test
@@ -146,74 +113,19 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.cache_keys: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------- examples
-    def _read(self, source: DataSource) -> tuple[list[Example], list[Question]]:
-        source = replace(source, path=resolve_data_path(source.path, cache_dir=self.cache_dir))
-        table = load_records(source.path, source.split, source.name)
-        fmt = source.format
-        if source.adapter:
-            records = adapt_rows(rows(table), source.adapter, **source.adapter_options)
-        else:
-            require_columns(table, fmt.required_columns(), source.path)
-            records = rows(table)
-        if source.limit is not None:
-            if source.limit < 1:
-                raise ValueError(f"data limit must be >= 1 or null, got {source.limit}.")
-            records = records[: source.limit]
-        if fmt.kind == "multiple_choice":
-            questions = questions_from_rows(records, fmt, source.path)
-            return examples_from_questions(questions, fmt), questions
-        return examples_from_text_rows(records, fmt, source.path), []
-
     def _prepare_examples(self) -> None:
-        examples, questions = self._read(self.source)
-        cfg = self.split_config
-        if cfg.val_path or cfg.test_path:
-            parts = {"train": (examples, questions)}
-            for name, path in (("val", cfg.val_path), ("test", cfg.test_path)):
-                if path:
-                    parts[name] = self._read(replace(self.source, path=path, limit=None))
-            self.examples, self.split_indices, self.questions, offset = [], {}, {}, 0
-            for name in SPLITS:
-                part_examples, part_questions = parts.get(name, ([], []))
-                self.examples.extend(part_examples)
-                self.split_indices[name] = list(range(offset, offset + len(part_examples)))
-                self.questions[name] = part_questions
-                offset += len(part_examples)
-            groups = {name: {self.examples[i].group for i in idx} for name, idx in self.split_indices.items()}
-            shared = (groups["train"] & groups["val"]) | (groups["train"] & groups["test"]) | (groups["val"] & groups["test"])
-            if shared:
-                raise ValueError(f"Questions/groups {sorted(shared)[:5]} appear in more than one split file. Remove the overlap.")
-        else:
-            self.examples = examples
-            self.split_indices = group_split([e.group for e in examples], cfg.val_fraction, cfg.test_fraction, cfg.seed)
-            by_group: dict[str, list[Question]] = {q.group: [] for q in questions}
-            for q in questions:
-                by_group[q.group].append(q)
-            self.questions = {
-                name: [q for g in dict.fromkeys(self.examples[i].group for i in idx) for q in by_group.get(g, [])]
-                for name, idx in self.split_indices.items()
-            }
-        self.all_questions = [q for name in SPLITS for q in self.questions.get(name, [])]
-        rows_of: dict[str, list[int]] = {}
-        for index, example in enumerate(self.examples):
-            rows_of.setdefault(example.id.rsplit("/", 1)[0], []).append(index)
-        self.question_rows = [rows_of.get(q.id, []) for q in self.all_questions]
-        offset, self.question_split = 0, {}
-        for name in SPLITS:
-            count = len(self.questions.get(name, []))
-            self.question_split[name] = list(range(offset, offset + count))
-            offset += count
-        labels = [e.label for e in self.examples]
-        if self.source.format.label_field or self.source.format.kind == "multiple_choice":
-            check_two_classes([labels[i] for i in self.split_indices["train"]], "train split")
-            for name in ("val", "test"):
-                present = {labels[i] for i in self.split_indices[name]}
-                if len(present) == 1:
-                    log.warning(
-                        "The %s split has labels of only one class (%s): label-based results on it (e.g. `test` with "
-                        "folds: null) would be meaningless. Use a larger %s fraction, another split seed, or rebalance "
-                        "the data.", name, sorted(present), name,
-                    )
+        table = QuestionTable.build(self.source, self.split_config, self.cache_dir)
+        self._table = table
+        self.examples, self.split_indices, self.questions = table.examples, table.split_indices, table.questions
+        self.all_questions, self.question_rows, self.question_split = (table.all_questions, table.question_rows,
+                                                                       table.question_split)
+
+    @property
+    def question_table(self) -> QuestionTable:
+        """The questions and their cache rows per split (read at ``prepare_layout``/``setup``)."""
+        if self._table is None:
+            raise RuntimeError("The data module has not read its data yet: call prepare_layout() or setup() first.")
+        return self._table
 
     # ------------------------------------------------------------------------------------ caching
     def _extraction(self) -> Extraction:
@@ -258,7 +170,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.store = extraction.ensure(self.examples, "labelled")
         self.cache_keys["data"] = self.store.cache.key
         if self.alignment_source is not None:
-            align_examples, _ = self._read(self.alignment_source)
+            align_examples, _ = read_source(self.alignment_source, self.cache_dir)
             self.alignment_store = extraction.ensure(align_examples, "alignment")
             self.cache_keys["alignment"] = self.alignment_store.cache.key
 
@@ -296,7 +208,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     def split_groups(self, name: str) -> list[str]:
         """The group key (question) of every row of a labelled split, in the order of :meth:`states`."""
-        return [self.examples[i].group for i in self.split_indices[name]]
+        return self.question_table.groups(name)
 
     def alignment_groups(self) -> list[str]:
         """Group keys of the rows of the ``alignment`` split (each ``alignment_data`` row is its own group)."""
