@@ -14,26 +14,26 @@ Scoring = Literal["mean", "sum"]  # length-normalised or summed log-likelihood o
 
 @dataclass
 class GenerationEvaluation:
-    """Generated answers in ``test``: each fold's val prompts measure every swept coefficient's damage, its test
-    questions are answered unsteered, by each method at its chosen coefficients and by the random draws.
-
-    ``metrics``: how a generated answer is scored against the question's choices; the first one runs the tests and
-    gives the generation verdict. ``bleu_acc``/``rouge_l_acc`` (lm-eval ``truthfulqa_gen``: more similar to the
-    correct choice than to every incorrect one), ``number_match`` (lm-eval ``gsm8k``: the last number equals the
-    correct choice's), ``letter_match`` (the choices go into the prompt as A., B., ...; the first letter answered
-    is scored; it must be the only metric). ``max_new_tokens``: greedy tokens per answer (answers end at a blank
-    line, as in lm-eval). ``chat_template``: null wraps prompts in the target's chat template when it has one, as
-    ``predict`` does. ``batch_size``: rows per generate call (rows carry different vectors and coefficients).
-    ``random_draws``: how many of the fold's random draws also answer the test questions (null: all of
-    ``evaluation.random_draws``); generation costs far more than scoring, so a CPU run may use fewer.
-    """
+    """Generated answers in ``test`` (``model.evaluation.generation``): each fold's val prompts measure every swept
+    coefficient's damage; its test questions are answered unsteered, by each method at its chosen coefficients and
+    by the random draws."""
 
     enabled: bool = True
+    """Evaluate generated answers and damage at all (false: multiple choice only, unconstrained coefficients)."""
     metrics: list[GenerationMetric] = field(default_factory=lambda: ["bleu_acc", "rouge_l_acc"])
+    """How an answer is scored against the question's choices; the first runs the tests and the verdict.
+    ``bleu_acc``/``rouge_l_acc``: lm-eval ``truthfulqa_gen`` (more similar to the correct choice than to every
+    incorrect one); ``number_match``: lm-eval ``gsm8k`` (the last number equals the correct choice's);
+    ``letter_match``: the choices go into the prompt as A., B., ... and the first letter answered is scored (alone)."""
     max_new_tokens: int = 32
+    """Greedy tokens per answer (an answer ends at a blank line, as in lm-eval)."""
     chat_template: bool | None = None
+    """null: prompts in the target's chat template when it has one, as ``predict`` does."""
     batch_size: int = 64
+    """Rows per generate call (rows carry different vectors and coefficients)."""
     random_draws: int | None = None
+    """How many of the fold's random draws also answer the test questions (null: all of ``evaluation.random_draws``);
+    generation costs far more than scoring, so a CPU run may use fewer."""
 
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded."""
@@ -54,18 +54,16 @@ class GenerationEvaluation:
 
 @dataclass
 class DamageBudget:
-    """How much damage the constrained coefficient may do, measured on each fold's val prompts (README: defaults).
-
-    ``max_kl``: mean KL(unsteered || steered) per token of the target's own unsteered continuations, in nats.
-    ``max_empty_increase``: empty answers, as a share, above the unsteered model's. ``max_repetition_increase``:
-    mean share of repeated word 3-grams per answer above the unsteered model's. ``null`` lifts a limit. The
-    constrained coefficient is the best val accuracy among coefficients inside every limit; when none is, the
-    method is not steered in that fold and the report says "no coefficient within budget".
-    """
+    """How much damage the constrained coefficient may do (``model.evaluation.budget``), measured on each fold's val
+    prompts (README: the defaults, measured). The constrained coefficient is the best val accuracy among those
+    inside every limit; when none is, the method is not steered in that fold ("no coefficient within budget")."""
 
     max_kl: float | None = 0.5
+    """Mean KL(unsteered || steered) per token of the target's own unsteered continuations, in nats; null: no limit."""
     max_empty_increase: float | None = 0.0
+    """Share of empty answers above the unsteered model's; null: no limit."""
     max_repetition_increase: float | None = 0.1
+    """Mean share of repeated word 3-grams per answer above the unsteered model's; null: no limit."""
 
     def validate(self) -> None:
         """Refuse negative or non-finite limits."""
@@ -77,39 +75,43 @@ class DamageBudget:
 
 @dataclass
 class EvaluationConfig:
-    """Settings of the cross-validated evaluation (methods, RFM options and seed live in ``model.vectors``).
-
-    ``protocol``: ``nested`` (default) fits everything that scores a fold's test questions (alignment maps,
-    layer pairs, vectors, coefficients) on that fold's train and val questions only; ``shared`` reuses the
-    checkpoint's auto-encoders and pairs (fitted on the data module's train split) in every fold, so test
-    questions of the data module's train split were seen by the alignment: labelled as such in the report.
-    ``coefficients``: the grid (relative to each steered layer's mean hidden-state norm), swept on val from the
-    smallest magnitude outwards on each side; a side stops once val accuracy has fallen ``stop_after_falls``
-    times in a row. ``random_draws``: random unit vectors per fold, each scored at every coefficient a method
-    chose. ``folds``: k for cross-validation over questions; ``null`` uses the data module's split instead.
-    ``fold_mode``: ``random`` by question, ``group`` by the data's group field, ``contiguous`` blocks.
-    ``max_questions``: a seeded subset. ``max_val_questions``: cap on the val questions of each sweep.
-    ``scoring``: ``mean`` (length-normalised) or ``sum`` log-likelihood picks coefficients and runs the tests.
-    ``generation``: the generated-answer evaluation and damage measurement; ``budget``: the damage the constrained
-    coefficient may do (the unconstrained choice, best val accuracy alone, is reported beside it).
-    """
+    """Settings of the cross-validated evaluation, ``test`` (``model.evaluation``; methods, RFM options and seed live
+    in ``model.vectors``, the pair search in ``model.pairing``)."""
 
     protocol: Literal["nested", "shared"] = "nested"
+    """``nested``: everything that scores a fold's test questions (maps, pairs, vectors, coefficients) is fitted on
+    that fold's train and val questions only; ``shared``: the checkpoint's auto-encoders and pairs in every fold
+    (test questions of the data module's train split were seen by the alignment; the report says so)."""
     coefficients: list[float] = field(default_factory=lambda: [-0.8, -0.4, -0.2, -0.1, 0.1, 0.2, 0.4, 0.8])
+    """The grid, relative to each steered layer's mean hidden-state norm, swept on val outwards from 0 per side."""
     stop_after_falls: int = 2
+    """A side of the sweep stops once val accuracy has fallen this many times in a row."""
     random_draws: int = 8
+    """Random unit vectors per fold, each scored at every coefficient a method chose (the control)."""
     permutations: int = 10000
+    """Permutations of the test against the random draws."""
     folds: int | None = 5
+    """k of the cross-validation over questions; null: the data module's split (one fold)."""
     fold_mode: FoldMode = "random"
+    """``random`` by question, ``group`` by the data's group field, ``contiguous`` blocks."""
     val_fraction: float = 0.25
+    """Share of each fold's non-test questions that chooses coefficients (the rest fits)."""
     max_questions: int | None = None
+    """A seeded subset of the questions; null: all."""
     max_val_questions: int | None = None
+    """Val questions scored per coefficient at most; null: all."""
     scoring: Scoring = "mean"
+    """``mean`` (length-normalised) or ``sum`` log-likelihood: picks coefficients and runs the tests."""
     positions: Positions = "all"
+    """Where the vectors are added while scoring and generating."""
     batch_size: int = 16
+    """Questions per scoring batch."""
     alpha: float = 0.05
+    """Significance level of the verdicts (against no steering and against the draws)."""
     generation: GenerationEvaluation = field(default_factory=GenerationEvaluation)
+    """The generated-answer evaluation and the damage measurement."""
     budget: DamageBudget = field(default_factory=DamageBudget)
+    """The damage the constrained coefficient may do (the unconstrained choice is reported beside it)."""
 
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded."""

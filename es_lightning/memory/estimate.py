@@ -59,7 +59,7 @@ def _place(stage: str, host: dict[str, float], work: dict[str, float], device: s
     """Sum the named ``host`` terms on the host and the ``work`` terms on the device (on the host on cpu); the
     largest single term becomes ``dominant``."""
     terms = {**work, **host}
-    name = max(terms, key=terms.get)
+    name = max(terms, key=lambda term: terms[term])
     dominant = f"{name} {gib(terms[name])}" + (f"; {note}" if note else "")
     host_total, work_total = sum(host.values()), sum(work.values())
     if _on_accelerator(device):
@@ -201,7 +201,8 @@ def evaluation_estimate(model: ModelShape, dtype: str, batch_choices: int, promp
         work["logits (float32)"] = scoring_logits
     work["KV cache"] = batch_choices * prompt_tokens * model.layers * 2 * model.kv_heads * model.head_dim * float(element)
     host = {"weights passing through host RAM while loading": float(model.weight_bytes(dtype))} if _on_accelerator(device) else {}
-    fixes = ("lower precision (model.target_dtype: bfloat16)", "a smaller batch (model.evaluation.batch_size)", "a smaller model")
+    fixes: tuple[str, ...] = ("lower precision (model.target_dtype: bfloat16)", "a smaller batch (model.evaluation.batch_size)",
+                              "a smaller model")
     if damage_logits > scoring_logits:
         fixes += ("fewer generation rows per pass (model.evaluation.generation.batch_size)",)
     return _place("evaluation", host, work, device, fixes)
