@@ -71,7 +71,8 @@ def run_refusing(tmp_path: Path, refusing: str, tiny_gpt2_dir: Path, tiny_llama_
     (tmp_path / "runner.py").write_text(RUNNER)
     data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
-    args = ["--verbose", "fit", "--config", str(TINY_CONF),  # --verbose: each rank raises the error itself "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name",
+    # --verbose: each rank raises the error itself (without it, an input error ends the command with one line)
+    args = ["--verbose", "fit", "--config", str(TINY_CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name",
             str(tiny_llama_dir), "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"),
             "--output_dir", str(tmp_path / "runs"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
             "--trainer.accelerator", "cpu"]
