@@ -56,61 +56,96 @@ def main() -> None:
     norms = {layer: 1.0 for layer in layers}
     vectors = [{layer: torch.randn(width, generator=generator) for layer in layers} for _ in range(2)]
     vectors = [{layer: v / v.norm() for layer, v in vs.items()} for vs in vectors]
-    variants = [SteeringVariant("none")] + [SteeringVariant(f"v{k}", c * 10, vs, norms)  # norms of 1: scale to SmolLM2's ~10
-                                            for k, vs in enumerate(vectors) for c in args.coefficients]
+    variants = [SteeringVariant("none")] + [
+        SteeringVariant(f"v{k}", c * 10, vs, norms)  # norms of 1: scale to SmolLM2's ~10
+        for k, vs in enumerate(vectors)
+        for c in args.coefficients
+    ]
     chat = [render_prompt(tokenizer, p, True) for p in prompts] if tokenizer.chat_template else prompts
-    print(f"{args.model}: {depth} blocks, hidden {width}; torch threads {torch.get_num_threads()}; {len(rows)} questions x "
-          f"{len(variants)} variants; {args.new_tokens} new tokens; {args.rounds} rounds")
+    print(
+        f"{args.model}: {depth} blocks, hidden {width}; torch threads {torch.get_num_threads()}; {len(rows)} questions x "
+        f"{len(variants)} variants; {args.new_tokens} new tokens; {args.rounds} rounds"
+    )
 
     def context(variant):
-        return None if not variant.steers else (lambda: steer(model, variant.vectors, variant.coefficient, variant.norms))
+        return (
+            None if not variant.steers else (lambda: steer(model, variant.vectors, variant.coefficient, variant.norms))
+        )
 
     def score_looped():
-        return [s for v in variants for s in score_choices(model, tokenizer, prompts, choices, context=context(v),
-                                                           batch_size=args.score_batch, progress=False)]
+        return [
+            s
+            for v in variants
+            for s in score_choices(
+                model, tokenizer, prompts, choices, context=context(v), batch_size=args.score_batch, progress=False
+            )
+        ]
 
     def score_batched():
         steering = row_steering(model, variants, [v for v in range(len(variants)) for _ in prompts])
-        return score_choices(model, tokenizer, prompts * len(variants), choices * len(variants), batch_size=args.score_batch,
-                             progress=False, steering=steering)
+        return score_choices(
+            model,
+            tokenizer,
+            prompts * len(variants),
+            choices * len(variants),
+            batch_size=args.score_batch,
+            progress=False,
+            steering=steering,
+        )
 
     settings_looped = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=len(prompts))
     settings_batched = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=args.generate_batch)
 
     def generate_looped():
-        return [g for v in variants for g in generate_rendered(model, tokenizer, chat, settings_looped, False,
-                                                               context=context(v))]
+        return [
+            g
+            for v in variants
+            for g in generate_rendered(model, tokenizer, chat, settings_looped, False, context=context(v))
+        ]
 
     def generate_batched():
         steering = row_steering(model, variants, [v for v in range(len(variants)) for _ in chat])
         return generate_rendered(model, tokenizer, chat * len(variants), settings_batched, False, steering=steering)
 
-    runs = {"scoring, looped": score_looped, "scoring, batched": score_batched,
-            "generation, looped": generate_looped, "generation, batched": generate_batched}
+    runs = {
+        "scoring, looped": score_looped,
+        "scoring, batched": score_batched,
+        "generation, looped": generate_looped,
+        "generation, batched": generate_batched,
+    }
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     outputs = {}
     with torch.inference_mode():
         for round_ in range(args.rounds):
             names = list(runs)
-            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 outputs[name] = runs[name]()
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
-    gap = max(abs(x - y) for a, b in zip(outputs["scoring, looped"], outputs["scoring, batched"])
-              for x, y in zip(a.logprob_sum, b.logprob_sum))
+    gap = max(
+        abs(x - y)
+        for a, b in zip(outputs["scoring, looped"], outputs["scoring, batched"])
+        for x, y in zip(a.logprob_sum, b.logprob_sum)
+    )
     differ = sum(a.new_ids != b.new_ids for a, b in zip(outputs["generation, looped"], outputs["generation, batched"]))
-    print("\n| workload | looped s (median) | batched s (median) | speed-up wall (median of rounds) | speed-up CPU time "
-          "| batched vs looped |")
+    print(
+        "\n| workload | looped s (median) | batched s (median) | speed-up wall (median of rounds) | speed-up CPU time "
+        "| batched vs looped |"
+    )
     print("|---|---:|---:|---:|---:|---|")
-    for task, agreement in (("scoring", f"max abs log-prob difference {gap:.2e}"),
-                            ("generation", f"{differ} of {len(outputs['generation, looped'])} answers differ")):
+    for task, agreement in (
+        ("scoring", f"max abs log-prob difference {gap:.2e}"),
+        ("generation", f"{differ} of {len(outputs['generation, looped'])} answers differ"),
+    ):
         looped, batched = wall[f"{task}, looped"], wall[f"{task}, batched"]
         ratio = statistics.median(a / b for a, b in zip(looped, batched))
         cpu_ratio = statistics.median(a / b for a, b in zip(cpu[f"{task}, looped"], cpu[f"{task}, batched"]))
-        print(f"| {task} | {statistics.median(looped):.1f} | {statistics.median(batched):.1f} | {ratio:.2f}x "
-              f"| {cpu_ratio:.2f}x | {agreement} |")
+        print(
+            f"| {task} | {statistics.median(looped):.1f} | {statistics.median(batched):.1f} | {ratio:.2f}x "
+            f"| {cpu_ratio:.2f}x | {agreement} |"
+        )
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ def main() -> None:
     torch.testing.assert_close(capture(), full(), rtol=1e-4, atol=1e-4)  # both gave the same numbers
     cap, ful = statistics.median(times["capture"]), statistics.median(times["full"])
     depth = len(model.model.layers)
-    print(f"model={args.model} blocks={depth} layers={layers} batch={args.batch} tokens={args.tokens} repeats={args.repeats} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} blocks={depth} layers={layers} batch={args.batch} tokens={args.tokens} repeats={args.repeats} threads={torch.get_num_threads()}"
+    )
     print("| method | median s | peak RSS increase (MiB) |")
     print("|---|---|---|")
     print(f"| capture (hooks, stop after block {max(layers)}) | {cap:.3f} | {peaks['capture']:.0f} |")

@@ -39,7 +39,9 @@ class Throughput(Callback):
     def on_train_end(self, trainer, pl_module):
         if trainer.global_rank == 0:
             seconds = time.perf_counter() - self.start
-            Path(self.path).write_text(json.dumps({"examples": self.examples, "seconds": seconds, "world_size": trainer.world_size}))
+            Path(self.path).write_text(
+                json.dumps({"examples": self.examples, "seconds": seconds, "world_size": trainer.world_size})
+            )
 
 
 def main() -> None:
@@ -57,25 +59,51 @@ def main() -> None:
     target = make_tiny_llama(work / "target", hidden=args.hidden, layers=8)
     data = write_two_choice_jsonl(work / "data.jsonl", args.rows)
     base = [
-        sys.executable, "-m", "es_lightning.cli", "fit", "--config", str(Path(__file__).resolve().parents[1] / "tests" / "conf" / "tiny.yaml"),
-        "--data.expert.name", str(expert), "--data.target.name", str(target), "--data.target.layers", "null",
-        "--data.data.path", str(data), "--data.cache_dir", str(work / "cache"), "--output_dir", str(work / "runs"),
-        "--trainer.max_epochs", str(args.epochs), "--trainer.callbacks+=bench_ddp.Throughput",
+        sys.executable,
+        "-m",
+        "es_lightning.cli",
+        "fit",
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "tests" / "conf" / "tiny.yaml"),
+        "--data.expert.name",
+        str(expert),
+        "--data.target.name",
+        str(target),
+        "--data.target.layers",
+        "null",
+        "--data.data.path",
+        str(data),
+        "--data.cache_dir",
+        str(work / "cache"),
+        "--output_dir",
+        str(work / "runs"),
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.callbacks+=bench_ddp.Throughput",
     ]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
     results = {}
     for name, extra in (
         ("prepare cache", ["--trainer.max_epochs", "1", "--data.batch_size", str(args.batch)]),
         ("1 process", ["--data.batch_size", str(args.batch)]),
-        ("2-process DDP", ["--data.batch_size", str(args.batch // 2), "--trainer.strategy", "ddp", "--trainer.devices", "2"]),
+        (
+            "2-process DDP",
+            ["--data.batch_size", str(args.batch // 2), "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+        ),
     ):
         out = work / f"{name.replace(' ', '_')}.json"
-        proc = subprocess.run([*base, *extra, "--trainer.callbacks.path", str(out), "--run_name", name.replace(" ", "_")],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [*base, *extra, "--trainer.callbacks.path", str(out), "--run_name", name.replace(" ", "_")],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
         results[name] = json.loads(out.read_text())
-    print(f"rows={args.rows * 2} epochs={args.epochs} global batch={args.batch} expert d={args.hidden + 64} target d={args.hidden} cpus={os.cpu_count()}")
+    print(
+        f"rows={args.rows * 2} epochs={args.epochs} global batch={args.batch} expert d={args.hidden + 64} target d={args.hidden} cpus={os.cpu_count()}"
+    )
     print("| run | examples/s |")
     print("|---|---|")
     rate = {}

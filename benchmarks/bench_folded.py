@@ -21,15 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_steering import PROMPTS  # the steering-overhead benchmark's prompts (this script's folder is on sys.path)
 
 from es_lightning.export.hf import export_hf
 from es_lightning.export.source import load_source, resolve_target
 from es_lightning.models import get_blocks, hidden_size, load_model
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle
 from es_lightning.steering.hooks import steer
-
-from bench_steering import PROMPTS  # the steering-overhead benchmark's prompts (this script's folder is on sys.path)
-
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,9 +75,11 @@ def main() -> None:
 
     folded = AutoModelForCausalLM.from_pretrained(folded_dir, dtype=model.dtype).eval()
     kwargs = source.bundle.steering_kwargs(source.coefficient)
-    print(f"model {args.model}: {len(get_blocks(model))} blocks; torch threads {torch.get_num_threads()}; "
-          f"{source.method} x {source.coefficient} on blocks {source.bundle.layers}; {args.new_tokens} new tokens; "
-          f"{args.repeats} rounds; export took {export_seconds:.1f} s")
+    print(
+        f"model {args.model}: {len(get_blocks(model))} blocks; torch threads {torch.get_num_threads()}; "
+        f"{source.method} x {source.coefficient} on blocks {source.bundle.layers}; {args.new_tokens} new tokens; "
+        f"{args.repeats} rounds; export took {export_seconds:.1f} s"
+    )
 
     def run(encoding, name: str) -> tuple[float, float, torch.Tensor]:
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -92,7 +92,7 @@ def main() -> None:
                     out = model.generate(**encoding, **gen)
             else:
                 out = folded.generate(**encoding, **gen)
-        return time.perf_counter() - begin, time.process_time() - begin_cpu, out[:, encoding.input_ids.shape[1]:]
+        return time.perf_counter() - begin, time.process_time() - begin_cpu, out[:, encoding.input_ids.shape[1] :]
 
     names = ["unsteered", "hook steering", "folded checkpoint"]
     rows = []
@@ -102,7 +102,7 @@ def main() -> None:
         wall: dict[str, list[float]] = {name: [] for name in names}
         cpu: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(args.repeats):
-            for name in names[round_ % 3:] + names[: round_ % 3]:
+            for name in names[round_ % 3 :] + names[: round_ % 3]:
                 seconds, cpu_seconds, _ = run(encoding, name)
                 wall[name].append(seconds)
                 cpu[name].append(cpu_seconds)
@@ -110,15 +110,30 @@ def main() -> None:
             ratios = [base / other for base, other in zip(wall["unsteered"], wall[name])]
             cpu_ratios = [base / other for base, other in zip(cpu["unsteered"], cpu[name])]
             same = bool(torch.equal(outputs[name], outputs["hook steering"]))
-            rows.append((batch, name, batch * args.new_tokens / statistics.median(wall[name]),
-                         statistics.median(ratios), min(ratios), max(ratios), statistics.median(cpu_ratios),
-                         min(cpu_ratios), max(cpu_ratios), same))
-    print("\n| batch | configuration | tokens/s (wall, median) | / unsteered (wall, median) | min..max | "
-          "/ unsteered (CPU time, median) | min..max | tokens = hook steering's |")
+            rows.append(
+                (
+                    batch,
+                    name,
+                    batch * args.new_tokens / statistics.median(wall[name]),
+                    statistics.median(ratios),
+                    min(ratios),
+                    max(ratios),
+                    statistics.median(cpu_ratios),
+                    min(cpu_ratios),
+                    max(cpu_ratios),
+                    same,
+                )
+            )
+    print(
+        "\n| batch | configuration | tokens/s (wall, median) | / unsteered (wall, median) | min..max | "
+        "/ unsteered (CPU time, median) | min..max | tokens = hook steering's |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     for batch, name, rate, ratio, low, high, cpu_ratio, cpu_low, cpu_high, same in rows:
-        print(f"| {batch} | {name} | {rate:.1f} | {ratio:.3f} | {low:.3f}..{high:.3f} | {cpu_ratio:.3f} | "
-              f"{cpu_low:.3f}..{cpu_high:.3f} | {'yes' if same else 'no'} |")
+        print(
+            f"| {batch} | {name} | {rate:.1f} | {ratio:.3f} | {low:.3f}..{high:.3f} | {cpu_ratio:.3f} | "
+            f"{cpu_low:.3f}..{cpu_high:.3f} | {'yes' if same else 'no'} |"
+        )
 
 
 if __name__ == "__main__":

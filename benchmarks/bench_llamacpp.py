@@ -41,8 +41,11 @@ from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, load_con
 from es_lightning.steering.hooks import steer
 
 FALLBACK_PROMPTS = [
-    "Explain why the sky is blue.", "Write a short poem about the sea.", "Why do cats purr?",
-    "What is the capital of France, and why is it famous?", "Describe how a bicycle works.",
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+    "Why do cats purr?",
+    "What is the capital of France, and why is it famous?",
+    "Describe how a bicycle works.",
 ]
 
 
@@ -53,15 +56,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, nargs="+", default=[12, 15, 17])
     parser.add_argument("--coefficient", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="llama.cpp and torch threads (spinning llama.cpp "
-                        "threads crawl on a shared, oversubscribed CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="llama.cpp and torch threads (spinning llama.cpp threads crawl on a shared, oversubscribed CPU)",
+    )
     return parser.parse_args()
 
 
 def load_prompts(args) -> list[str]:
-    candidates = [Path(args.data)] if args.data else [
-        parent / "shared" / "data" / "truthfulqa_mc.jsonl" for parent in Path(__file__).resolve().parents
-    ]
+    candidates = (
+        [Path(args.data)]
+        if args.data
+        else [parent / "shared" / "data" / "truthfulqa_mc.jsonl" for parent in Path(__file__).resolve().parents]
+    )
     for path in candidates:
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -120,7 +129,7 @@ def main() -> None:
         for layer, direction in directions.items():
             if layer < 1:
                 raise ValueError("llama.cpp rejects direction.0")
-            data[(layer - 1) * n_embd: layer * n_embd] += direction.numpy()
+            data[(layer - 1) * n_embd : layer * n_embd] += direction.numpy()
         return data
 
     def cpp_logits(row, data: np.ndarray | None) -> np.ndarray:
@@ -154,16 +163,22 @@ def main() -> None:
             results[name]["corr"].append(pearson(cpp_steered - cpp_plain, hf_steered - hf_plain))
             results[name]["top1"].append(int(cpp_steered.argmax() == hf_steered.argmax()))
             results[name]["changed"].append(int(cpp_steered.argmax() != cpp_plain.argmax()))
-    print(f"SmolLM2-135M-Instruct: llama.cpp on {gguf_model.name} vs es-lightning hooks on its float32 conversion; "
-          f"{len(ids)} prompts; random unit vectors on blocks {args.layers} x {args.coefficient} x mean norm "
-          f"({', '.join(f'{norms[j]:.0f}' for j in args.layers)}); threads {args.threads}")
+    print(
+        f"SmolLM2-135M-Instruct: llama.cpp on {gguf_model.name} vs es-lightning hooks on its float32 conversion; "
+        f"{len(ids)} prompts; random unit vectors on blocks {args.layers} x {args.coefficient} x mean norm "
+        f"({', '.join(f'{norms[j]:.0f}' for j in args.layers)}); threads {args.threads}"
+    )
     print(f"unsteered top-1 agreement llama.cpp vs transformers: {statistics.mean(plain_top1):.0%}")
-    print("\n| control vector in llama.cpp | logit-shift correlation with hooks (median, min) | "
-          "steered top-1 = hooks' | llama.cpp top-1 changed by steering |")
+    print(
+        "\n| control vector in llama.cpp | logit-shift correlation with hooks (median, min) | "
+        "steered top-1 = hooks' | llama.cpp top-1 changed by steering |"
+    )
     print("|---|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {statistics.median(r['corr']):.3f}, {min(r['corr']):.3f} | {statistics.mean(r['top1']):.0%} "
-              f"| {statistics.mean(r['changed']):.0%} |")
+        print(
+            f"| {name} | {statistics.median(r['corr']):.3f}, {min(r['corr']):.3f} | {statistics.mean(r['top1']):.0%} "
+            f"| {statistics.mean(r['changed']):.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,16 @@ def run_one(n: int, d: int, seed: int) -> dict:
     result = fit_rfm(x, y, seed=seed)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     return {
-        "n": n, "d": d, "seconds": result.fit_seconds, "peak_rss_delta_mib": (peak - before) / 2**20,
-        "n_grid_train": result.n_grid_train, "val_auc": result.val_score, "cos": float(result.direction @ u),
-        "bandwidth_scale": result.bandwidth_scale, "reg": result.reg, "threads": torch.get_num_threads(),
+        "n": n,
+        "d": d,
+        "seconds": result.fit_seconds,
+        "peak_rss_delta_mib": (peak - before) / 2**20,
+        "n_grid_train": result.n_grid_train,
+        "val_auc": result.val_score,
+        "cos": float(result.direction @ u),
+        "bandwidth_scale": result.bandwidth_scale,
+        "reg": result.reg,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -72,7 +79,9 @@ def main() -> None:
         for n in args.ns:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", str(n), str(d), "--seed", str(args.seed)],
-                check=True, capture_output=True, text=True,
+                check=True,
+                capture_output=True,
+                text=True,
             )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             times.append(row["seconds"])

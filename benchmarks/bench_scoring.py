@@ -62,8 +62,10 @@ def main() -> None:
     worst = max(abs(a - b) / max(1.0, abs(b)) for s, n in zip(cached, naive) for a, b in zip(s.logprob_sum, n))
     n_choices = sum(len(c) for c in choices)
     c, n = statistics.median(times["cached"]), statistics.median(times["naive"])
-    print(f"model={args.model} dtype={args.dtype} questions={len(prompts)} choices={n_choices} repeats={args.repeats} "
-          f"threads={torch.get_num_threads()} max relative difference={worst:.1e}")
+    print(
+        f"model={args.model} dtype={args.dtype} questions={len(prompts)} choices={n_choices} repeats={args.repeats} "
+        f"threads={torch.get_num_threads()} max relative difference={worst:.1e}"
+    )
     print("| method | median s | questions/s |")
     print("|---|---|---|")
     print(f"| prompt once, KV cache shared by the choices | {c:.2f} | {len(prompts) / c:.1f} |")

@@ -67,9 +67,11 @@ def main() -> None:
         f"{args.many_layers} layers": {"vectors": many},
         f"{args.many_layers} layers, generated": {"vectors": many, "positions": "generated"},
     }
-    print(f"model {args.model} on {args.device}: {depth} blocks, hidden {width}; "
-          f"torch threads {torch.get_num_threads()}; {args.new_tokens} new tokens; "
-          f"coefficient {args.coefficient}; {args.repeats} rounds")
+    print(
+        f"model {args.model} on {args.device}: {depth} blocks, hidden {width}; "
+        f"torch threads {torch.get_num_threads()}; {args.new_tokens} new tokens; "
+        f"coefficient {args.coefficient}; {args.repeats} rounds"
+    )
 
     def run(encoding, config: dict | None) -> tuple[float, float, torch.Tensor]:
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -82,7 +84,7 @@ def main() -> None:
                     out = model.generate(**encoding, **kwargs)
         if out.is_cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start, time.process_time() - start_cpu, out[:, encoding.input_ids.shape[1]:]
+        return time.perf_counter() - start, time.process_time() - start_cpu, out[:, encoding.input_ids.shape[1] :]
 
     rows = []
     for batch in args.batch_sizes:
@@ -93,7 +95,7 @@ def main() -> None:
         wall: dict[str, list[float]] = {name: [] for name in names}
         cpu: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(args.repeats):
-            order = names[round_ % len(names):] + names[: round_ % len(names)]
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
                 seconds, cpu_seconds, _ = run(encoding, configs[name])
                 wall[name].append(seconds)
@@ -103,15 +105,28 @@ def main() -> None:
             ratios = [base / steered for base, steered in zip(wall["unsteered"], wall[name])]
             cpu_ratio = statistics.median(base / steered for base, steered in zip(cpu["unsteered"], cpu[name]))
             changed = (outputs[name] != outputs["unsteered"]).float().mean().item()
-            rows.append((batch, name, tokens / statistics.median(wall[name]), statistics.median(ratios),
-                         min(ratios), max(ratios), cpu_ratio, changed))
+            rows.append(
+                (
+                    batch,
+                    name,
+                    tokens / statistics.median(wall[name]),
+                    statistics.median(ratios),
+                    min(ratios),
+                    max(ratios),
+                    cpu_ratio,
+                    changed,
+                )
+            )
 
-    print("\n| batch | configuration | tokens/s (wall, median) | ratio (wall, median) | ratio min..max | "
-          "ratio (CPU time, median) | tokens changed |")
+    print(
+        "\n| batch | configuration | tokens/s (wall, median) | ratio (wall, median) | ratio min..max | "
+        "ratio (CPU time, median) | tokens changed |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for batch, name, rate, ratio, low, high, cpu_ratio, changed in rows:
-        print(f"| {batch} | {name} | {rate:.1f} | {ratio:.3f} | {low:.3f}..{high:.3f} | {cpu_ratio:.3f} "
-              f"| {changed:.0%} |")
+        print(
+            f"| {batch} | {name} | {rate:.1f} | {ratio:.3f} | {low:.3f}..{high:.3f} | {cpu_ratio:.3f} | {changed:.0%} |"
+        )
 
 
 if __name__ == "__main__":

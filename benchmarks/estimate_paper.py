@@ -35,10 +35,22 @@ def rows(n: int, cache_dtype: str) -> list[tuple[str, str, str, str]]:
     out = []
     for name, expert, target, e_layers, t_layers, prompt in PAIRS:
         settings = RunSettings(
-            n_train=int(0.85 * n), n_heldout=n - int(0.85 * n), expert_layers=len(e_layers), expert_deepest=max(e_layers),
-            target_layers=len(t_layers), target_deepest=max(t_layers), expert_dtype="bfloat16", target_dtype="bfloat16",
-            cache_dtype=cache_dtype, extract_batch_tokens=16384, max_length=prompt, batch_size=64, eval_batch=32,
-            prompt_tokens=prompt, completion_tokens=16, device="cuda",
+            n_train=int(0.85 * n),
+            n_heldout=n - int(0.85 * n),
+            expert_layers=len(e_layers),
+            expert_deepest=max(e_layers),
+            target_layers=len(t_layers),
+            target_deepest=max(t_layers),
+            expert_dtype="bfloat16",
+            target_dtype="bfloat16",
+            cache_dtype=cache_dtype,
+            extract_batch_tokens=16384,
+            max_length=prompt,
+            batch_size=64,
+            eval_batch=32,
+            prompt_tokens=prompt,
+            completion_tokens=16,
+            device="cuda",
         )
         for estimate in estimate_stages(expert, target, settings):
             disk = f" (disk {gib(estimate.disk_bytes)})" if estimate.disk_bytes else ""

@@ -74,9 +74,19 @@ class Shape:
         from transformers import Gemma2Config, LlamaConfig
 
         kind = {"llama": LlamaConfig, "gemma2": Gemma2Config}[self.family]
-        return kind(vocab_size=vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-                    num_hidden_layers=self.blocks, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                    head_dim=self.head_dim, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        return kind(
+            vocab_size=vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.blocks,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -103,15 +113,38 @@ class Plan:
         return len(SPECIALS) + len(MARKS) + self.words
 
 
-PAPER = Plan(  # Gemma-2-9B's and Llama-3.1-8B's widths, MLPs and heads (configs/paper/truthfulqa_gemma2_to_llama31.yaml)
-    expert=Shape("gemma2", 3584, 14336, 16, 8, 256, 4), target=Shape("llama", 4096, 14336, 32, 8, 128, 4), words=1000,
-    questions=400, choices=4, question_words=12, eval_questions=48, val_questions=8, new_tokens=16, prompts=16,
-    throughput_batches=(1, 16), throughput_tokens=64, rounds=3,
+PAPER = (
+    Plan(  # Gemma-2-9B's and Llama-3.1-8B's widths, MLPs and heads (configs/paper/truthfulqa_gemma2_to_llama31.yaml)
+        expert=Shape("gemma2", 3584, 14336, 16, 8, 256, 4),
+        target=Shape("llama", 4096, 14336, 32, 8, 128, 4),
+        words=1000,
+        questions=400,
+        choices=4,
+        question_words=12,
+        eval_questions=48,
+        val_questions=8,
+        new_tokens=16,
+        prompts=16,
+        throughput_batches=(1, 16),
+        throughput_tokens=64,
+        rounds=3,
+    )
 )
 TINY = Plan(
-    expert=Shape("gemma2", 56, 112, 4, 2, 16, 4), target=Shape("llama", 64, 128, 4, 2, 16, 4), words=200, questions=40,
-    choices=3, question_words=6, eval_questions=12, val_questions=3, new_tokens=4, prompts=4,
-    throughput_batches=(1, 2), throughput_tokens=4, rounds=1, rfm_options={"iters": 1, "bandwidths": [1.0], "regs": [0.1]},
+    expert=Shape("gemma2", 56, 112, 4, 2, 16, 4),
+    target=Shape("llama", 64, 128, 4, 2, 16, 4),
+    words=200,
+    questions=40,
+    choices=3,
+    question_words=6,
+    eval_questions=12,
+    val_questions=3,
+    new_tokens=4,
+    prompts=4,
+    throughput_batches=(1, 2),
+    throughput_tokens=4,
+    rounds=1,
+    rfm_options={"iters": 1, "bandwidths": [1.0], "regs": [0.1]},
 )
 
 
@@ -139,8 +172,10 @@ def _peaks() -> dict[str, int | None]:
     import torch
 
     hwm = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return {"peak_device": torch.cuda.max_memory_allocated() if _cuda_ready() else None,
-            "peak_rss": int(hwm.group(1)) * 1024 if hwm else None}
+    return {
+        "peak_device": torch.cuda.max_memory_allocated() if _cuda_ready() else None,
+        "peak_rss": int(hwm.group(1)) * 1024 if hwm else None,
+    }
 
 
 class _Announcements(logging.Handler):
@@ -149,7 +184,9 @@ class _Announcements(logging.Handler):
         self.probe = probe
 
     def emit(self, record: logging.LogRecord) -> None:
-        match = ESTIMATE.match(str(record.args[0])) if record.args and record.msg.startswith("Memory estimate") else None
+        match = (
+            ESTIMATE.match(str(record.args[0])) if record.args and record.msg.startswith("Memory estimate") else None
+        )
         if match:
             self.probe.switch(match["part"], (float(match["host"]), float(match["device"])))
 
@@ -190,8 +227,9 @@ class MemoryProbe(L.Callback):
             self.estimates[part] = estimate
         self._open(part, estimate)
 
-    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if batch_idx == 0:
             self.switch("test questions", self.estimates.get("evaluation"))
 
@@ -217,8 +255,9 @@ def save_tokenizer(folder: Path, tokens: list[str]) -> None:
 
     backend = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(folder)
 
 
 def build_model(folder: Path, shape: Shape, plan: Plan, reverse: bool, device: str, seed: int) -> Path:
@@ -233,12 +272,14 @@ def build_model(folder: Path, shape: Shape, plan: Plan, reverse: bool, device: s
     model.save_pretrained(folder)
     save_tokenizer(folder, tokens)
     del model
-    words = tokens[len(SPECIALS):]
+    words = tokens[len(SPECIALS) :]
     read = AutoTokenizer.from_pretrained(folder)  # as the product loads it: transformers may swap the class per family
     if read.convert_ids_to_tokens(read(" ".join(words), add_special_tokens=False)["input_ids"]) != words:
-        raise StageFailed(f"{type(read).__name__} does not read back the word-level tokenizer saved in {folder} "
-                          f"(transformers picks a tokenizer class per model family); use another family than "
-                          f"{shape.family!r}.")
+        raise StageFailed(
+            f"{type(read).__name__} does not read back the word-level tokenizer saved in {folder} "
+            f"(transformers picks a tokenizer class per model family); use another family than "
+            f"{shape.family!r}."
+        )
     if device == "cuda":
         torch.cuda.empty_cache()
     return folder
@@ -255,12 +296,18 @@ def write_data(work: Path, plan: Plan) -> tuple[Path, Path]:
     with open(mc, "w") as handle:
         for q in range(plan.questions):
             choices = [words(max(1, plan.question_words // 2)) for _ in range(plan.choices)]
-            row = {"id": f"q{q}", "question": words(plan.question_words) + " ?", "choices": choices,
-                   "answer": rng.randrange(plan.choices)}
+            row = {
+                "id": f"q{q}",
+                "question": words(plan.question_words) + " ?",
+                "choices": choices,
+                "answer": rng.randrange(plan.choices),
+            }
             handle.write(json.dumps(row) + "\n")
     with open(prompts, "w") as handle:
-        handle.writelines(json.dumps({"id": f"p{p}", "prompt": f"Question: {words(plan.question_words)} ?\nAnswer:"}) + "\n"
-                          for p in range(plan.prompts))
+        handle.writelines(
+            json.dumps({"id": f"p{p}", "prompt": f"Question: {words(plan.question_words)} ?\nAnswer:"}) + "\n"
+            for p in range(plan.prompts)
+        )
     return mc, prompts
 
 
@@ -272,35 +319,60 @@ def stage_config(plan: Plan, work: Path, accelerator: str) -> dict[str, Any]:
         "run_name": RUN,
         "output_dir": str(work / "runs"),
         "trainer": {
-            "accelerator": accelerator, "devices": 1, "max_epochs": 1, "logger": False, "log_every_n_steps": 5,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "callbacks": [{"class_path": "gpu_check.MemoryProbe"},
-                          {"class_path": "es_lightning.callbacks.LayerPairingCallback"},
-                          {"class_path": "es_lightning.callbacks.SteeringVectorCallback"},
-                          {"class_path": "es_lightning.callbacks.SteeredPredictionWriter"}],
+            "accelerator": accelerator,
+            "devices": 1,
+            "max_epochs": 1,
+            "logger": False,
+            "log_every_n_steps": 5,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {"class_path": "gpu_check.MemoryProbe"},
+                {"class_path": "es_lightning.callbacks.LayerPairingCallback"},
+                {"class_path": "es_lightning.callbacks.SteeringVectorCallback"},
+                {"class_path": "es_lightning.callbacks.SteeredPredictionWriter"},
+            ],
         },
         "model": {
             "objective": "paired",
             "pairing": {"rule": "depth", "top_k": 3},
             "vectors": {"methods": ["expertsteer", "rfm_self", "mean_difference"], "rfm_options": plan.rfm_options},
             "target_dtype": "bfloat16",
-            "evaluation": {"protocol": "nested", "coefficients": [-0.4, -0.1, 0.1, 0.4], "random_draws": 2,
-                           "permutations": 1000, "folds": 2, "max_questions": plan.eval_questions,
-                           "max_val_questions": plan.val_questions, "batch_size": 32,
-                           "generation": {"max_new_tokens": plan.new_tokens}},
+            "evaluation": {
+                "protocol": "nested",
+                "coefficients": [-0.4, -0.1, 0.1, 0.4],
+                "random_draws": 2,
+                "permutations": 1000,
+                "folds": 2,
+                "max_questions": plan.eval_questions,
+                "max_val_questions": plan.val_questions,
+                "batch_size": 32,
+                "generation": {"max_new_tokens": plan.new_tokens},
+            },
             "generation": {"max_new_tokens": plan.new_tokens, "batch_size": 8},
             "predict": {"methods": ["expertsteer", "mean_difference"], "coefficients": [COEFFICIENT]},
         },
         "data": {
             "expert": {"name": str(work / "expert"), **model},
             "target": {"name": str(work / "target"), **model},
-            "data": {"path": str(work / "mc.jsonl"),
-                     "format": {"kind": "multiple_choice", "prompt_template": "Question: {question}\nAnswer:",
-                                "completion_template": " {choice}"}},
+            "data": {
+                "path": str(work / "mc.jsonl"),
+                "format": {
+                    "kind": "multiple_choice",
+                    "prompt_template": "Question: {question}\nAnswer:",
+                    "completion_template": " {choice}",
+                },
+            },
             "splits": {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 0},
             "predict_data": {"path": str(work / "prompts.jsonl"), "prompt_field": "prompt"},
-            "batch_size": 256, "extract_batch_size": 64, "extract_batch_tokens": 16384, "cache_dtype": "float32",
-            "shard_size": 128, "cache_dir": str(work / "cache"), "progress": False, "predict_batch_size": 8,
+            "batch_size": 256,
+            "extract_batch_size": 64,
+            "extract_batch_tokens": 16384,
+            "cache_dtype": "float32",
+            "shard_size": 128,
+            "cache_dir": str(work / "cache"),
+            "progress": False,
+            "predict_batch_size": 8,
         },
     }
 
@@ -310,8 +382,10 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _probe_parts(probe: Path) -> dict[int, list[dict[str, Any]]]:
-    return {int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()]
-            for p in sorted(probe.glob("rank*.jsonl"))}
+    return {
+        int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()]
+        for p in sorted(probe.glob("rank*.jsonl"))
+    }
 
 
 def run_inline(name: str, arguments: list[str], work: Path) -> dict[str, Any]:
@@ -347,8 +421,14 @@ def run_process(name: str, arguments: list[str], work: Path, logs: Path) -> dict
     env = {**os.environ, PROBE_ENV: str(probe), "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, "-m", "es_lightning.cli", *arguments], cwd=ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "es_lightning.cli", *arguments],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = child.wait()
         finally:
@@ -357,8 +437,13 @@ def run_process(name: str, arguments: list[str], work: Path, logs: Path) -> dict
                 child.wait()
     if code:
         raise StageFailed(f"{name} failed (exit {code}); its log ({log_path}) ends:\n{_tail(log_path)}")
-    return {"stage": name, "seconds": time.perf_counter() - start, "ranks": _probe_parts(probe), "log": str(log_path),
-            "whole": "whole process, start-up included"}
+    return {
+        "stage": name,
+        "seconds": time.perf_counter() - start,
+        "ranks": _probe_parts(probe),
+        "log": str(log_path),
+        "whole": "whole process, start-up included",
+    }
 
 
 def _max(values: list[float | None]) -> float | None:
@@ -390,18 +475,25 @@ def _times(count: int) -> str:
     return f" (x{count})" if count > 1 else ""
 
 
-STAGE_HEADER = ("| stage | part | wall s | peak GPU GiB | estimate GPU GiB | peak RSS GiB | estimate host GiB |\n"
-                "|---|---|---:|---:|---:|---:|---:|")
+STAGE_HEADER = (
+    "| stage | part | wall s | peak GPU GiB | estimate GPU GiB | peak RSS GiB | estimate host GiB |\n"
+    "|---|---|---:|---:|---:|---:|---:|"
+)
 
 
 def stage_rows(result: dict[str, Any], rank: int = 0) -> list[str]:
     """Markdown rows of one stage (one rank): each part, then the process's wall time and largest figures."""
     parts = merge_parts(result["ranks"].get(rank, []))
-    rows = [f"| {result['stage']} | {p['part']}{_times(p['count'])} | {p['seconds']:.1f} | {_gib(p['peak_device'])} | "
-            f"{_est(p['device_estimate_gib'])} | {_gib(p['peak_rss'])} | {_est(p['host_estimate_gib'])} |" for p in parts]
-    rows.append(f"| {result['stage']} | **{result.get('whole', 'whole stage')}** | {result['seconds']:.1f} | "
-                f"{_gib(_max([p['peak_device'] for p in parts]))} | {_est(_max([p['device_estimate_gib'] for p in parts]))} | "
-                f"{_gib(_max([p['peak_rss'] for p in parts]))} | {_est(_max([p['host_estimate_gib'] for p in parts]))} |")
+    rows = [
+        f"| {result['stage']} | {p['part']}{_times(p['count'])} | {p['seconds']:.1f} | {_gib(p['peak_device'])} | "
+        f"{_est(p['device_estimate_gib'])} | {_gib(p['peak_rss'])} | {_est(p['host_estimate_gib'])} |"
+        for p in parts
+    ]
+    rows.append(
+        f"| {result['stage']} | **{result.get('whole', 'whole stage')}** | {result['seconds']:.1f} | "
+        f"{_gib(_max([p['peak_device'] for p in parts]))} | {_est(_max([p['device_estimate_gib'] for p in parts]))} | "
+        f"{_gib(_max([p['peak_rss'] for p in parts]))} | {_est(_max([p['host_estimate_gib'] for p in parts]))} |"
+    )
     return rows
 
 
@@ -433,8 +525,9 @@ def throughput(plan: Plan, work: Path, device: str) -> list[dict[str, Any]]:
 
     rows = []
     for batch in plan.throughput_batches:
-        encoding = loaded.tokenizer([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt",
-                                    padding=True, padding_side="left").to(device)
+        encoding = loaded.tokenizer(
+            [prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True, padding_side="left"
+        ).to(device)
         times: dict[bool, list[float]] = {False: [], True: []}
         for round_ in range(plan.rounds + 1):  # round 0 warms up
             for steered in (False, True) if round_ % 2 == 0 else (True, False):
@@ -443,8 +536,15 @@ def throughput(plan: Plan, work: Path, device: str) -> list[dict[str, Any]]:
                     times[steered].append(seconds)
         tokens = batch * plan.throughput_tokens
         unsteered, steered = tokens / statistics.median(times[False]), tokens / statistics.median(times[True])
-        rows.append({"batch": batch, "unsteered_tokens_per_s": unsteered, "steered_tokens_per_s": steered,
-                     "ratio": steered / unsteered, "layers": bundle.layers})
+        rows.append(
+            {
+                "batch": batch,
+                "unsteered_tokens_per_s": unsteered,
+                "steered_tokens_per_s": steered,
+                "ratio": steered / unsteered,
+                "layers": bundle.layers,
+            }
+        )
     return rows
 
 
@@ -459,16 +559,20 @@ def preflight(device: str) -> dict[str, Any]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"gpu_check: torch {torch.__version__} sees no CUDA device (CPU build, or no GPU visible); "
-                         "on CPU, run with --dry-run.")
+        raise SystemExit(
+            f"gpu_check: torch {torch.__version__} sees no CUDA device (CPU build, or no GPU visible); "
+            "on CPU, run with --dry-run."
+        )
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device == "cuda" else []
     return {"python": sys.version.split()[0], "versions": versions, "gpus": gpus}
 
 
 def _shape_text(shape: Shape, vocab: int) -> str:
     params = sum(p.numel() for p in _meta_model(shape, vocab).parameters())
-    return (f"{shape.family} d={shape.hidden}, {shape.blocks} blocks, MLP {shape.intermediate}, {shape.heads}/"
-            f"{shape.kv_heads} heads of {shape.head_dim}, vocabulary {vocab}: {params:,} parameters")
+    return (
+        f"{shape.family} d={shape.hidden}, {shape.blocks} blocks, MLP {shape.intermediate}, {shape.heads}/"
+        f"{shape.kv_heads} heads of {shape.head_dim}, vocabulary {vocab}: {params:,} parameters"
+    )
 
 
 def _meta_model(shape: Shape, vocab: int) -> Any:
@@ -483,11 +587,19 @@ def _meta_model(shape: Shape, vocab: int) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny widths on CPU: the same steps, for CI")
-    parser.add_argument("--ddp", choices=["auto", "on", "off"], default="auto",
-                        help="the 2-process DDP fit: auto runs it when two GPUs are visible (never in a dry run); "
-                             "on forces it (gloo on CPU in a dry run)")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="stop after this many seconds from the start (default 480) and report what ran")
+    parser.add_argument(
+        "--ddp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the 2-process DDP fit: auto runs it when two GPUs are visible (never in a dry run); "
+        "on forces it (gloo on CPU in a dry run)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="stop after this many seconds from the start (default 480) and report what ran",
+    )
     parser.add_argument("--work", type=Path, help="models, data, cache and runs (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--out", type=Path, help="write results.json (and the DDP fit's log) here")
@@ -497,8 +609,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def ddp_arguments(config: Path, work: Path) -> list[str]:
     """``fit`` on two processes with DDP, into its own run folder and a fresh cache that the ranks extract between
     them (shard s on rank s % 2)."""
-    return ["fit", "--config", str(config), "--run_name", f"{RUN}_ddp", "--data.cache_dir", str(work / "cache-ddp"),
-            "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    return [
+        "fit",
+        "--config",
+        str(config),
+        "--run_name",
+        f"{RUN}_ddp",
+        "--data.cache_dir",
+        str(work / "cache-ddp"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
 
 
 def ddp_skipped(mode: str, device: str, gpus: int) -> str | None:
@@ -520,21 +643,35 @@ def report(results: dict[str, Any]) -> None:
     """Print the tables of whatever ran."""
     if results["stages"]:
         print(f"\n{STAGE_HEADER}\n" + "\n".join(row for r in results["stages"] for row in stage_rows(r)))
-        print("\nPeak GPU: torch.cuda.max_memory_allocated (tensors only, no CUDA context). Peak RSS counts the "
-              "interpreter and libraries, which the host estimates leave out.")
+        print(
+            "\nPeak GPU: torch.cuda.max_memory_allocated (tensors only, no CUDA context). Peak RSS counts the "
+            "interpreter and libraries, which the host estimates leave out."
+        )
     if results.get("throughput"):
-        print("\n| batch | unsteered tokens/s | steered tokens/s | steered / unsteered | steered layers |\n"
-              "|---:|---:|---:|---:|---|")
+        print(
+            "\n| batch | unsteered tokens/s | steered tokens/s | steered / unsteered | steered layers |\n"
+            "|---:|---:|---:|---:|---|"
+        )
         for row in results["throughput"]:
-            print(f"| {row['batch']} | {row['unsteered_tokens_per_s']:.1f} | {row['steered_tokens_per_s']:.1f} | "
-                  f"{row['ratio']:.3f} | {row['layers']} |")
+            print(
+                f"| {row['batch']} | {row['unsteered_tokens_per_s']:.1f} | {row['steered_tokens_per_s']:.1f} | "
+                f"{row['ratio']:.3f} | {row['layers']} |"
+            )
         plan = results["plan"]
-        print(f"(greedy, {plan['throughput_tokens']} new tokens per row, expertsteer x{COEFFICIENT}, median of "
-              f"{plan['rounds']} interleaved rounds after a warm-up)")
+        print(
+            f"(greedy, {plan['throughput_tokens']} new tokens per row, expertsteer x{COEFFICIENT}, median of "
+            f"{plan['rounds']} interleaved rounds after a warm-up)"
+        )
     if results.get("ddp"):
         ddp = results["ddp"]
-        print(f"\n{STAGE_HEADER}\n" + "\n".join(row for rank in sorted(ddp["ranks"])
-                                              for row in stage_rows({**ddp, "stage": f"fit, DDP rank {rank}"}, rank)))
+        print(
+            f"\n{STAGE_HEADER}\n"
+            + "\n".join(
+                row
+                for rank in sorted(ddp["ranks"])
+                for row in stage_rows({**ddp, "stage": f"fit, DDP rank {rank}"}, rank)
+            )
+        )
     elif results.get("ddp_skipped"):
         print(f"\n2-process DDP fit skipped: {results['ddp_skipped']}")
 
@@ -555,19 +692,29 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.out.resolve() if args.out else work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     os.environ["ES_LIGHTNING_CACHE"] = str(work / "cache")
-    print(f"gpu_check: {'dry run on CPU' if args.dry_run else 'GPU ' + ', '.join(environment['gpus'])}; Python "
-          f"{environment['python']}; {', '.join(f'{k} {v}' for k, v in environment['versions'].items())}; work {work}")
+    print(
+        f"gpu_check: {'dry run on CPU' if args.dry_run else 'GPU ' + ', '.join(environment['gpus'])}; Python "
+        f"{environment['python']}; {', '.join(f'{k} {v}' for k, v in environment['versions'].items())}; work {work}"
+    )
     print(f"  expert: {_shape_text(plan.expert, plan.vocab)}\n  target: {_shape_text(plan.target, plan.vocab)}")
-    results: dict[str, Any] = {"plan": asdict(plan), "device": device, **environment, "stages": [],
-                               "ddp_skipped": skipped}
+    results: dict[str, Any] = {
+        "plan": asdict(plan),
+        "device": device,
+        **environment,
+        "stages": [],
+        "ddp_skipped": skipped,
+    }
     try:
         tick = time.perf_counter()
         build_model(work / "expert", plan.expert, plan, reverse=True, device=device, seed=0)
         build_model(work / "target", plan.target, plan, reverse=False, device=device, seed=1)
         write_data(work, plan)
         results["build_seconds"] = time.perf_counter() - tick
-        print(f"gpu_check: models and data ready in {results['build_seconds']:.1f} s ({plan.questions} questions x "
-              f"{plan.choices} choices, {plan.prompts} prompts)", flush=True)
+        print(
+            f"gpu_check: models and data ready in {results['build_seconds']:.1f} s ({plan.questions} questions x "
+            f"{plan.choices} choices, {plan.prompts} prompts)",
+            flush=True,
+        )
         config = work / "config.json"  # JSON is YAML: the CLI reads it with --config
         config.write_text(json.dumps(stage_config(plan, work, "gpu" if device == "cuda" else "cpu"), indent=1))
         checkpoint = str(work / "runs" / RUN / "last.ckpt")
@@ -584,8 +731,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu_check: DDP fit done in {results['ddp']['seconds']:.1f} s", flush=True)
         status = 0
     except Exception as failure:  # noqa: BLE001 - whatever ran is still reported
-        print(f"\ngpu_check: {failure if isinstance(failure, StageFailed) else traceback.format_exc()}", file=sys.stderr,
-              flush=True)
+        print(
+            f"\ngpu_check: {failure if isinstance(failure, StageFailed) else traceback.format_exc()}",
+            file=sys.stderr,
+            flush=True,
+        )
         status = 1
     finally:
         signal.alarm(0)

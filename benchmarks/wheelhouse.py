@@ -33,11 +33,23 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
-TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
-          "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
-          "platform_machine": "x86_64", "os_name": "posix"}
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
+TARGET = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+}
 IMAGE_PACKAGES = """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core cuda-pathfinder
@@ -60,9 +72,11 @@ triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkz
 zipp
 """
 PREINSTALLED = frozenset(canonicalize_name(n) for n in IMAGE_PACKAGES.split())
-INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-           "{dest}/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; python3 benchmarks/wheelhouse.py --check {dest}; "
-           "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT 2>&1 | tee $OUT/gpu_check.log")
+INSTALL = (
+    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+    "{dest}/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; python3 benchmarks/wheelhouse.py --check {dest}; "
+    "set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT 2>&1 | tee $OUT/gpu_check.log"
+)
 
 
 def product_requirements() -> list[Requirement]:
@@ -77,8 +91,11 @@ def wheel_requirements(wheel: Path, extras: set[str]) -> list[Requirement]:
         name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         lines = archive.read(name).decode("utf-8").splitlines()
     requirements = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
-    return [r for r in requirements
-            if r.marker is None or any(r.marker.evaluate({**TARGET, "extra": extra}) for extra in {"", *extras})]
+    return [
+        r
+        for r in requirements
+        if r.marker is None or any(r.marker.evaluate({**TARGET, "extra": extra}) for extra in {"", *extras})
+    ]
 
 
 def _wheel_name(path: Path) -> str:
@@ -91,8 +108,11 @@ def pinned(requirement: Requirement) -> str:
         here = metadata.version(requirement.name)
     except metadata.PackageNotFoundError:
         return f"{requirement.name}{requirement.specifier}"
-    return f"{requirement.name}=={here}" if requirement.specifier.contains(here, prereleases=True) else \
-        f"{requirement.name}{requirement.specifier}"
+    return (
+        f"{requirement.name}=={here}"
+        if requirement.specifier.contains(here, prereleases=True)
+        else f"{requirement.name}{requirement.specifier}"
+    )
 
 
 def fetch(spec: str, dest: Path) -> Path:
@@ -100,8 +120,23 @@ def fetch(spec: str, dest: Path) -> Path:
     index has only a source archive."""
     before = set(dest.glob("*.whl"))
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-                "3.12", "--implementation", "cp", *platforms, "-d", str(dest), spec]
+    download = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *platforms,
+        "-d",
+        str(dest),
+        spec,
+    ]
     if subprocess.run(download, check=False, capture_output=True, text=True).returncode:
         build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec]
         done = subprocess.run(build, check=False, capture_output=True, text=True)
@@ -142,8 +177,13 @@ def collect(dest: Path, also: list[str]) -> tuple[list[Path], list[str]]:
 
 def tree_mib() -> float:
     """This checkout's tracked and untracked, not ignored files, which travel with every call."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     return sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file()) / MIB
 
 
@@ -173,9 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dest", type=Path, default=ROOT / ".whl", help="the wheel folder (default .whl/)")
     parser.add_argument("--limit-mib", type=float, default=60.0, help="wheels plus working tree, at most")
-    parser.add_argument("--also", nargs="+", default=[], metavar="REQUIREMENT",
-                        help="carry these too though the image has them, e.g. pyarrow==26.0.1 when --check there "
-                             "reports a version conflict")
+    parser.add_argument(
+        "--also",
+        nargs="+",
+        default=[],
+        metavar="REQUIREMENT",
+        help="carry these too though the image has them, e.g. pyarrow==26.0.1 when --check there "
+        "reports a version conflict",
+    )
     parser.add_argument("--check", type=Path, metavar="FOLDER", help="check the installed requirements instead")
     args = parser.parse_args(argv)
     if args.check:
@@ -188,18 +233,28 @@ def main(argv: list[str] | None = None) -> int:
     wheels, from_image = collect(dest, args.also)
     wheel_mib = sum(w.stat().st_size for w in wheels) / MIB
     tree = tree_mib()
-    print(f"\nwheelhouse: {len(wheels)} wheels, {wheel_mib:.2f} MiB; working tree {tree:.2f} MiB; together "
-          f"{wheel_mib + tree:.2f} MiB of at most {args.limit_mib:g}")
+    print(
+        f"\nwheelhouse: {len(wheels)} wheels, {wheel_mib:.2f} MiB; working tree {tree:.2f} MiB; together "
+        f"{wheel_mib + tree:.2f} MiB of at most {args.limit_mib:g}"
+    )
     print("taken from the image (check its versions with --check there):\n  " + "\n  ".join(from_image))
     if wheel_mib + tree > args.limit_mib:
         print(f"wheelhouse: over {args.limit_mib:g} MiB: the device tool would refuse the call", file=sys.stderr)
         return 1
     folder = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
-    print("\nOne device call (the device tool's run), installing them offline and running the GPU check:\n"
-          f"  command: {INSTALL.format(dest=folder)}\n  carry: [\"{folder}\"]\n  timeout_s: 600")
-    if shutil.which("git") and subprocess.run(["git", "check-ignore", "-q", str(dest)], check=False, cwd=ROOT).returncode:
-        print(f"wheelhouse: {folder} is not git-ignored: add it to .git/info/exclude so that it travels only when "
-              "carried", file=sys.stderr)
+    print(
+        "\nOne device call (the device tool's run), installing them offline and running the GPU check:\n"
+        f'  command: {INSTALL.format(dest=folder)}\n  carry: ["{folder}"]\n  timeout_s: 600'
+    )
+    if (
+        shutil.which("git")
+        and subprocess.run(["git", "check-ignore", "-q", str(dest)], check=False, cwd=ROOT).returncode
+    ):
+        print(
+            f"wheelhouse: {folder} is not git-ignored: add it to .git/info/exclude so that it travels only when "
+            "carried",
+            file=sys.stderr,
+        )
     return 0
 
 

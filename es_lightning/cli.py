@@ -44,7 +44,9 @@ class ESLightningCLI(LightningCLI):
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         self.parser.add_argument("--quiet", action="store_true", help="Print only warnings, errors and results.")
-        self.parser.add_argument("--verbose", action="store_true", help="Also print debug lines, Lightning's notes and every notice.")
+        self.parser.add_argument(
+            "--verbose", action="store_true", help="Also print debug lines, Lightning's notes and every notice."
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (``build_cli`` always passes them, from ``sys.argv`` or the pipeline), then set up the console."""
@@ -55,10 +57,15 @@ class ESLightningCLI(LightningCLI):
         parser.add_argument("--run_name", type=str, default="default", help="Name of the run folder under output_dir.")
         parser.add_argument("--output_dir", type=str, default="checkpoints", help="Where run folders are created.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": None, "checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-            "checkpoint.filename": "best-{epoch}-{step}", "checkpoint.mode": "min",
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": None,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.filename": "best-{epoch}-{step}",
+                "checkpoint.mode": "min",
+            }
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -70,7 +77,11 @@ class ESLightningCLI(LightningCLI):
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(run_dir)
         ensure_writable_dir(run_dir, min_free_bytes=MIN_FREE_BYTES, what="run output")
-        if self.subcommand == "fit" and not config.get("ckpt_path") and (Path(config.checkpoint.dirpath) / "last.ckpt").exists():
+        if (
+            self.subcommand == "fit"
+            and not config.get("ckpt_path")
+            and (Path(config.checkpoint.dirpath) / "last.ckpt").exists()
+        ):
             raise FileExistsError(
                 f"The run folder {config.checkpoint.dirpath} already holds last.ckpt. Resume it with --ckpt_path last, "
                 f"or start a new run with another --run_name (or delete the folder)."
@@ -80,7 +91,6 @@ class ESLightningCLI(LightningCLI):
             check_resumable(Path(config.checkpoint.dirpath), str(config.ckpt_path), self.fit_options)
         if self.subcommand == "predict" and config.get("return_predictions") is None:
             config.return_predictions = False  # rows are streamed to disk by SteeredPredictionWriter
-
 
     def instantiate_trainer(self, **kwargs):
         """The configured Trainer, with atomic checkpoint writes unless a CheckpointIO plugin was given, and
@@ -125,8 +135,11 @@ def kept_in_run_folder(run_dir: Path | None) -> str:
     """What a stopped run's folder holds, e.g. ``in checkpoints/default: last.ckpt, pairing.json, bundles``."""
     if run_dir is None:
         return ""
-    names = [name for name in ("last.ckpt", "pairing.json", "bundles", "report/report.json", "predictions.jsonl")
-             if (run_dir / name).exists()]
+    names = [
+        name
+        for name in ("last.ckpt", "pairing.json", "bundles", "report/report.json", "predictions.jsonl")
+        if (run_dir / name).exists()
+    ]
     parts = sorted((run_dir / "parts").glob("rank*.jsonl"))
     if parts:
         prompts = sum(part.read_bytes().count(b"\n") for part in parts)  # one line per finished prompt
@@ -153,8 +166,13 @@ def main(args: list[str] | None = None) -> None:
             build_cli(argv)
 
     before_subcommand = argv[: next((k for k, arg in enumerate(argv) if arg in SUBCOMMANDS), len(argv))]
-    run_stoppable(run, "es-lightning", lambda: resume_command(argv, ESLightningCLI.run_dir),
-                  lambda: kept_in_run_folder(ESLightningCLI.run_dir), traceback="--verbose" in before_subcommand)
+    run_stoppable(
+        run,
+        "es-lightning",
+        lambda: resume_command(argv, ESLightningCLI.run_dir),
+        lambda: kept_in_run_folder(ESLightningCLI.run_dir),
+        traceback="--verbose" in before_subcommand,
+    )
 
 
 if __name__ == "__main__":

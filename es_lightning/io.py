@@ -9,8 +9,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -97,7 +98,9 @@ def ensure_writable_dir(path: str | os.PathLike, min_free_bytes: int = 0, what: 
         probe.unlink()
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise OSError(f"The {what} directory {str(path)!r} is on a full disk. Free some space or point the config at another disk.") from err
+            raise OSError(
+                f"The {what} directory {str(path)!r} is on a full disk. Free some space or point the config at another disk."
+            ) from err
         raise PermissionError(
             f"The {what} directory {str(path)!r} is not writable ({err.strerror}). "
             f"Choose another directory in the config or fix its permissions."

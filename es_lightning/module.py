@@ -13,9 +13,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from es_lightning.alignment import AlignmentAutoEncoder
 from es_lightning.alignment.autoencoder import CHECKPOINT_KEY, Objective
+from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.stage import CrossValidatedTest, check_folds, evaluation_folds
-from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import sha256_file
 from es_lightning.memory import announce, check_model_fits, evaluation_estimate, read_shape
 from es_lightning.models.loading import LoadedModel, dtype_name, load_model, resolve_model_dir
@@ -39,7 +39,14 @@ class ExpertSteer(AlignmentAutoEncoder):
     """
 
     runtime_arguments = AlignmentAutoEncoder.runtime_arguments + (
-        "pairing", "vectors", "evaluation", "generation", "predict", "target_dtype", "report_dir")
+        "pairing",
+        "vectors",
+        "evaluation",
+        "generation",
+        "predict",
+        "target_dtype",
+        "report_dir",
+    )
 
     def __init__(
         self,
@@ -95,9 +102,16 @@ class ExpertSteer(AlignmentAutoEncoder):
             self.pairing.pairing_rule.check_fits(len(layout.expert_layers), len(layout.target_layers))
         if stage == "fit" and self.objective == "paired" and self.declared_layer_map is None:
             n_train, n_val = len(datamodule.split_indices["train"]), len(datamodule.split_indices["val"])
-            self.pairing.check_rows(n_train, n_val, "Layer-pair search during fit (held out: the data module's val split)")
+            self.pairing.check_rows(
+                n_train, n_val, "Layer-pair search during fit (held out: the data module's val split)"
+            )
         if stage == "test":
-            check_folds(evaluation_folds(datamodule, self.evaluation, self.vectors.seed), datamodule, self.evaluation, self.pairing)
+            check_folds(
+                evaluation_folds(datamodule, self.evaluation, self.vectors.seed),
+                datamodule,
+                self.evaluation,
+                self.pairing,
+            )
 
     # ------------------------------------------------------------------------- step results
     def record_pairing(self, result: PairSearch) -> None:
@@ -128,8 +142,9 @@ class ExpertSteer(AlignmentAutoEncoder):
         self.pairing_result = PairSearch.from_dict(saved) if saved else None
         if self._trainer is not None and self.trainer.state.fn == "predict":
             # the first hook that knows the checkpoint path, and still before the prompt dataloader is built
-            self._predict = SteeredPrediction(self.predict_config, self.generation, str(self.trainer.ckpt_path),
-                                              self._report_folder())
+            self._predict = SteeredPrediction(
+                self.predict_config, self.generation, str(self.trainer.ckpt_path), self._report_folder()
+            )
             self._predict.resume(self.trainer, self._datamodule(), self.target_dtype)
 
     # ------------------------------------------------------------------------------ shared pieces
@@ -142,8 +157,10 @@ class ExpertSteer(AlignmentAutoEncoder):
         """The trainer's paired data module (the CLI sets it; any other is refused with the fix)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if not isinstance(datamodule, PairedHiddenStatesDataModule):
-            raise TypeError("ExpertSteer needs es_lightning.data.PairedHiddenStatesDataModule as the data module "
-                            "(the es-lightning CLI sets it).")
+            raise TypeError(
+                "ExpertSteer needs es_lightning.data.PairedHiddenStatesDataModule as the data module "
+                "(the es-lightning CLI sets it)."
+            )
         return datamodule
 
     def _require(self, what: str) -> PairSearch:
@@ -173,22 +190,35 @@ class ExpertSteer(AlignmentAutoEncoder):
         completion lengths are upper bounds: ``max_length`` tokens, and a choice's characters or ``max_new_tokens``."""
         datamodule, testing = self._datamodule(), self.trainer.state.fn == "test"
         spec = datamodule.target_spec
-        completion = (min(spec.max_length, max((len(c) for q in datamodule.all_questions for c in q.choices), default=1))
-                      if testing else self.generation.max_new_tokens)
+        completion = (
+            min(spec.max_length, max((len(c) for q in datamodule.all_questions for c in q.choices), default=1))
+            if testing
+            else self.generation.max_new_tokens
+        )
         batch = self.evaluation.batch_size if testing else datamodule.predict_batch_size
         name = self.built_layout.target.name
         shape = read_shape(resolve_model_dir(name, datamodule.cache_dir), name)
         generation = self.evaluation.generation
         rows, tokens = (generation.batch_size, generation.max_new_tokens) if testing and generation.enabled else (0, 0)
-        announce(evaluation_estimate(shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device,
-                                     rows, tokens), self.device)
+        announce(
+            evaluation_estimate(
+                shape, dtype_name(dtype, self.device), batch, spec.max_length, completion, self.device, rows, tokens
+            ),
+            self.device,
+        )
 
     # ------------------------------------------------------------------------------------- test
     def on_test_start(self) -> None:
         pairing = self._require("test")
         self._test: CrossValidatedTest | None = CrossValidatedTest(self.evaluation, self.vectors, self.pairing)
-        self._test.start(self.trainer, self.built_layout, self.objective, pairing, lambda i: self.encoder_linear(i).cpu(),
-                         self._load_target)
+        self._test.start(
+            self.trainer,
+            self.built_layout,
+            self.objective,
+            pairing,
+            lambda i: self.encoder_linear(i).cpu(),
+            self._load_target,
+        )
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         assert self._test is not None  # on_test_start made it
@@ -197,11 +227,18 @@ class ExpertSteer(AlignmentAutoEncoder):
     def on_test_epoch_end(self) -> None:
         layout, pairing = self.built_layout, self._require("test")
         assert self._test is not None  # on_test_start made it
-        meta = {"target": layout.target.name, "expert": layout.expert.name, "objective": self.objective,
-                "fit_pairs": [list(p) for p in pairing.pairs], "pairing": asdict(self.pairing),
-                "vectors": asdict(self.vectors),
-                "bundles": {m: sha256_file(p) for m, p in self.bundle_paths.items() if Path(p).exists()}}
-        dataset = self._test.finish(self.trainer, Path(self._datamodule().source.path).stem, meta, self._report_folder())
+        meta = {
+            "target": layout.target.name,
+            "expert": layout.expert.name,
+            "objective": self.objective,
+            "fit_pairs": [list(p) for p in pairing.pairs],
+            "pairing": asdict(self.pairing),
+            "vectors": asdict(self.vectors),
+            "bundles": {m: sha256_file(p) for m, p in self.bundle_paths.items() if Path(p).exists()},
+        }
+        dataset = self._test.finish(
+            self.trainer, Path(self._datamodule().source.path).stem, meta, self._report_folder()
+        )
         for entry in dataset.methods:
             accuracy = entry.accuracy_mean if self.evaluation.scoring == "mean" else entry.accuracy_sum
             self.log(f"test/accuracy/{entry.method}", accuracy.mean, rank_zero_only=True)

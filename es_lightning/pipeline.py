@@ -77,8 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     """Run fit, test and predict for ``--config``; extra arguments go to every stage."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ESLightningCLI.run_dir = None
-    run_stoppable(lambda: _run(argv), "es-lightning-pipeline", lambda: ["es-lightning-pipeline", *argv],
-                  lambda: kept_in_run_folder(ESLightningCLI.run_dir), traceback="--verbose" in argv)
+    run_stoppable(
+        lambda: _run(argv),
+        "es-lightning-pipeline",
+        lambda: ["es-lightning-pipeline", *argv],
+        lambda: kept_in_run_folder(ESLightningCLI.run_dir),
+        traceback="--verbose" in argv,
+    )
 
 
 def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str], list[str]]:
@@ -90,7 +95,9 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str
     parser.add_argument("--skip", nargs="*", default=[], choices=["fit", "test", "predict"])
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("--quiet", action="store_true", help="print only warnings, errors and results")
-    loudness.add_argument("--verbose", action="store_true", help="also print debug lines, Lightning's notes and every notice")
+    loudness.add_argument(
+        "--verbose", action="store_true", help="also print debug lines, Lightning's notes and every notice"
+    )
     args, extra = parser.parse_known_args(argv)
     verbosity = verbosity_from_flags(args.quiet, args.verbose)
     configure(verbosity)
@@ -134,21 +141,34 @@ def _run(argv: list[str]) -> None:
         if _fit_is_current(ckpt, config):
             log.info("\n=== 1/3 fit ===\nfit already complete with these options: %s holds pairs and bundles", ckpt)
         else:
-            stage("1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors", "fit",
-                  *(["--ckpt_path", "last"] if ckpt.exists() else []))
+            stage(
+                "1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors",
+                "fit",
+                *(["--ckpt_path", "last"] if ckpt.exists() else []),
+            )
     if not ckpt.exists():
         raise FileNotFoundError(f"No checkpoint at {ckpt}: run the fit stage first.")
 
     if "test" not in args.skip:
         key = stage_key(stage_options(config, "report"), {"checkpoint": sha256_file(ckpt)})
         if _report_matches(report_dir, key):
-            log.info("\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
-                     "(delete it to re-evaluate)", report_dir / "report.json")
+            log.info(
+                "\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
+                "(delete it to re-evaluate)",
+                report_dir / "report.json",
+            )
         else:
-            stage("2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)", "test",
-                  "--ckpt_path", str(ckpt), "--verbose", "false")
-            atomic_write_json(report_dir / REPORT_KEY_FILE,
-                              {"key": key, "report_sha256": sha256_file(report_dir / "report.json")})
+            stage(
+                "2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)",
+                "test",
+                "--ckpt_path",
+                str(ckpt),
+                "--verbose",
+                "false",
+            )
+            atomic_write_json(
+                report_dir / REPORT_KEY_FILE, {"key": key, "report_sha256": sha256_file(report_dir / "report.json")}
+            )
         print((report_dir / "report.md").read_text(), flush=True)
 
     if "predict" not in args.skip:
@@ -156,16 +176,21 @@ def _run(argv: list[str]) -> None:
         cli = stage("3/3 predict: unsteered vs steered generations", "predict", *predict_args, "--ckpt_path", str(ckpt))
         writer = find_prediction_writer(cli.trainer)
         if writer is None:
-            raise ValueError("The pipeline's predict stage needs es_lightning.callbacks.SteeredPredictionWriter in "
-                             "trainer.callbacks (see configs/default.yaml).")
+            raise ValueError(
+                "The pipeline's predict stage needs es_lightning.callbacks.SteeredPredictionWriter in "
+                "trainer.callbacks (see configs/default.yaml)."
+            )
         markdown = run_dir / "predictions.md"
         atomic_write_text(markdown, predictions_markdown(writer.output_path))
         print(side_by_side(writer.output_path), flush=True)
         outputs += [writer.output_path, markdown]
 
     print(f"\ndone in {(time.time() - start) / 60:.1f} min\nrun folder: {run_dir}")
-    for path in [run_dir / name for name in ("last.ckpt", "pairing.json", "mi_heatmap.png", "bundles")] + [
-            report_dir / name for name in ("report.md", "report.json", "coefficient_sweep.png")] + outputs:
+    for path in (
+        [run_dir / name for name in ("last.ckpt", "pairing.json", "mi_heatmap.png", "bundles")]
+        + [report_dir / name for name in ("report.md", "report.json", "coefficient_sweep.png")]
+        + outputs
+    ):
         if path.exists():
             print(f"  {path}")
 
@@ -196,7 +221,9 @@ def _parsed_config(args: list[str]):
     from es_lightning.data import PairedHiddenStatesDataModule
     from es_lightning.module import ExpertSteer
 
-    cli = ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False, args=args, auto_configure_optimizers=False)
+    cli = ESLightningCLI(
+        ExpertSteer, PairedHiddenStatesDataModule, run=False, args=args, auto_configure_optimizers=False
+    )
     config = cli.config
     config.trainer.default_root_dir = cli.trainer.default_root_dir
     return config

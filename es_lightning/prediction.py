@@ -67,8 +67,11 @@ class SteeredPrediction:
         variants = [("none", 0.0)] if config.include_unsteered else []
         for method in config.methods:
             if chosen.get(method) == 0:
-                log.warning("test found no coefficient of %s within the damage budget (evaluation.budget): it is not "
-                            "generated. Pass model.predict.coefficients_from_report false to generate it anyway.", method)
+                log.warning(
+                    "test found no coefficient of %s within the damage budget (evaluation.budget): it is not "
+                    "generated. Pass model.predict.coefficients_from_report false to generate it anyway.",
+                    method,
+                )
                 continue
             values = [chosen[method]] if method in chosen else list(config.coefficients)
             variants += [(method, float(c)) for c in values if c != 0]
@@ -91,13 +94,25 @@ class SteeredPrediction:
         if writer is None:
             return
         prompts = datamodule.require_prompts()
-        done = writer.start(trainer, sha256_json({  # rows of another configuration are never mixed in
-            "ckpt": self.ckpt_sha256, "predict": asdict(self.config), "variants": self.variants,
-            "generation": asdict(self.generation), "target_dtype": target_dtype, "prompts": prompts.fingerprint,
-            "target": asdict(datamodule.target_spec), "batch_size": datamodule.predict_batch_size,
-        }))
+        done = writer.start(
+            trainer,
+            sha256_json(
+                {  # rows of another configuration are never mixed in
+                    "ckpt": self.ckpt_sha256,
+                    "predict": asdict(self.config),
+                    "variants": self.variants,
+                    "generation": asdict(self.generation),
+                    "target_dtype": target_dtype,
+                    "prompts": prompts.fingerprint,
+                    "target": asdict(datamodule.target_spec),
+                    "batch_size": datamodule.predict_batch_size,
+                }
+            ),
+        )
         if done is None:
-            log.info("Predictions already complete for this configuration: %s (delete it to regenerate).", writer.output_path)
+            log.info(
+                "Predictions already complete for this configuration: %s (delete it to regenerate).", writer.output_path
+            )
         elif done:
             log.info("Resuming predictions: %d of %d prompts already written.", len(done), len(prompts))
             datamodule.prompts = prompts = prompts.without(done)
@@ -120,7 +135,11 @@ class SteeredPrediction:
     def load(self, target: ModelIdentity, recorded: dict[str, str], load_target) -> None:
         """The bundles of :attr:`config`'s methods (checked against ``target``) and the target model."""
         for method in self.config.methods:
-            path = Path(self.config.bundle_dir) / f"{method}.safetensors" if self.config.bundle_dir else recorded.get(method)
+            path = (
+                Path(self.config.bundle_dir) / f"{method}.safetensors"
+                if self.config.bundle_dir
+                else recorded.get(method)
+            )
             if not path or not Path(path).exists():
                 raise FileNotFoundError(
                     f"No {method!r} steering bundle found ({path or 'none recorded in the checkpoint'}). Fit with "
@@ -129,8 +148,11 @@ class SteeredPrediction:
             self.bundles[method] = SteeringBundle.load(path, expected_target=target)
         self.target = load_target()
         chat = uses_chat_template(self.generation, self.target.tokenizer)
-        log.info("Generating %s per prompt%s.", ", ".join(m if m == "none" else f"{m} x{c:g}" for m, c in self.variants),
-                 " (prompts in the target's chat template)" if chat else "")
+        log.info(
+            "Generating %s per prompt%s.",
+            ", ".join(m if m == "none" else f"{m} x{c:g}" for m, c in self.variants),
+            " (prompts in the target's chat template)" if chat else "",
+        )
 
     def rows(self, batch: dict[str, Any], block_path: str | None) -> list[dict[str, Any]]:
         """Every variant's generation for every prompt of ``batch``: one row each, prompt-major."""
@@ -138,12 +160,27 @@ class SteeredPrediction:
             raise RuntimeError("SteeredPrediction.load must run before rows.")
         prompts = list(batch["prompt"])
         outputs = [
-            generate(self.target.model, self.target.tokenizer, prompts, self.generation, self.bundles.get(method),
-                     coefficient if method in self.bundles else 0.0, self.config.positions, block_path=block_path)
+            generate(
+                self.target.model,
+                self.target.tokenizer,
+                prompts,
+                self.generation,
+                self.bundles.get(method),
+                coefficient if method in self.bundles else 0.0,
+                self.config.positions,
+                block_path=block_path,
+            )
             for method, coefficient in self.variants
         ]
         return [
-            {"index": int(index), "id": batch["id"][k], "prompt": prompts[k], "output": outputs[v][k], "method": method,
-             "coefficient": coefficient}
-            for k, index in enumerate(batch["index"]) for v, (method, coefficient) in enumerate(self.variants)
+            {
+                "index": int(index),
+                "id": batch["id"][k],
+                "prompt": prompts[k],
+                "output": outputs[v][k],
+                "method": method,
+                "coefficient": coefficient,
+            }
+            for k, index in enumerate(batch["index"])
+            for v, (method, coefficient) in enumerate(self.variants)
         ]

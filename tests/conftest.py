@@ -45,9 +45,16 @@ def make_tiny_llama(folder: Path, hidden: int = 32, layers: int = 4, seed: int =
     tokenizer = make_tokenizer(folder, WORDS)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -60,8 +67,14 @@ def make_tiny_gpt2(folder: Path, hidden: int = 48, layers: int = 3, seed: int = 
     tokenizer = make_tokenizer(folder, list(reversed(WORDS)))
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
@@ -74,9 +87,17 @@ def make_tiny_gemma(folder: Path, hidden: int = 40, layers: int = 3, seed: int =
     tokenizer = make_tokenizer(folder, WORDS)
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-        sliding_window=16, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     Gemma3ForCausalLM(config).save_pretrained(folder)
@@ -131,7 +152,12 @@ def write_two_choice_jsonl(path: Path, n_questions: int = 20) -> Path:
             answer = q % 2
             if answer:
                 choices.reverse()
-            handle.write(json.dumps({"id": f"q{q}", "question": f"what is the {size} {subject} ?", "choices": choices, "answer": answer}) + "\n")
+            handle.write(
+                json.dumps(
+                    {"id": f"q{q}", "question": f"what is the {size} {subject} ?", "choices": choices, "answer": answer}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -167,6 +193,16 @@ def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     """CLI arguments for a tiny run: tiny models, 20 two-choice questions, everything under tmp_path."""
     data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
     return [
-        "--config", str(TINY_CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
-        "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"),
+        "--config",
+        str(TINY_CONF),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "runs"),
     ]

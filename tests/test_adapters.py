@@ -16,12 +16,18 @@ from es_lightning.data.resolve import resolve_data_path, truthfulqa_mc1_rows
 SHARED = Path("/work/shared/data")
 
 GSM = [
-    {"question": "Natalia sold clips to 48 friends in April and half as many in May. How many in total?",
-     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
-    {"question": "Weng earns $12 an hour. She babysat 50 minutes. How much did she earn?",
-     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nShe earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"},
-    {"question": "A farm has 1,200 hens and buys 300 more. How many hens?",
-     "answer": "1,200 + 300 = <<1200+300=1500>>1,500\n#### 1,500"},
+    {
+        "question": "Natalia sold clips to 48 friends in April and half as many in May. How many in total?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72",
+    },
+    {
+        "question": "Weng earns $12 an hour. She babysat 50 minutes. How much did she earn?",
+        "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nShe earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10",
+    },
+    {
+        "question": "A farm has 1,200 hens and buys 300 more. How many hens?",
+        "answer": "1,200 + 300 = <<1200+300=1500>>1,500\n#### 1,500",
+    },
     {"question": "Tom has 3 apples and eats 3. How many are left?", "answer": "3-3=<<3-3=0>>0\n#### 0"},
     {"id": "custom-7", "question": "What is 7 times 6?", "answer": "7*6=<<7*6=42>>42\n#### 42"},
 ]
@@ -108,8 +114,21 @@ def test_gsm8k_on_real_rows_is_fair():
 
 # --------------------------------------------------------------------------------------- pubmedqa
 PUB = [
-    {"id": "p1", "question": "Does X help?", "context": "X was given. It helped.", "choices": ["yes", "no", "maybe"], "answer": 0},
-    {"id": "p2", "question": "Does Y help?", "context": "Y was given.", "choices": ["yes", "no", "maybe"], "answer": 2, "long_answer": "Unclear."},
+    {
+        "id": "p1",
+        "question": "Does X help?",
+        "context": "X was given. It helped.",
+        "choices": ["yes", "no", "maybe"],
+        "answer": 0,
+    },
+    {
+        "id": "p2",
+        "question": "Does Y help?",
+        "context": "Y was given.",
+        "choices": ["yes", "no", "maybe"],
+        "answer": 2,
+        "long_answer": "Unclear.",
+    },
 ]
 
 
@@ -120,7 +139,9 @@ def test_pubmedqa_passes_valid_rows_unchanged():
     assert questions_from_rows(out, fmt, "pubmedqa")[1].prompt.startswith("Context: Y was given.\n")
 
 
-@pytest.mark.parametrize("bad, error", [({}, KeyError), ({"context": ["a", "b"]}, ValueError), ({"context": "  "}, ValueError)])
+@pytest.mark.parametrize(
+    "bad, error", [({}, KeyError), ({"context": ["a", "b"]}, ValueError), ({"context": "  "}, ValueError)]
+)
 def test_pubmedqa_bad_context_names_the_row(bad, error):
     row = {k: v for k, v in PUB[1].items() if k != "context"} | bad
     with pytest.raises(error, match="row 2"):
@@ -192,8 +213,10 @@ def test_resolve_finds_shared_data_in_or_beside_the_checkout_only(tmp_path, monk
     # never further up than the start's parent folder: tmp_path/shared is two levels above main/configs
     with pytest.raises(FileNotFoundError) as info:
         resolve_data_path(None, search_from=checkout / "configs", hub=None)
-    tried = [str(checkout / "configs" / "shared" / "data" / "truthfulqa_mc.jsonl"),
-             str(checkout / "shared" / "data" / "truthfulqa_mc.jsonl")]
+    tried = [
+        str(checkout / "configs" / "shared" / "data" / "truthfulqa_mc.jsonl"),
+        str(checkout / "shared" / "data" / "truthfulqa_mc.jsonl"),
+    ]
     assert f"{tried[0]}, {tried[1]}: none exists" in str(info.value) and str(shared) not in str(info.value)
 
 
@@ -217,8 +240,10 @@ def test_resolve_uses_hub_and_caches(tmp_path, monkeypatch):
     import datasets
 
     calls = []
-    hf = [{"question": "Q1?", "mc1_targets": {"choices": ["right", "wrong", "bad"], "labels": [1, 0, 0]}},
-          {"question": "Q2?", "mc1_targets": {"choices": ["x", "y"], "labels": [0, 1]}}]
+    hf = [
+        {"question": "Q1?", "mc1_targets": {"choices": ["right", "wrong", "bad"], "labels": [1, 0, 0]}},
+        {"question": "Q2?", "mc1_targets": {"choices": ["x", "y"], "labels": [0, 1]}},
+    ]
 
     def fake_load(name, config=None, split=None, **kwargs):
         calls.append((name, config, split))
@@ -258,7 +283,9 @@ def test_resolve_unreachable_hub_fails_fast(tmp_path, monkeypatch):
         raise AssertionError("load_dataset must not be called when the Hub is unreachable")
 
     monkeypatch.setattr(datasets, "load_dataset", never)
-    monkeypatch.setattr(resolve, "_hub_reachable", lambda timeout=3.0: "the Hub (huggingface.co:443) is unreachable: no DNS")
+    monkeypatch.setattr(
+        resolve, "_hub_reachable", lambda timeout=3.0: "the Hub (huggingface.co:443) is unreachable: no DNS"
+    )
     empty = tmp_path / "main"  # searched in and beside: both inside tmp_path, whatever lies above it
     with pytest.raises(FileNotFoundError, match="unreachable: no DNS"):
         resolve_data_path(None, search_from=empty, cache_dir=tmp_path / "cache")

@@ -22,7 +22,9 @@ def paired_data(n=400, d_e=12, d_t=8, seed=0):
     expert = torch.randn(n, 3, d_e, generator=g) * 3 + 1
     maps = torch.randn(3, d_t, d_e, generator=g)
     target_of_layer = torch.einsum("nld,ltd->nlt", expert, maps)
-    target = torch.stack([target_of_layer[:, 0], target_of_layer[:, 2]], dim=1) + 0.01 * torch.randn(n, 2, d_t, generator=g)
+    target = torch.stack([target_of_layer[:, 0], target_of_layer[:, 2]], dim=1) + 0.01 * torch.randn(
+        n, 2, d_t, generator=g
+    )
     return expert, target
 
 
@@ -34,7 +36,11 @@ def built(objective="paired", **kwargs):
 
 
 def test_proportional_layer_map():
-    assert proportional_layer_map([0, 9, 17], [0, 10, 20, 29], 18, 30) == {0: 0, 9: 20, 17: 29}  # 9/17 of 29 blocks = 15.4 -> 20
+    assert proportional_layer_map([0, 9, 17], [0, 10, 20, 29], 18, 30) == {
+        0: 0,
+        9: 20,
+        17: 29,
+    }  # 9/17 of 29 blocks = 15.4 -> 20
 
 
 def test_layer_map_errors_name_the_fix():
@@ -89,8 +95,10 @@ def test_statistics_are_scalar_per_layer_so_directions_survive():
     expert[:, 1] *= 5  # layer 2 (position 1) gets a scale of its own: each layer must be standardised on its own
     module.fit_statistics_and_init(expert, target)
     assert module.expert_scale.shape == (3,) and module.target_scale.shape == (2,)
-    for states, mean, scale in ((expert, module.expert_mean, module.expert_scale),
-                                (target, module.target_mean, module.target_scale)):
+    for states, mean, scale in (
+        (expert, module.expert_mean, module.expert_scale),
+        (target, module.target_mean, module.target_scale),
+    ):
         for k in range(states.shape[1]):  # per-feature mean, one scale: the root mean square of the centred states
             centred = states[:, k] - states[:, k].mean(0)
             torch.testing.assert_close(mean[k], states[:, k].mean(0))

@@ -28,8 +28,13 @@ def variants_of(model, seed: int = 0) -> list[SteeringVariant]:
     a = {1: torch.randn(width, generator=generator), 2: torch.randn(width, generator=generator)}
     b = {0: torch.randn(width, generator=generator)}
     norms_a, norms_b = {1: 2.0, 2: 3.0}, {0: 1.5}
-    return [SteeringVariant("none"), SteeringVariant("a", 0.7, a, norms_a), SteeringVariant("a", -1.3, a, norms_a),
-            SteeringVariant("b", 2.0, b, norms_b), SteeringVariant("a", 0.0, a, norms_a)]
+    return [
+        SteeringVariant("none"),
+        SteeringVariant("a", 0.7, a, norms_a),
+        SteeringVariant("a", -1.3, a, norms_a),
+        SteeringVariant("b", 2.0, b, norms_b),
+        SteeringVariant("a", 0.0, a, norms_a),
+    ]
 
 
 def looped_context(model, variant: SteeringVariant, positions: str = "all"):
@@ -45,22 +50,38 @@ def test_batched_scoring_equals_one_context_per_vector(tiny, family, positions):
     variants = variants_of(model)
     variant_of = [v for v in range(len(variants)) for _ in PROMPTS]
     steering = row_steering(model, variants, variant_of)
-    batched = score_choices(model, tokenizer, PROMPTS * len(variants), CHOICES * len(variants), batch_size=7,
-                            progress=False, steering=steering, positions=positions)
+    batched = score_choices(
+        model,
+        tokenizer,
+        PROMPTS * len(variants),
+        CHOICES * len(variants),
+        batch_size=7,
+        progress=False,
+        steering=steering,
+        positions=positions,
+    )
     worst = 0.0
     for v, variant in enumerate(variants):
-        looped = score_choices(model, tokenizer, PROMPTS, CHOICES, context=looped_context(model, variant, positions),
-                               batch_size=3, progress=False)
+        looped = score_choices(
+            model,
+            tokenizer,
+            PROMPTS,
+            CHOICES,
+            context=looped_context(model, variant, positions),
+            batch_size=3,
+            progress=False,
+        )
         for q, row in enumerate(looped):
             got = batched[v * len(PROMPTS) + q]
             worst = max(worst, max(abs(x - y) for x, y in zip(got.logprob_sum, row.logprob_sum)))
     assert worst < 1e-4
+
     def gap(rows, other):
         return max(abs(x - y) for a, b in zip(rows, other) for x, y in zip(a.logprob_sum, b.logprob_sum))
 
     unsteered = batched[: len(PROMPTS)]
-    assert gap(batched[4 * len(PROMPTS):], unsteered) < 1e-5  # coefficient 0 is no steering (up to padding rounding)
-    assert gap(batched[len(PROMPTS): 2 * len(PROMPTS)], unsteered) > 1e-2  # and a nonzero one changes the scores
+    assert gap(batched[4 * len(PROMPTS) :], unsteered) < 1e-5  # coefficient 0 is no steering (up to padding rounding)
+    assert gap(batched[len(PROMPTS) : 2 * len(PROMPTS)], unsteered) > 1e-2  # and a nonzero one changes the scores
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
@@ -70,15 +91,23 @@ def test_batched_greedy_generation_equals_one_context_per_vector(tiny, family, p
     variants = variants_of(model, seed=1)
     settings = GenerationSettings(max_new_tokens=6, batch_size=6)
     steering = row_steering(model, variants, [v for v in range(len(variants)) for _ in PROMPTS])
-    batched = generate_rendered(model, tokenizer, PROMPTS * len(variants), settings, True, steering=steering,
-                                positions=positions)
+    batched = generate_rendered(
+        model, tokenizer, PROMPTS * len(variants), settings, True, steering=steering, positions=positions
+    )
     for v, variant in enumerate(variants):
-        looped = generate_rendered(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=6, batch_size=1), True,
-                                   positions=positions, context=looped_context(model, variant, positions))
-        assert [g.new_ids for g in batched[v * len(PROMPTS):(v + 1) * len(PROMPTS)]] == [g.new_ids for g in looped]
+        looped = generate_rendered(
+            model,
+            tokenizer,
+            PROMPTS,
+            GenerationSettings(max_new_tokens=6, batch_size=1),
+            True,
+            positions=positions,
+            context=looped_context(model, variant, positions),
+        )
+        assert [g.new_ids for g in batched[v * len(PROMPTS) : (v + 1) * len(PROMPTS)]] == [g.new_ids for g in looped]
     plain = [g.new_ids for g in batched[: len(PROMPTS)]]
-    assert [g.new_ids for g in batched[4 * len(PROMPTS):]] == plain  # coefficient 0 generates the unsteered answers
-    assert any(g.new_ids != p for g, p in zip(batched[len(PROMPTS):2 * len(PROMPTS)], plain))
+    assert [g.new_ids for g in batched[4 * len(PROMPTS) :]] == plain  # coefficient 0 generates the unsteered answers
+    assert any(g.new_ids != p for g, p in zip(batched[len(PROMPTS) : 2 * len(PROMPTS)], plain))
 
 
 def test_damage_is_zero_unsteered_grows_with_the_coefficient_and_matches_a_naive_kl(tiny):

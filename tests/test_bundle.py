@@ -26,7 +26,6 @@ TARGET = ModelIdentity("tiny-llama", "0123456789abcdef", "llama")
 EXPERT = ModelIdentity("tiny-gemma", "fedcba9876543210", "gemma3_text")
 
 
-
 def make_bundle(method: str = "expertsteer", layers=(1, 2, 3), seed: int = 0, **fields) -> SteeringBundle:
     generator = torch.Generator().manual_seed(seed)
     directions = {layer: torch.randn(WIDTH, generator=generator) for layer in layers}
@@ -51,8 +50,20 @@ def assert_same(a: SteeringBundle, b: SteeringBundle) -> None:
     assert all(torch.equal(a.vectors[k], b.vectors[k]) and b.vectors[k].dtype == torch.float32 for k in a.vectors)
     assert a.norms == b.norms
     assert (a.mi is None and b.mi is None) or torch.equal(a.mi, b.mi)
-    for name in ("method", "target", "expert", "layer_pairs", "mi_expert_layers", "mi_target_layers", "data_key",
-                 "cache_key", "package_version", "format_version", "created_at", "extra"):
+    for name in (
+        "method",
+        "target",
+        "expert",
+        "layer_pairs",
+        "mi_expert_layers",
+        "mi_target_layers",
+        "data_key",
+        "cache_key",
+        "package_version",
+        "format_version",
+        "created_at",
+        "extra",
+    ):
         assert getattr(a, name) == getattr(b, name), name
 
 
@@ -196,7 +207,9 @@ def test_load_checks_the_target_model(tmp_path, tiny_llama_dir):
 )
 def test_constructor_validation(change, message):
     base = dict(
-        method="mean_difference", vectors={1: torch.eye(WIDTH)[0], 2: torch.eye(WIDTH)[1]}, norms={1: 1.0, 2: 2.0},
+        method="mean_difference",
+        vectors={1: torch.eye(WIDTH)[0], 2: torch.eye(WIDTH)[1]},
+        norms={1: 1.0, 2: 2.0},
         target=TARGET,
     )
     with pytest.raises(ValueError, match=message):
@@ -218,7 +231,9 @@ def test_directory_of_bundles(tmp_path):
     replaced = make_bundle("expertsteer", seed=7)
     save_bundles(tmp_path / "bundles", [replaced])
     assert sorted(path.name for path in (tmp_path / "bundles").iterdir()) == [
-        "expertsteer.safetensors", "mean_difference.safetensors"]
+        "expertsteer.safetensors",
+        "mean_difference.safetensors",
+    ]
     assert_same(replaced, SteeringBundle.load(paths["expertsteer"]))
     assert_same(bundles[1], SteeringBundle.load(paths["mean_difference"]))
     with pytest.raises(ValueError, match="one bundle per method"):

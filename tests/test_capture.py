@@ -59,7 +59,9 @@ def test_left_padding_equals_right_padding(loaded, pooling):
 def test_batched_equals_one_by_one(loaded):
     layers = [1, 0]
     batched, _ = capture_texts(loaded.model, loaded.tokenizer, TEXTS, layers, "last", batch_size=3)
-    single = torch.cat([capture_texts(loaded.model, loaded.tokenizer, [t], layers, "last", batch_size=1)[0] for t in TEXTS])
+    single = torch.cat(
+        [capture_texts(loaded.model, loaded.tokenizer, [t], layers, "last", batch_size=1)[0] for t in TEXTS]
+    )
     assert batched.shape == (3, 2, hidden_size(loaded.model))
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
 
@@ -71,7 +73,9 @@ def test_truncation_is_counted(loaded):
 
 def test_nan_hidden_state_names_the_layer(loaded):
     block = get_blocks(loaded.model)[1]
-    handle = block.register_forward_hook(lambda m, i, o: (o[0] * float("nan"),) + tuple(o[1:]) if isinstance(o, tuple) else o * float("nan"))
+    handle = block.register_forward_hook(
+        lambda m, i, o: (o[0] * float("nan"),) + tuple(o[1:]) if isinstance(o, tuple) else o * float("nan")
+    )
     try:
         batch = _batch(loaded.tokenizer, TEXTS, "right")
         with pytest.raises(FloatingPointError, match="block 1"):

@@ -24,8 +24,14 @@ def test_walk_stops_after_the_configured_falls_on_each_side():
 
 
 def test_constrained_choice_is_the_best_inside_the_budget_and_unconstrained_the_best_overall():
-    points = {0.0: point(0.3, 0.0), 0.1: point(0.4, 0.05), 0.2: point(0.5, 0.2), 0.4: point(0.6, 0.3),
-              0.8: point(0.9, 2.0, empty=5), -0.1: point(0.45, 0.05)}
+    points = {
+        0.0: point(0.3, 0.0),
+        0.1: point(0.4, 0.05),
+        0.2: point(0.5, 0.2),
+        0.4: point(0.6, 0.3),
+        0.8: point(0.9, 2.0, empty=5),
+        -0.1: point(0.45, 0.05),
+    }
     budget = DamageBudget(max_kl=0.25, max_empty_increase=0.0, max_repetition_increase=0.1)
     choice = choose(points, [0.1, 0.2, 0.4, 0.8, -0.1], budget)
     assert (choice.constrained, choice.unconstrained, choice.applied) == (0.2, 0.8, 0.2)
@@ -67,10 +73,14 @@ def test_the_constrained_choice_never_exceeds_the_budget():
             assert chosen.accuracy == max(points[c].accuracy for c in inside)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_kl": -0.1}, "budget.max_kl"), ({"max_empty_increase": float("nan")}, "budget.max_empty_increase"),
-    ({"max_repetition_increase": float("inf")}, "budget.max_repetition_increase"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_kl": -0.1}, "budget.max_kl"),
+        ({"max_empty_increase": float("nan")}, "budget.max_empty_increase"),
+        ({"max_repetition_increase": float("inf")}, "budget.max_repetition_increase"),
+    ],
+)
 def test_bad_budgets_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DamageBudget(**kwargs).validate()

@@ -13,9 +13,6 @@ from es_lightning.cli import build_cli
 from es_lightning.steering import SteeringBundle
 
 
-
-
-
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -39,7 +36,9 @@ def test_fit_writes_last_checkpoint_with_everything_later_steps_need(run_args, t
     assert (run_dir / "mi_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(meta["bundles"]) == ["expertsteer", "mean_difference", "random", "rfm_self"]
     bundle = SteeringBundle.load(meta["bundles"]["expertsteer"])
-    assert sorted(bundle.vectors) == sorted(j for _, j in pairing["pairs"]) and bundle.layer_pairs == [tuple(p) for p in pairing["pairs"]]
+    assert sorted(bundle.vectors) == sorted(j for _, j in pairing["pairs"]) and bundle.layer_pairs == [
+        tuple(p) for p in pairing["pairs"]
+    ]
 
 
 def test_fit_with_the_depth_rule_trains_the_same_relative_depth_pairs(run_args, tmp_path):
@@ -55,7 +54,9 @@ def test_fit_with_the_depth_rule_trains_the_same_relative_depth_pairs(run_args, 
 
 def test_validate_reports_metrics(run_args, tmp_path):
     build_cli(["fit", *run_args, "--run_name", "r2"])
-    cli = build_cli(["validate", *run_args, "--run_name", "r2", "--ckpt_path", str(tmp_path / "runs" / "r2" / "last.ckpt")])
+    cli = build_cli(
+        ["validate", *run_args, "--run_name", "r2", "--ckpt_path", str(tmp_path / "runs" / "r2" / "last.ckpt")]
+    )
     metrics = cli.trainer.callback_metrics
     trained = sorted(cli.model.layer_map)
     for name in ("val/loss", "val/mse", "val/explained_variance", "val/pair_cosine", f"val/mse/layer{trained[0]}"):
@@ -67,10 +68,22 @@ def test_interrupted_run_resumes_to_the_same_weights_and_step(run_args, tmp_path
     args = [*run_args, "--trainer.max_epochs", "4", "--data.batch_size", "8"]
     straight = build_cli(["fit", *args, "--run_name", "straight"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_cli(["fit", *args, "--run_name", "crashed", "--trainer.callbacks+=conftest.DieAtStep", "--trainer.callbacks.step=7"])
+        build_cli(
+            [
+                "fit",
+                *args,
+                "--run_name",
+                "crashed",
+                "--trainer.callbacks+=conftest.DieAtStep",
+                "--trainer.callbacks.step=7",
+            ]
+        )
     resumed = build_cli(["fit", *args, "--run_name", "crashed", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == straight.trainer.global_step
-    a, b = load_ckpt(tmp_path / "runs" / "straight" / "last.ckpt"), load_ckpt(tmp_path / "runs" / "crashed" / "last.ckpt")
+    a, b = (
+        load_ckpt(tmp_path / "runs" / "straight" / "last.ckpt"),
+        load_ckpt(tmp_path / "runs" / "crashed" / "last.ckpt"),
+    )
     assert a["optimizer_states"][0]["state"][0]["step"] == b["optimizer_states"][0]["state"][0]["step"]
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
@@ -79,8 +92,11 @@ def test_interrupted_run_resumes_to_the_same_weights_and_step(run_args, tmp_path
 def test_resume_with_a_different_cache_is_refused(run_args, tmp_path):
     build_cli(["fit", *run_args, "--run_name", "r3"])
     changed = ["--data.target.layers", "[0, 3]", "--ckpt_path", "last", "--trainer.max_epochs", "5"]
-    with pytest.raises(ValueError, match=r"fitted with other options \(data\.target\.layers: \[1, 3\] -> \[0, 3\]; "
-                                         r"trainer\.max_epochs: 3 -> 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"fitted with other options \(data\.target\.layers: \[1, 3\] -> \[0, 3\]; "
+        r"trainer\.max_epochs: 3 -> 5\)",
+    ):
         build_cli(["fit", *run_args, "--run_name", "r3", *changed])
     ckpt = str(tmp_path / "runs" / "r3" / "last.ckpt")
     with pytest.raises(ValueError, match="layers \\[0, 3\\]"):  # a stage that reads the checkpoint refuses it too
@@ -98,10 +114,23 @@ def test_bad_config_values_are_refused(run_args):
 def test_two_process_ddp_matches_one_process_and_extracts_once(run_args, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
     # SGD: Adam's update m/sqrt(v) turns float-rounding noise in near-zero gradients into lr-sized steps.
-    common = [sys.executable, "-m", "es_lightning.cli", "fit", *run_args, "--trainer.max_epochs", "3",
-              "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05"]
+    common = [
+        sys.executable,
+        "-m",
+        "es_lightning.cli",
+        "fit",
+        *run_args,
+        "--trainer.max_epochs",
+        "3",
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer.lr",
+        "0.05",
+    ]
     # The train split holds 28 rows: one full batch on one process equals two half batches under DDP.
-    one = subprocess.run([*common, "--run_name", "one", "--data.batch_size", "28"], env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [*common, "--run_name", "one", "--data.batch_size", "28"], env=env, capture_output=True, text=True
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     cache = tmp_path / "cache" / "paired"
     for key_dir in cache.iterdir():
@@ -109,12 +138,30 @@ def test_two_process_ddp_matches_one_process_and_extracts_once(run_args, tmp_pat
             shard.unlink()  # force a fresh, distributed extraction with the same key
         (key_dir / "build-log.jsonl").unlink()
     two = subprocess.run(
-        [*common, "--run_name", "two", "--data.batch_size", "14", "--trainer.strategy", "ddp", "--trainer.devices", "2"],
-        env=env, capture_output=True, text=True,
+        [
+            *common,
+            "--run_name",
+            "two",
+            "--data.batch_size",
+            "14",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    log = [json.loads(line) for key_dir in cache.iterdir() for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
-    shards = [(entry["shard"], entry["side"]) for entry in log]  # each side of each shard built once, by one of the ranks
+    log = [
+        json.loads(line)
+        for key_dir in cache.iterdir()
+        for line in (key_dir / "build-log.jsonl").read_text().splitlines()
+    ]
+    shards = [
+        (entry["shard"], entry["side"]) for entry in log
+    ]  # each side of each shard built once, by one of the ranks
     assert sorted(shards) == sorted(set(shards)) and {entry["rank"] for entry in log} == {0, 1}
     a, b = load_ckpt(tmp_path / "runs" / "one" / "last.ckpt"), load_ckpt(tmp_path / "runs" / "two" / "last.ckpt")
     assert a["global_step"] == b["global_step"]
@@ -150,8 +197,22 @@ def test_fit_into_a_finished_run_folder_is_refused(run_args, tmp_path):
 
 
 def test_optimizer_and_scheduler_come_from_the_config(run_args, tmp_path):
-    cli = build_cli(["fit", *run_args, "--run_name", "sched", "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.01",
-                     "--model.scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--model.scheduler.T_max", "12"])
+    cli = build_cli(
+        [
+            "fit",
+            *run_args,
+            "--run_name",
+            "sched",
+            "--model.optimizer",
+            "torch.optim.SGD",
+            "--model.optimizer.lr",
+            "0.01",
+            "--model.scheduler",
+            "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "--model.scheduler.T_max",
+            "12",
+        ]
+    )
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD)
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
@@ -168,7 +229,17 @@ def test_quiet_and_verbose_go_before_the_subcommand(run_args, tmp_path, capsys):
     assert "Steering bundles written" in capsys.readouterr().out  # progress shown by default
     with pytest.raises(ValueError, match="--quiet and --verbose exclude each other"):
         build_cli(["--quiet", "--verbose", "fit", *run_args, "--run_name", "x"])
-    build_cli(["--verbose", "test", *run_args, "--run_name", "d", "--ckpt_path", str(tmp_path / "runs" / "d" / "last.ckpt"),
-               "--verbose", "false"])  # the subcommand's own --verbose (Lightning's results table) is untouched
+    build_cli(
+        [
+            "--verbose",
+            "test",
+            *run_args,
+            "--run_name",
+            "d",
+            "--ckpt_path",
+            str(tmp_path / "runs" / "d" / "last.ckpt"),
+            "--verbose",
+            "false",
+        ]
+    )  # the subcommand's own --verbose (Lightning's results table) is untouched
     assert "Test metric" not in capsys.readouterr().out
-

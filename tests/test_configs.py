@@ -8,14 +8,16 @@ import torch
 import yaml
 from conftest import write_mc_jsonl
 
-from es_lightning.module import ExpertSteer
 from es_lightning.cli import ESLightningCLI
 from es_lightning.data import PairedHiddenStatesDataModule
+from es_lightning.module import ExpertSteer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONF = ROOT / "tests" / "conf" / "tiny.yaml"
 LMEVAL = sorted((ROOT / "configs" / "lmeval").glob("*.yaml"))  # lm-eval task files, not es-lightning configs
-CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(LMEVAL)) + sorted((ROOT / "tests" / "conf").rglob("*.yaml"))
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(LMEVAL)) + sorted(
+    (ROOT / "tests" / "conf").rglob("*.yaml")
+)
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 # Configs that ask for GPUs are instantiated on CPU where none is visible (the GPU request itself is checked below).
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
@@ -48,8 +50,10 @@ def test_lmeval_task_files_load_with_lmeval(path, tmp_path):
     data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=20)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert task["custom_dataset"](data_files=str(data))["test"].to_list() == rows  # split "all": every row, in order
-    splits = {split: [row["id"] for row in task["custom_dataset"](data_files=str(data), split=split)["test"]]
-              for split in ("train", "val", "test")}
+    splits = {
+        split: [row["id"] for row in task["custom_dataset"](data_files=str(data), split=split)["test"]]
+        for split in ("train", "val", "test")
+    }
     assert sorted(sum(splits.values(), [])) == sorted(row["id"] for row in rows) and all(splits.values())
 
 
@@ -60,10 +64,22 @@ SHARED_ROWS = {
         {"id": "truthfulqa-1", "question": "Do fish fly?", "choices": ["Most do not.", "All do.", "No."], "answer": 0},
     ],
     "pubmedqa_pqal.jsonl": [
-        {"id": "pubmedqa-1", "question": "Does X help?", "context": "X was given. It helped.",
-         "choices": ["yes", "no", "maybe"], "answer": 0, "long_answer": "X helped."},
-        {"id": "pubmedqa-2", "question": "Does Y help?", "context": "Y was given.",
-         "choices": ["yes", "no", "maybe"], "answer": 2, "long_answer": "Unclear."},
+        {
+            "id": "pubmedqa-1",
+            "question": "Does X help?",
+            "context": "X was given. It helped.",
+            "choices": ["yes", "no", "maybe"],
+            "answer": 0,
+            "long_answer": "X helped.",
+        },
+        {
+            "id": "pubmedqa-2",
+            "question": "Does Y help?",
+            "context": "Y was given.",
+            "choices": ["yes", "no", "maybe"],
+            "answer": 2,
+            "long_answer": "Unclear.",
+        },
     ],
     "gsm8k_train.jsonl": [
         {"question": "Tom has 3 apples and eats 1. How many are left?", "answer": "3-1=<<3-1=2>>2\n#### 2"},
@@ -71,9 +87,16 @@ SHARED_ROWS = {
     ],
 }
 # Config keys whose value the module or data module keeps under another attribute name.
-RENAMED = {"layer_map": "declared_layer_map", "predict": "predict_config", "expert": "expert_spec",
-           "target": "target_spec", "data": "source", "alignment_data": "alignment_source", "splits": "split_config",
-           "predict_data": "predict_source"}
+RENAMED = {
+    "layer_map": "declared_layer_map",
+    "predict": "predict_config",
+    "expert": "expert_spec",
+    "target": "target_spec",
+    "data": "source",
+    "alignment_data": "alignment_source",
+    "splits": "split_config",
+    "predict_data": "predict_source",
+}
 FACTORIES = {"optimizer", "scheduler"}  # kept as factories, not as the values written
 
 
@@ -108,9 +131,16 @@ def correct_choice(row: dict) -> str:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     cli = ESLightningCLI(
-        ExpertSteer, PairedHiddenStatesDataModule, run=False,
-        args=["--config", str(path), "--output_dir", str(tmp_path),
-              *(ON_CPU if wants_gpu(path) and not torch.cuda.is_available() else [])],
+        ExpertSteer,
+        PairedHiddenStatesDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(path),
+            "--output_dir",
+            str(tmp_path),
+            *(ON_CPU if wants_gpu(path) and not torch.cuda.is_available() else []),
+        ],
         auto_configure_optimizers=False,
     )
     config = yaml.safe_load(path.read_text())
@@ -135,8 +165,13 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
 
 def test_unknown_key_is_refused(tmp_path):
     with pytest.raises(SystemExit):
-        ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
-                       args=["--config", str(CONFIGS[0]), "--model.no_such_option", "1"], auto_configure_optimizers=False)
+        ESLightningCLI(
+            ExpertSteer,
+            PairedHiddenStatesDataModule,
+            run=False,
+            args=["--config", str(CONFIGS[0]), "--model.no_such_option", "1"],
+            auto_configure_optimizers=False,
+        )
 
 
 @pytest.mark.parametrize(
@@ -149,8 +184,13 @@ def test_unknown_key_is_refused(tmp_path):
 )
 def test_wrong_types_and_nan_coefficients_are_refused(override, message, capsys):
     with pytest.raises((SystemExit, ValueError)) as error:
-        ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
-                       args=["--config", str(CONFIGS[0]), *override], auto_configure_optimizers=False)
+        ESLightningCLI(
+            ExpertSteer,
+            PairedHiddenStatesDataModule,
+            run=False,
+            args=["--config", str(CONFIGS[0]), *override],
+            auto_configure_optimizers=False,
+        )
     text = str(error.value) + capsys.readouterr().err
     assert message in text
 
@@ -162,7 +202,9 @@ def test_paper_configs_ask_for_every_gpu_with_ddp_in_bfloat16_on_the_shared_data
         assert config["trainer"]["accelerator"] == "gpu" and config["trainer"]["devices"] == "auto", path.name
         assert config["trainer"]["strategy"] == "ddp", path.name
         data = config["data"]
-        assert data["expert"]["dtype"] == data["target"]["dtype"] == config["model"]["target_dtype"] == "bfloat16", path.name
+        assert data["expert"]["dtype"] == data["target"]["dtype"] == config["model"]["target_dtype"] == "bfloat16", (
+            path.name
+        )
         assert "/" in data["expert"]["name"] and "/" in data["target"]["name"], path.name  # Hub ids
         text = path.read_text()
         assert "Expected memory per stage" in text and "Expected time per stage: not measured" in text, path.name
@@ -175,5 +217,10 @@ def test_paper_configs_ask_for_every_gpu_with_ddp_in_bfloat16_on_the_shared_data
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPUs")
 def test_paper_config_without_a_gpu_is_refused_naming_the_fix(tmp_path):
     with pytest.raises(ValueError, match="--trainer.accelerator cpu"):
-        ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False,
-                       args=["--config", str(PAPER[0]), "--output_dir", str(tmp_path)], auto_configure_optimizers=False)
+        ESLightningCLI(
+            ExpertSteer,
+            PairedHiddenStatesDataModule,
+            run=False,
+            args=["--config", str(PAPER[0]), "--output_dir", str(tmp_path)],
+            auto_configure_optimizers=False,
+        )

@@ -18,7 +18,9 @@ def make_dm(expert_dir, target_dir, data_path, cache_dir, **kwargs):
     expert = kwargs.pop("expert", ModelSpec(str(expert_dir)))
     target = kwargs.pop("target", ModelSpec(str(target_dir), layers=[1, 3]))
     source = kwargs.pop("data", DataSource(str(data_path)))
-    return PairedHiddenStatesDataModule(expert, target, source, cache_dir=str(cache_dir), shard_size=16, batch_size=8, progress=False, **kwargs)
+    return PairedHiddenStatesDataModule(
+        expert, target, source, cache_dir=str(cache_dir), shard_size=16, batch_size=8, progress=False, **kwargs
+    )
 
 
 def build_log(dm, side="target"):
@@ -40,7 +42,11 @@ def test_batches_pair_two_models_of_different_widths_and_tokenizers(tiny_gpt2_di
     assert dm.layout.expert.hidden_size == 48 and dm.layout.target_layers == [1, 3]
     # no question's rows in two splits
     groups = {name: {dm.examples[i].group for i in idx} for name, idx in dm.split_indices.items()}
-    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+    assert (
+        not groups["train"] & groups["val"]
+        and not groups["train"] & groups["test"]
+        and not groups["val"] & groups["test"]
+    )
     assert sum(len(v) for v in dm.split_indices.values()) == len(dm.examples)
     # each question yields one positive and (choices - 1) negatives
     assert sum(e.label for e in dm.examples) == 24
@@ -61,10 +67,17 @@ def test_cache_round_trip_equals_fresh_extraction(tiny_gpt2_dir, tiny_llama_dir,
 def test_changed_template_or_layers_builds_a_new_cache(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
     base = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
     base.setup("fit")
-    other_layers = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[0, 3]))
+    other_layers = make_dm(
+        tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[0, 3])
+    )
     other_layers.setup("fit")
-    other_template = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path,
-                             data=DataSource(str(mc_jsonl), format=ExampleFormat(prompt_template="Q: {question}\nA:")))
+    other_template = make_dm(
+        tiny_gpt2_dir,
+        tiny_llama_dir,
+        mc_jsonl,
+        tmp_path,
+        data=DataSource(str(mc_jsonl), format=ExampleFormat(prompt_template="Q: {question}\nA:")),
+    )
     other_template.setup("fit")
     other_pooling = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, pooling="mean")
     other_pooling.setup("fit")
@@ -73,8 +86,11 @@ def test_changed_template_or_layers_builds_a_new_cache(tiny_gpt2_dir, tiny_llama
 
 
 @pytest.mark.parametrize("side", ["expert", "target"])
-@pytest.mark.parametrize("change", [{"chat_template": True}, {"dtype": "bfloat16"}, {"max_length": 128},
-                                    {"block_path": "model.layers"}], ids=lambda c: next(iter(c)))
+@pytest.mark.parametrize(
+    "change",
+    [{"chat_template": True}, {"dtype": "bfloat16"}, {"max_length": 128}, {"block_path": "model.layers"}],
+    ids=lambda c: next(iter(c)),
+)
 def test_cache_key_changes_with_every_setting_that_changes_the_states(side, change):
     from dataclasses import replace
 
@@ -116,7 +132,13 @@ def test_killed_build_resumes_from_finished_shards(tiny_gpt2_dir, tiny_llama_dir
     resumed = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path)
     resumed.setup("fit")
     for side in ("expert", "target"):
-        assert sorted(entry["shard"] for entry in build_log(resumed, side)) == [0, 1, 2, 3, 4]  # each shard side extracted once
+        assert sorted(entry["shard"] for entry in build_log(resumed, side)) == [
+            0,
+            1,
+            2,
+            3,
+            4,
+        ]  # each shard side extracted once
     assert not list((Path(resumed.cache_dir) / "paired" / resumed.cache_keys["data"]).glob("*.tmp"))
     fresh = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path / "fresh")
     fresh.setup("fit")
@@ -138,7 +160,9 @@ def test_corrupted_shard_is_rebuilt(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp
 
 def test_alignment_source_trains_on_unlabelled_texts(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
     texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"text": f"the {w} is big"}) + "\n" for w in ["cat", "dog", "sun", "moon", "tree"]))
+    texts.write_text(
+        "".join(json.dumps({"text": f"the {w} is big"}) + "\n" for w in ["cat", "dog", "sun", "moon", "tree"])
+    )
     align = DataSource(str(texts), format=ExampleFormat(kind="text", label_field=None, id_field=None))
     dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, alignment_data=align)
     dm.setup("fit")
@@ -152,7 +176,12 @@ def test_split_from_files(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
 
     train = write_mc_jsonl(tmp_path / "train.jsonl", 10, seed=1)
     val = tmp_path / "val.jsonl"
-    val.write_text("".join(line.replace('"id": "q', '"id": "v') + "\n" for line in write_mc_jsonl(tmp_path / "v.jsonl", 4, seed=2).read_text().splitlines()))
+    val.write_text(
+        "".join(
+            line.replace('"id": "q', '"id": "v') + "\n"
+            for line in write_mc_jsonl(tmp_path / "v.jsonl", 4, seed=2).read_text().splitlines()
+        )
+    )
     dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, train, tmp_path, splits=SplitConfig(val_path=str(val)))
     dm.setup("fit")
     assert len(dm.questions["train"]) == 10 and len(dm.questions["val"]) == 4 and dm.split_indices["test"] == []
@@ -162,7 +191,13 @@ def test_split_from_files(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
     "rows, match",
     [
         ([{"id": "a", "question": "q ?", "choices": ["x", "y"], "answer": 2}], "not a valid index"),
-        ([{"id": "a", "question": "q ?", "choices": ["x", "y"], "answer": 0}, {"id": "a", "question": "r ?", "choices": ["x", "y"], "answer": 1}], "duplicate ids"),
+        (
+            [
+                {"id": "a", "question": "q ?", "choices": ["x", "y"], "answer": 0},
+                {"id": "a", "question": "r ?", "choices": ["x", "y"], "answer": 1},
+            ],
+            "duplicate ids",
+        ),
         ([{"id": "a", "question": "", "choices": ["x", "y"], "answer": 0}], "empty"),
         ([{"id": "a", "question": "q ?", "choices": ["x"], "answer": 0}], "at least two"),
     ],
@@ -180,23 +215,49 @@ def test_bad_sources(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
     with pytest.raises(ValueError, match="empty"):
-        make_dm(tiny_gpt2_dir, tiny_llama_dir, empty, tmp_path, data=DataSource(str(empty), format=ExampleFormat(kind="text"))).setup("fit")
+        make_dm(
+            tiny_gpt2_dir,
+            tiny_llama_dir,
+            empty,
+            tmp_path,
+            data=DataSource(str(empty), format=ExampleFormat(kind="text")),
+        ).setup("fit")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": "a"}\n{"id": \n')
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         make_dm(tiny_gpt2_dir, tiny_llama_dir, broken, tmp_path).setup("fit")
     with pytest.raises(KeyError, match="no column"):
-        make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, data=DataSource(str(mc_jsonl), format=ExampleFormat(kind="text"))).setup("fit")
+        make_dm(
+            tiny_gpt2_dir,
+            tiny_llama_dir,
+            mc_jsonl,
+            tmp_path,
+            data=DataSource(str(mc_jsonl), format=ExampleFormat(kind="text")),
+        ).setup("fit")
     one_class = tmp_path / "one.csv"
     one_class.write_text("text,label\n" + "".join(f"the cat {i},1\n" for i in range(20)))
     with pytest.raises(ValueError, match="only one class"):
-        make_dm(tiny_gpt2_dir, tiny_llama_dir, one_class, tmp_path, data=DataSource(str(one_class), format=ExampleFormat(kind="text"))).setup("fit")
+        make_dm(
+            tiny_gpt2_dir,
+            tiny_llama_dir,
+            one_class,
+            tmp_path,
+            data=DataSource(str(one_class), format=ExampleFormat(kind="text")),
+        ).setup("fit")
     with pytest.raises(ValueError, match="out of range"):
-        make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[9])).setup("fit")
+        make_dm(
+            tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[9])
+        ).setup("fit")
 
 
 def test_long_texts_are_truncated_with_one_warning(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, caplog):
-    dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path, target=ModelSpec(str(tiny_llama_dir), layers=[1], max_length=8))
+    dm = make_dm(
+        tiny_gpt2_dir,
+        tiny_llama_dir,
+        mc_jsonl,
+        tmp_path,
+        target=ModelSpec(str(tiny_llama_dir), layers=[1], max_length=8),
+    )
     dm.setup("fit")
     assert "truncated from the left" in caplog.text
 
@@ -217,14 +278,19 @@ def test_two_runs_on_one_cache_do_not_collide(tiny_gpt2_dir, tiny_llama_dir, mc_
         "states = [dm.store.read(side, None, dm.store.layers(side)) for side in ('expert', 'target')]\n"
         "print(hashlib.sha256(states[0].numpy().tobytes() + states[1].numpy().tobytes()).hexdigest())\n"
     )
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     digests = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert len(digests) == 1
     key_dir = next((tmp_path / "cache" / "paired").iterdir())
     shards = [json.loads(line)["shard"] for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
-    assert sorted(shards) == sorted(list(range(10)) * 2)  # 79 examples / 8 per shard: each built exactly once by one of the runs
+    assert sorted(shards) == sorted(
+        list(range(10)) * 2
+    )  # 79 examples / 8 per shard: each built exactly once by one of the runs
     assert not list(key_dir.glob("*.tmp"))
 
 
@@ -249,6 +315,8 @@ def test_auto_dtype_is_made_concrete_and_keys_the_cache_as_such(native, monkeypa
     info = ModelInfo("m", "/m", "f" * 16, "llama", 4, 32, (1, 3))
     layout = cache_module.PairedLayout(info, info, "last")
     auto = ModelSpec("t", dtype="auto")
-    assert cache_module.cache_key(layout, auto, auto, "d") == cache_module.cache_key(layout, *[replace(auto, dtype=concrete)] * 2, "d")
+    assert cache_module.cache_key(layout, auto, auto, "d") == cache_module.cache_key(
+        layout, *[replace(auto, dtype=concrete)] * 2, "d"
+    )
     with pytest.raises(ValueError, match="auto"):
         loading.resolve_dtype("float8")

@@ -21,7 +21,7 @@ from conftest import TINY_CONF, write_two_choice_jsonl
 
 from es_lightning.models import capture_hidden_states, load_model
 
-RUNNER = '''
+RUNNER = """
 import json, os, sys, time
 from dataclasses import replace
 from pathlib import Path
@@ -61,7 +61,7 @@ except BaseException as error:
     raise
 finally:
     (out / f"rank{rank}.json").write_text(json.dumps({**status, "time": time.time()}))
-'''
+"""
 
 
 def run_refusing(tmp_path: Path, refusing: str, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> tuple[dict, float, str]:
@@ -72,13 +72,37 @@ def run_refusing(tmp_path: Path, refusing: str, tiny_gpt2_dir: Path, tiny_llama_
     data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
     # --verbose: each rank raises the error itself (without it, an input error ends the command with one line)
-    args = ["--verbose", "fit", "--config", str(TINY_CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name",
-            str(tiny_llama_dir), "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"),
-            "--output_dir", str(tmp_path / "runs"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-            "--trainer.accelerator", "cpu"]
+    args = [
+        "--verbose",
+        "fit",
+        "--config",
+        str(TINY_CONF),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    result = subprocess.run([sys.executable, str(tmp_path / "runner.py"), refusing, str(out), *args], check=False,
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "runner.py"), refusing, str(out), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode != 0
     deadline = time.monotonic() + 30  # rank 1 is not waited for by rank 0's process: give its record a moment
     while not (out / "rank1.json").exists() and time.monotonic() < deadline:
@@ -89,8 +113,9 @@ def run_refusing(tmp_path: Path, refusing: str, tiny_gpt2_dir: Path, tiny_llama_
 
 
 @pytest.mark.ddp
-def test_rank_zero_refusing_the_cache_stops_both_ranks_at_once_with_its_message(tmp_path, tiny_gpt2_dir,
-                                                                                 tiny_llama_dir):
+def test_rank_zero_refusing_the_cache_stops_both_ranks_at_once_with_its_message(
+    tmp_path, tiny_gpt2_dir, tiny_llama_dir
+):
     start = time.time()
     ranks, refused, output = run_refusing(tmp_path, "cache", tiny_gpt2_dir, tiny_llama_dir)
     for rank, record in ranks.items():
@@ -118,6 +143,7 @@ def test_rank_one_refusing_stops_rank_zero_in_the_middle_of_its_own_extraction(t
 
 def poison(positions: torch.Tensor):
     """A forward hook that writes NaN into a block's output at ``positions`` ([B, T] booleans)."""
+
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = hidden.masked_fill(positions.unsqueeze(-1), float("nan"))
@@ -140,8 +166,9 @@ def test_capture_ignores_non_finite_values_at_padding_but_not_at_real_tokens(tin
         try:
             for pooling in ("last", "mean"):
                 if where == "padding":
-                    torch.testing.assert_close(capture_hidden_states(loaded.model, ids, mask, [0], pooling),
-                                               clean[pooling], rtol=0, atol=0)
+                    torch.testing.assert_close(
+                        capture_hidden_states(loaded.model, ids, mask, [0], pooling), clean[pooling], rtol=0, atol=0
+                    )
                 else:
                     with pytest.raises(FloatingPointError, match="block 0"):
                         capture_hidden_states(loaded.model, ids, mask, [0], pooling)

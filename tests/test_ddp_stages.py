@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_CONF
+
 from es_lightning.steering.bundle import SteeringBundle
 
 N_QUESTIONS = 24  # 48 rows, two choices each; the train split holds TRAIN_ROWS of them
@@ -44,15 +44,21 @@ def write_data(path: Path, n_questions: int) -> Path:
             subject, first, second = subjects[q % 10], words[q % 9], words[(q * 4 + 3) % 9]
             if first == second:
                 second = words[(q + 1) % 9]
-            row = {"id": f"q{q}", "question": f"what is the {subject} ?", "choices": [f"the {subject} is {first}",
-                   f"the {subject} is {second}"], "answer": (q * 7 // 3) % 2}
+            row = {
+                "id": f"q{q}",
+                "question": f"what is the {subject} ?",
+                "choices": [f"the {subject} is {first}", f"the {subject} is {second}"],
+                "answer": (q * 7 // 3) % 2,
+            }
             handle.write(json.dumps(row) + "\n")
     return path
 
 
 def run_stage(args: list[str], env: dict, label: str) -> float:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "es_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "es_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"{label} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return time.perf_counter() - start
 
@@ -73,12 +79,28 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     data = write_data(tmp_path / "two.jsonl", N_QUESTIONS)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"what is the {w} ?"}) + "\n"
-                               for i, w in enumerate(["cat", "dog", "sun", "moon", "tree"])))
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"what is the {w} ?"}) + "\n"
+            for i, w in enumerate(["cat", "dog", "sun", "moon", "tree"])
+        )
+    )
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    base = ["--config", str(TINY_CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
-            "--data.data.path", str(data), "--output_dir", str(tmp_path / "runs"), "--data.predict_data.path", str(prompts)]
+    base = [
+        "--config",
+        str(TINY_CONF),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--data.predict_data.path",
+        str(prompts),
+    ]
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     # SGD: Adam's m/sqrt(v) turns float-rounding noise in near-zero gradients into lr-sized steps. One full batch on
     # one process equals two half batches under DDP (same global batch), so the weights agree to rounding.
@@ -101,8 +123,11 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     ckpt_two = torch.load(two / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt_one["global_step"] == ckpt_two["global_step"] == 2  # one optimiser step per epoch in both runs
     # ... every shard of the 2-process cache was extracted once, by both ranks between them
-    log = [json.loads(line) for key_dir in (tmp_path / "cache-two" / "paired").iterdir()
-           for line in (key_dir / "build-log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line)
+        for key_dir in (tmp_path / "cache-two" / "paired").iterdir()
+        for line in (key_dir / "build-log.jsonl").read_text().splitlines()
+    ]
     shards = [(entry["shard"], entry.get("side")) for entry in log]  # cache format 2: one file per shard and model
     assert shards and len(shards) == len(set(shards)) and {entry["rank"] for entry in log} == {0, 1}
     # identical pairs (and the MI they were chosen by, to rounding)
@@ -118,7 +143,9 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
         a, b = bundles_one[method], bundles_two[method]
         assert sorted(a.vectors) == sorted(b.vectors) and a.layer_pairs == b.layer_pairs
         for layer in a.vectors:
-            torch.testing.assert_close(a.vectors[layer], b.vectors[layer], rtol=1e-4, atol=1e-4, msg=f"{method} layer {layer}")
+            torch.testing.assert_close(
+                a.vectors[layer], b.vectors[layer], rtol=1e-4, atol=1e-4, msg=f"{method} layer {layer}"
+            )
             assert a.norms[layer] == pytest.approx(b.norms[layer], rel=1e-5)
 
     # test: the same report (accuracies, chosen coefficients, fold plans, tests and p-values), paths and times aside
@@ -138,7 +165,27 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     single = tmp_path / "single.jsonl"
     single.write_text('{"id": "s0", "prompt": "what is the cat ?"}\n')
     result = subprocess.run(
-        [sys.executable, "-m", "es_lightning.cli", "predict", *base, "--run_name", "two", "--data.cache_dir", str(tmp_path / "cache-two"),
-         *runs["two"], "--data.predict_data.path", str(single), "--trainer.callbacks.output_dir", str(tmp_path / "single-out"),
-         "--ckpt_path", str(two / "last.ckpt")], env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "es_lightning.cli",
+            "predict",
+            *base,
+            "--run_name",
+            "two",
+            "--data.cache_dir",
+            str(tmp_path / "cache-two"),
+            *runs["two"],
+            "--data.predict_data.path",
+            str(single),
+            "--trainer.callbacks.output_dir",
+            str(tmp_path / "single-out"),
+            "--ckpt_path",
+            str(two / "last.ckpt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0 and "Fix: --trainer.devices 1" in result.stderr, result.stderr[-3000:]

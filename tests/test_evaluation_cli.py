@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_two_choice_jsonl
+
 from es_lightning.cli import build_cli
 from es_lightning.evaluation import protocol
-from es_lightning.io import sha256_file
 from es_lightning.evaluation.report import load_report
+from es_lightning.io import sha256_file
 from es_lightning.steering.bundle import SteeringBundle
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -20,8 +20,20 @@ CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 def fitted(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("eval")
     data = write_two_choice_jsonl(tmp / "two.jsonl", 30)
-    args = ["--config", str(CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name", str(tiny_llama_dir),
-            "--data.data.path", str(data), "--data.cache_dir", str(tmp / "cache"), "--output_dir", str(tmp / "runs")]
+    args = [
+        "--config",
+        str(CONF),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--data.cache_dir",
+        str(tmp / "cache"),
+        "--output_dir",
+        str(tmp / "runs"),
+    ]
     build_cli(["fit", *args])
     return tmp, args
 
@@ -49,11 +61,20 @@ def test_cross_validated_report(fitted, monkeypatch):
         assert all(c in (-0.5, 0.5) if f.within_budget else c == 0 for c, f in zip(entry.coefficients, entry.folds))
         assert all(c in (-0.5, 0.5) for c in entry.unconstrained.coefficients)
         for result in (entry, entry.unconstrained):
-            assert result.vs_none is not None and result.vs_random is not None and result.verdict in ("gain", "no gain", "worse")
+            assert (
+                result.vs_none is not None
+                and result.vs_random is not None
+                and result.verdict in ("gain", "no gain", "worse")
+            )
             assert result.vs_none.wins + result.vs_none.losses + result.vs_none.ties == 30
         generation = entry.generation
         assert generation.metrics == ("bleu_acc", "rouge_l_acc") and generation.verdict in ("gain", "no gain", "worse")
-        assert generation.vs_none["bleu_acc"].wins + generation.vs_none["bleu_acc"].losses + generation.vs_none["bleu_acc"].ties == 30
+        assert (
+            generation.vs_none["bleu_acc"].wins
+            + generation.vs_none["bleu_acc"].losses
+            + generation.vs_none["bleu_acc"].ties
+            == 30
+        )
         assert len(generation.vs_random["bleu_acc"].draw_accuracies) == 2
         assert entry.unconstrained.generation.vs_random is None  # draws are generated at the constrained coefficient
         kl = dict(zip(entry.sweep.coefficients, entry.sweep.mean_damage["kl"]))
@@ -67,8 +88,17 @@ def test_cross_validated_report(fitted, monkeypatch):
     assert sorted({rows for _, rows in seen_rows}) == sorted({2 * p["n_train"] for p in plans})
     markdown = (folder / "report.md").read_text()
     assert markdown.count("| two |") == 5
-    for column in ("MC accuracy", "Generation accuracy", "KL", "CE increase", "Empty", "(constrained / unconstrained)",
-                   "Generation verdict", "Multiple choice at the unconstrained coefficient", "bleu_acc (p vs none"):
+    for column in (
+        "MC accuracy",
+        "Generation accuracy",
+        "KL",
+        "CE increase",
+        "Empty",
+        "(constrained / unconstrained)",
+        "Generation verdict",
+        "Multiple choice at the unconstrained coefficient",
+        "bleu_acc (p vs none",
+    ):
         assert column in markdown
     bundles = load_report(folder / "report.json").meta["bundles"]  # the report names the bundle files it evaluated
     for method in ("expertsteer", "rfm_self", "mean_difference"):
@@ -81,32 +111,53 @@ def test_cross_validated_report(fitted, monkeypatch):
 def test_evaluation_on_the_datamodule_split(fitted):
     tmp, args = fitted
     out = tmp / "split-report"
-    build_cli(["test", *args, "--model.evaluation.folds", "null", "--model.report_dir", str(out),
-               "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    build_cli(
+        [
+            "test",
+            *args,
+            "--model.evaluation.folds",
+            "null",
+            "--model.report_dir",
+            str(out),
+            "--ckpt_path",
+            str(tmp / "runs" / "default" / "last.ckpt"),
+        ]
+    )
     report = load_report(out / "report.json")
     assert report.fold_mode == "split" and report.k == 1
     assert report.datasets[0].n_questions == 4  # 15% of 30 questions, rounded
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--model.evaluation.coefficients", "[]", "evaluation.coefficients is empty"),
-    ("--model.evaluation.random_draws", "0", "random_draws must be an integer >= 1"),
-    ("--model.pairing.top_k", "7", "top_k=7 but only 2 distinct pairs"),
-    ("--model.pairing.mi_options", "{n_components: 40}", "held-out rows"),
-    ("--model.evaluation.generation.metrics", "[bleu_acc, letter_match]", "letter_match changes the prompt"),
-    ("--model.evaluation.generation.metrics", "[number_match]", "correct choice without a number, which number_match needs"),
-    ("--model.evaluation.budget.max_kl", "-1", "budget.max_kl must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--model.evaluation.coefficients", "[]", "evaluation.coefficients is empty"),
+        ("--model.evaluation.random_draws", "0", "random_draws must be an integer >= 1"),
+        ("--model.pairing.top_k", "7", "top_k=7 but only 2 distinct pairs"),
+        ("--model.pairing.mi_options", "{n_components: 40}", "held-out rows"),
+        ("--model.evaluation.generation.metrics", "[bleu_acc, letter_match]", "letter_match changes the prompt"),
+        (
+            "--model.evaluation.generation.metrics",
+            "[number_match]",
+            "correct choice without a number, which number_match needs",
+        ),
+        ("--model.evaluation.budget.max_kl", "-1", "budget.max_kl must be a finite number >= 0"),
+    ],
+)
 def test_bad_evaluation_settings_fail_before_any_model_is_loaded(fitted, monkeypatch, option, value, message):
     tmp, args = fitted
     from es_lightning import module
 
-    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the settings were checked"))
+    monkeypatch.setattr(
+        module, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the settings were checked")
+    )
     with pytest.raises(ValueError, match=message):
         build_cli(["test", *args, option, value, "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
 
 
-def test_fit_with_too_few_held_out_rows_for_the_pair_search_fails_before_any_model_is_loaded(fitted, tmp_path, monkeypatch):
+def test_fit_with_too_few_held_out_rows_for_the_pair_search_fails_before_any_model_is_loaded(
+    fitted, tmp_path, monkeypatch
+):
     _, args = fitted
     from es_lightning.models import loading
 
@@ -126,15 +177,33 @@ def test_fit_with_too_few_held_out_rows_for_the_pair_search_fails_before_any_mod
 def test_unknown_generation_metric_is_refused_by_the_parser_with_the_choices(fitted, capsys):
     tmp, args = fitted
     with pytest.raises(SystemExit):
-        build_cli(["test", *args, "--model.evaluation.generation.metrics", "[bleu]",
-                   "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+        build_cli(
+            [
+                "test",
+                *args,
+                "--model.evaluation.generation.metrics",
+                "[bleu]",
+                "--ckpt_path",
+                str(tmp / "runs" / "default" / "last.ckpt"),
+            ]
+        )
     assert "bleu_acc" in capsys.readouterr().err
 
 
 def test_fewer_random_draws_answer_in_generation_than_in_multiple_choice(fitted, tmp_path):
     tmp, args = fitted
-    build_cli(["test", *args, "--model.evaluation.generation.random_draws", "1", "--model.report_dir", str(tmp_path),
-               "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    build_cli(
+        [
+            "test",
+            *args,
+            "--model.evaluation.generation.random_draws",
+            "1",
+            "--model.report_dir",
+            str(tmp_path),
+            "--ckpt_path",
+            str(tmp / "runs" / "default" / "last.ckpt"),
+        ]
+    )
     for entry in load_report(tmp_path).datasets[0].methods[1:4]:
         assert len(entry.vs_random.draw_accuracies) == 2
         assert len(entry.generation.vs_random["bleu_acc"].draw_accuracies) == 1
@@ -161,7 +230,16 @@ def test_a_budget_that_excludes_every_coefficient_is_reported_and_predict_skips_
 def test_unknown_pairing_rule_is_refused_by_the_parser_with_the_choices(fitted, capsys):
     tmp, args = fitted
     with pytest.raises(SystemExit):
-        build_cli(["test", *args, "--model.pairing.rule", "median", "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+        build_cli(
+            [
+                "test",
+                *args,
+                "--model.pairing.rule",
+                "median",
+                "--ckpt_path",
+                str(tmp / "runs" / "default" / "last.ckpt"),
+            ]
+        )
     assert "'highest', 'lowest', 'separability', 'depth'" in capsys.readouterr().err
 
 
@@ -175,19 +253,38 @@ def test_checkpoint_without_pairs_is_refused(fitted, tmp_path):
 
 
 def write_prompts(path, n, field="prompt"):
-    path.write_text("".join(json.dumps({"id": f"p{i}", field: f"what is the {w} ?"}) + "\n"
-                            for i, w in zip(range(n), ["cat", "dog", "sun", "moon", "tree", "fish", "bird"] * 9)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", field: f"what is the {w} ?"}) + "\n"
+            for i, w in zip(range(n), ["cat", "dog", "sun", "moon", "tree", "fish", "bird"] * 9)
+        )
+    )
     return path
 
 
 def test_predict_writes_one_file_in_input_order(fitted, tmp_path):
     tmp, args = fitted
     prompts = write_prompts(tmp_path / "prompts.jsonl", 7)
-    cli = build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
-    path = cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("SteeredPredictionWriter")].output_path
+    cli = build_cli(
+        [
+            "predict",
+            *args,
+            "--data.predict_data.path",
+            str(prompts),
+            "--ckpt_path",
+            str(tmp / "runs" / "default" / "last.ckpt"),
+        ]
+    )
+    path = cli.trainer.callbacks[
+        [type(c).__name__ for c in cli.trainer.callbacks].index("SteeredPredictionWriter")
+    ].output_path
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(7) for _ in range(3)]
-    assert [(r["method"], r["coefficient"]) for r in rows[:3]] == [("none", 0.0), ("expertsteer", 0.5), ("mean_difference", 0.5)]
+    assert [(r["method"], r["coefficient"]) for r in rows[:3]] == [
+        ("none", 0.0),
+        ("expertsteer", 0.5),
+        ("mean_difference", 0.5),
+    ]
     assert all(set(r) >= {"id", "prompt", "output", "method", "coefficient"} for r in rows)
 
 
@@ -199,23 +296,56 @@ def test_predict_bad_input(fitted, tmp_path):
         build_cli(["predict", *args, "--data.predict_data.path", str(wrong_field), "--ckpt_path", ckpt])
     prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
     with pytest.raises(ValueError, match="predict.coefficients is empty"):
-        build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--model.predict.coefficients", "[]", "--ckpt_path", ckpt])
+        build_cli(
+            [
+                "predict",
+                *args,
+                "--data.predict_data.path",
+                str(prompts),
+                "--model.predict.coefficients",
+                "[]",
+                "--ckpt_path",
+                ckpt,
+            ]
+        )
     # a bundle made for another target model
     from es_lightning.steering import ModelIdentity, SteeringBundle
 
-    other = SteeringBundle("expertsteer", {1: torch.ones(32) / 32 ** 0.5}, {1: 1.0}, ModelIdentity("other-model", "0123456789abcdef"))
+    other = SteeringBundle(
+        "expertsteer", {1: torch.ones(32) / 32**0.5}, {1: 1.0}, ModelIdentity("other-model", "0123456789abcdef")
+    )
     other.save(tmp_path / "bundles" / "expertsteer.safetensors")
     with pytest.raises(ValueError, match="other-model"):
-        build_cli(["predict", *args, "--data.predict_data.path", str(prompts), "--model.predict.methods", "[expertsteer]",
-                   "--model.predict.bundle_dir", str(tmp_path / "bundles"), "--ckpt_path", ckpt])
+        build_cli(
+            [
+                "predict",
+                *args,
+                "--data.predict_data.path",
+                str(prompts),
+                "--model.predict.methods",
+                "[expertsteer]",
+                "--model.predict.bundle_dir",
+                str(tmp_path / "bundles"),
+                "--ckpt_path",
+                ckpt,
+            ]
+        )
 
 
 def test_predict_again_with_the_same_configuration_reuses_the_rows(fitted, tmp_path, monkeypatch):
     tmp, args = fitted
     prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
     out = tmp_path / "out"
-    command = ["predict", *args, "--data.predict_data.path", str(prompts), "--trainer.callbacks.output_dir", str(out),
-               "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")]
+    command = [
+        "predict",
+        *args,
+        "--data.predict_data.path",
+        str(prompts),
+        "--trainer.callbacks.output_dir",
+        str(out),
+        "--ckpt_path",
+        str(tmp / "runs" / "default" / "last.ckpt"),
+    ]
     build_cli(command)
     first = (out / "predictions.jsonl").read_bytes()
     from es_lightning import module

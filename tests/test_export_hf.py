@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import WORDS, make_tokenizer
+
 from es_lightning.export.cli import main as export_main
 from es_lightning.export.hf import RECIPES, export_hf
 from es_lightning.export.source import EXPORT_RECORD, load_source, resolve_target
@@ -21,12 +21,28 @@ WIDTH = 32
 
 def _config(model_type: str, vocab: int, **special):
     from transformers import (
-        GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OlmoConfig, OPTConfig, Qwen2Config,
-        Qwen3Config, Gemma3TextConfig,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OlmoConfig,
+        OPTConfig,
+        Qwen2Config,
+        Qwen3Config,
     )
 
-    common = dict(vocab_size=vocab, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **special)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **special,
+    )
     if model_type == "llama":
         return LlamaConfig(**common)
     if model_type == "qwen3":
@@ -44,11 +60,26 @@ def _config(model_type: str, vocab: int, **special):
     if model_type == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=WIDTH, n_layer=3, n_head=4, n_positions=64, **special)
     if model_type == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=vocab, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=3,
-                             num_attention_heads=4, max_position_embeddings=64, **special)
+        return GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=WIDTH,
+            intermediate_size=2 * WIDTH,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            **special,
+        )
     if model_type == "opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=WIDTH, ffn_dim=2 * WIDTH, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=WIDTH, **special)
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=WIDTH,
+            ffn_dim=2 * WIDTH,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=WIDTH,
+            **special,
+        )
     raise KeyError(model_type)
 
 
@@ -57,8 +88,9 @@ def make_model(folder, model_type: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     tokenizer = make_tokenizer(folder, WORDS)
-    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
+    special = dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     config = _config(model_type, len(tokenizer), **special)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -80,8 +112,10 @@ def make_bundle(folder, model_dir, layers=(0, 2), seed: int = 0, method: str = "
     model_type = AutoConfig.from_pretrained(model_dir).model_type
     target = ModelIdentity(str(model_dir), fingerprint_model_dir(model_dir), model_type)
     bundle = SteeringBundle.from_directions(
-        method, {layer: torch.randn(WIDTH, generator=generator) for layer in layers},
-        {layer: 3.0 + layer for layer in layers}, target,
+        method,
+        {layer: torch.randn(WIDTH, generator=generator) for layer in layers},
+        {layer: 3.0 + layer for layer in layers},
+        target,
     )
     return bundle.save(folder / "bundles" / f"{method}.safetensors")
 
@@ -132,20 +166,31 @@ def test_architectures_without_a_foldable_bias_are_refused(tmp_path, model_type)
     model_dir = make_model(tmp_path / "model", model_type)
     bundle_path = make_bundle(tmp_path / "run", model_dir)
     with pytest.raises(ValueError, match="Supported architectures: gpt2, gpt_neox, llama, mistral, opt, qwen2"):
-        export_hf(load_source(bundle_path, coefficient=0.2), tmp_path / "out", resolve_target(SteeringBundle.load(bundle_path)))
+        export_hf(
+            load_source(bundle_path, coefficient=0.2),
+            tmp_path / "out",
+            resolve_target(SteeringBundle.load(bundle_path)),
+        )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-@pytest.mark.parametrize(("model_type", "overrides", "message"), [
-    ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=True"),
-    ("mistral", {"sliding_window": 16}, "sliding window"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding window"),
-])
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "message"),
+    [
+        ("opt", {"do_layer_norm_before": False}, "do_layer_norm_before=True"),
+        ("mistral", {"sliding_window": 16}, "sliding window"),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding window"),
+    ],
+)
 def test_configs_the_fold_cannot_express_are_refused(tmp_path, model_type, overrides, message):
     model_dir = make_model(tmp_path / "model", model_type, **overrides)
     bundle_path = make_bundle(tmp_path / "run", model_dir)
     with pytest.raises(ValueError, match=message):
-        export_hf(load_source(bundle_path, coefficient=0.2), tmp_path / "out", resolve_target(SteeringBundle.load(bundle_path)))
+        export_hf(
+            load_source(bundle_path, coefficient=0.2),
+            tmp_path / "out",
+            resolve_target(SteeringBundle.load(bundle_path)),
+        )
 
 
 def test_cli_refuses_existing_output_and_foreign_folders(tmp_path, capsys):
@@ -171,14 +216,20 @@ def test_smollm2_folded_equals_hook_steering(tmp_path):
     torch.manual_seed(0)
     layers = {12: 140.0, 15: 170.0, 17: 190.0}  # measured mean hidden-state norms
     bundle = SteeringBundle.from_directions(
-        "expertsteer", {layer: torch.randn(576) for layer in layers}, layers, ModelIdentity.of(loaded),
+        "expertsteer",
+        {layer: torch.randn(576) for layer in layers},
+        layers,
+        ModelIdentity.of(loaded),
     )
     bundle.save(tmp_path / "run" / "bundles" / "expertsteer.safetensors")
     source = load_source(tmp_path / "run", "expertsteer", coefficient=0.3)
     out = export_hf(source, tmp_path / "folded", resolve_target(source.bundle))
     folded = _load(out)
-    ids = loaded.tokenizer(["Do people only use ten percent of their brains?", "The capital of France is"],
-                           return_tensors="pt", padding=True)
+    ids = loaded.tokenizer(
+        ["Do people only use ten percent of their brains?", "The capital of France is"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.inference_mode():
         with steer(loaded.model, **bundle.steering_kwargs(0.3)):
             hooked = loaded.model(**ids).logits

@@ -32,8 +32,14 @@ EXTRA_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|> {{ m['role'] }} : {{ m['content'] }} <|im_end|>{% endfor %}"
 CHAT = [{"role": "user", "content": "where is the moon ?"}]
 NEW_TOKENS = 6
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 # Every architecture the fold writes, with RoPE settings other than 4.x's defaults (theta 10000, no scaling, gpt_neox
 # rotary_pct 0.25), so a 4.x reader that falls back to a default gives other logits.
 TARGETS: dict[str, tuple[str, dict]] = {
@@ -78,8 +84,20 @@ def install_transformers(version: str) -> Path:
     if (folder / f"transformers-{version}.dist-info").is_dir():
         return folder
     pins = CHECKED_TRANSFORMERS[version]
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-               "--timeout", "20", "--retries", "2", "--target"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--timeout",
+        "20",
+        "--retries",
+        "2",
+        "--target",
+    ]
     with atomic_directory(folder) as tmp:
         done = subprocess.run([*command, str(tmp), *pins], check=False, capture_output=True, text=True, timeout=300)
         if done.returncode:
@@ -101,8 +119,11 @@ def make_target(folder: Path, model_type: str, rope: dict) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": EXTRA_SPECIAL_TOKENS})
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(model_type, len(tokenizer), **special, **rope))
     with torch.no_grad():
@@ -137,8 +158,14 @@ def read_by_4x(request, exports, tmp_path_factory) -> dict:
     args = [{name: str(folded) for name, (_, folded, _) in exports.items()}, PROMPTS, CHAT, NEW_TOKENS, str(out)]
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-c", READER, json.dumps(args)], check=False, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", READER, json.dumps(args)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"transformers {version} could not load the exports:\n{done.stderr[-4000:]}"
     results = torch.load(out, weights_only=True)
     assert results["version"] == version, f"{site} did not shadow the venv's transformers"
@@ -164,8 +191,9 @@ def test_4x_reads_the_export_as_hook_steering(exports, read_by_4x, name):
             plain = model(**encoded).logits[0]
             with steer(model, **bundle.steering_kwargs(COEFFICIENT)):
                 hooked = model(**encoded).logits[0]
-                generated = model.generate(**encoded, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                           pad_token_id=tokenizer.pad_token_id)[0]
+                generated = model.generate(
+                    **encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )[0]
         assert (hooked - plain).abs().max() > 0.1  # the steering shows, so agreeing with it means something
         torch.testing.assert_close(row["logits"], hooked, atol=1e-3, rtol=0)
         assert row["generated"].tolist() == generated.tolist()
@@ -181,8 +209,10 @@ def test_legacy_config_keys_carry_the_rope_settings_5x_reads():
     scaled = legacy_config_keys({"model_type": "llama", "rope_parameters": LLAMA3_ROPE})
     assert scaled["rope_theta"] == 500000.0 and scaled["rope_scaling"]["rope_type"] == "llama3"
     assert "rope_theta" not in scaled["rope_scaling"]
-    neox = {"model_type": "gpt_neox",
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5e4, "partial_rotary_factor": 0.5}}
+    neox = {
+        "model_type": "gpt_neox",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e4, "partial_rotary_factor": 0.5},
+    }
     assert legacy_config_keys(neox) == {"rotary_emb_base": 5e4, "rotary_pct": 0.5, "rope_scaling": None}
     assert legacy_config_keys({"model_type": "gpt2", "dtype": "float32"}) == {"torch_dtype": "float32"}
     nested = {"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
@@ -193,9 +223,11 @@ def test_legacy_config_keys_carry_the_rope_settings_5x_reads():
 def test_legacy_tokenizer_keys_rename_5x_only_classes_and_lists():
     written = {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<|im_start|>", "<|im_end|>"]}
     changed, dropped = legacy_tokenizer_keys(written)
-    assert changed == {"tokenizer_class": "PreTrainedTokenizerFast",
-                       "model_input_names": ["input_ids", "attention_mask"],
-                       "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    assert changed == {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    }
     assert dropped == ["extra_special_tokens"]
     named = {"tokenizer_class": "GPT2Tokenizer", "extra_special_tokens": {"image_token": "<image>"}}
     assert legacy_tokenizer_keys(named) == ({}, [])  # classes and named tokens 4.x knows stay

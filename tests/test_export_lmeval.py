@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import write_mc_jsonl
+
 from es_lightning.evaluation.report import DatasetReport, FoldResult, Report, method_result
 from es_lightning.evaluation.report_markdown import write_report
 from es_lightning.evaluation.scoring import score_choices
@@ -50,8 +50,13 @@ def lm_eval_loglikelihoods(tmp_path, model_dir, n_questions: int, steer_path=Non
     if steer_path is not None:
         model_args["steer_path"] = str(steer_path)
     results = simple_evaluate(
-        model="steered" if steer_path is not None else "hf", model_args=model_args, tasks=[TASK], batch_size=8,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True, bootstrap_iters=0,
+        model="steered" if steer_path is not None else "hf",
+        model_args=model_args,
+        tasks=[TASK],
+        batch_size=8,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
         cache_requests=False,
     )
     return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in results["samples"][TASK]}
@@ -59,8 +64,15 @@ def lm_eval_loglikelihoods(tmp_path, model_dir, n_questions: int, steer_path=Non
 
 def our_loglikelihoods(model, tokenizer, path, context=None) -> dict[int, list[float]]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    scores = score_choices(model, tokenizer, [r["question"] for r in rows], [[" " + c for c in r["choices"]] for r in rows],
-                           context=context, batch_size=8, progress=False)
+    scores = score_choices(
+        model,
+        tokenizer,
+        [r["question"] for r in rows],
+        [[" " + c for c in r["choices"]] for r in rows],
+        context=context,
+        batch_size=8,
+        progress=False,
+    )
     return {i: list(s.logprob_sum) for i, s in enumerate(scores)}
 
 
@@ -79,7 +91,9 @@ def make_run(folder, loaded, layers: dict[int, float], seed: int = 0, method: st
     generator = torch.Generator().manual_seed(seed)
     width = loaded.model.config.hidden_size
     bundle = SteeringBundle.from_directions(
-        method, {layer: torch.randn(width, generator=generator) for layer in layers}, layers,
+        method,
+        {layer: torch.randn(width, generator=generator) for layer in layers},
+        layers,
         ModelIdentity.of(loaded),
     )
     bundle.save(folder / "bundles" / f"{method}.safetensors")
@@ -89,11 +103,19 @@ def make_run(folder, loaded, layers: dict[int, float], seed: int = 0, method: st
 def write_run_report(run, chosen: dict[str, list[float | None]], bundles: dict[str, object]):
     """``<run>/report/report.json`` as ``es-lightning test`` writes it: each method's coefficient chosen in each fold,
     with the sha256 of the bundle files (``{method: path}``) it was made from."""
-    folds = {method: [FoldResult(fold, c, 0.5, 0.5, 10) for fold, c in enumerate(values)]
-             for method, values in chosen.items()}
-    report = Report(model="tiny", scoring="mean", alpha=0.05, k=3, fold_mode="random",
-                    datasets=(DatasetReport("mc", 30, tuple(method_result(m, f) for m, f in folds.items())),),
-                    meta={"bundles": {method: sha256_file(path) for method, path in bundles.items()}})
+    folds = {
+        method: [FoldResult(fold, c, 0.5, 0.5, 10) for fold, c in enumerate(values)]
+        for method, values in chosen.items()
+    }
+    report = Report(
+        model="tiny",
+        scoring="mean",
+        alpha=0.05,
+        k=3,
+        fold_mode="random",
+        datasets=(DatasetReport("mc", 30, tuple(method_result(m, f) for m, f in folds.items())),),
+        meta={"bundles": {method: sha256_file(path) for method, path in bundles.items()}},
+    )
     return write_report(report, run / "report")[0]
 
 
@@ -101,8 +123,12 @@ def test_lm_eval_steered_equals_es_lightning_scoring(tmp_path, tiny_llama_dir, o
     loaded = load_model(str(tiny_llama_dir))
     bundle = make_run(tmp_path / "run", loaded, {1: 4.0, 3: 6.0})
     steer_file = tmp_path / "expertsteer.pt"
-    assert export_main(["lm-eval", str(tmp_path / "run"), "--method", "expertsteer", "--coefficient", "0.5",
-                        "-o", str(steer_file)]) == 0
+    assert (
+        export_main(
+            ["lm-eval", str(tmp_path / "run"), "--method", "expertsteer", "--coefficient", "0.5", "-o", str(steer_file)]
+        )
+        == 0
+    )
     config = torch.load(steer_file, weights_only=True)  # plain tensors, floats and None only
     assert sorted(config) == ["layers.1", "layers.3"]
     assert config["layers.1"]["action"] == "add" and config["layers.1"]["bias"] is None
@@ -113,8 +139,9 @@ def test_lm_eval_steered_equals_es_lightning_scoring(tmp_path, tiny_llama_dir, o
     theirs_steered = lm_eval_loglikelihoods(tmp_path / "steered", tiny_llama_dir, n, steer_file)
     data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=n)
     ours_plain = our_loglikelihoods(loaded.model, loaded.tokenizer, data)
-    ours_steered = our_loglikelihoods(loaded.model, loaded.tokenizer, data,
-                                      context=lambda: steer(loaded.model, **bundle.steering_kwargs(0.5)))
+    ours_steered = our_loglikelihoods(
+        loaded.model, loaded.tokenizer, data, context=lambda: steer(loaded.model, **bundle.steering_kwargs(0.5))
+    )
     assert max_shift(ours_plain, ours_steered) > 0.05  # steering moves the scores, so the comparison means something
     assert_same(theirs_plain, ours_plain, atol=1e-4)
     assert_same(theirs_steered, ours_steered, atol=1e-4)
@@ -140,15 +167,32 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, tiny_llama_dir, t
         assert message in capsys.readouterr().err
         assert not out.exists() and not list(tmp_path.glob(".out.pt.*"))
 
-    refused(["lm-eval", run, "--method", "rfm_self", "--coefficient", "0.2", "-o", str(out)],
-            "The run has no 'rfm_self' bundle")
+    refused(
+        ["lm-eval", run, "--method", "rfm_self", "--coefficient", "0.2", "-o", str(out)],
+        "The run has no 'rfm_self' bundle",
+    )
     refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "nan", "-o", str(out)], "finite number")
     refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "inf", "-o", str(out)], "finite number")
     refused(["lm-eval", run, "--method", "expertsteer", "-o", str(out)], "No coefficient given")
-    refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "--model", str(tiny_gpt2_dir),
-             "-o", str(out)], "Steering vectors do not transfer between models")
-    refused(["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "-o", str(tmp_path / "out.txt")],
-            "ending in .pt or .pth")
+    refused(
+        [
+            "lm-eval",
+            run,
+            "--method",
+            "expertsteer",
+            "--coefficient",
+            "0.2",
+            "--model",
+            str(tiny_gpt2_dir),
+            "-o",
+            str(out),
+        ],
+        "Steering vectors do not transfer between models",
+    )
+    refused(
+        ["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "-o", str(tmp_path / "out.txt")],
+        "ending in .pt or .pth",
+    )
     out.write_bytes(b"keep me")
     assert export_main(["lm-eval", run, "--method", "expertsteer", "--coefficient", "0.2", "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
@@ -161,8 +205,11 @@ def test_coefficient_defaults_to_the_reports_choice(tmp_path, tiny_llama_dir, ca
     bundle = make_run(run, loaded, {1: 4.0, 3: 6.0})
     make_run(run, loaded, {2: 5.0}, seed=3, method="rfm_self")
     path, rfm_path = run / "bundles" / "expertsteer.safetensors", run / "bundles" / "rfm_self.safetensors"
-    report = write_run_report(run, {"none": [None, None, None], "expertsteer": [0.4, -0.1, -0.2], "random": [0.8] * 3},
-                              {"expertsteer": path, "rfm_self": rfm_path})
+    report = write_run_report(
+        run,
+        {"none": [None, None, None], "expertsteer": [0.4, -0.1, -0.2], "random": [0.8] * 3},
+        {"expertsteer": path, "rfm_self": rfm_path},
+    )
     source = load_source(run, "expertsteer")
     assert source.coefficient == -0.1 and source.coefficient_origin == f"report {report}"
     assert load_source(path).coefficient == -0.1  # a bundle file inside a run: that run's report
@@ -192,15 +239,20 @@ def test_lm_eval_steered_equals_es_lightning_scoring_on_smollm2(tmp_path, offlin
     loaded = load_model("smollm2-135m-instruct")
     bundle = make_run(tmp_path / "run", loaded, {12: 140.0, 15: 170.0, 17: 190.0})  # measured mean norms
     steer_file = tmp_path / "expertsteer.pt"
-    assert export_main(["lm-eval", str(tmp_path / "run"), "--method", "expertsteer", "--coefficient", "0.3",
-                        "-o", str(steer_file)]) == 0
+    assert (
+        export_main(
+            ["lm-eval", str(tmp_path / "run"), "--method", "expertsteer", "--coefficient", "0.3", "-o", str(steer_file)]
+        )
+        == 0
+    )
     n = 4
     theirs_plain = lm_eval_loglikelihoods(tmp_path / "plain", loaded.directory, n)
     theirs_steered = lm_eval_loglikelihoods(tmp_path / "steered", loaded.directory, n, steer_file)
     data = write_mc_jsonl(tmp_path / "mc.jsonl", n_questions=n)
     ours_plain = our_loglikelihoods(loaded.model, loaded.tokenizer, data)
-    ours_steered = our_loglikelihoods(loaded.model, loaded.tokenizer, data,
-                                      context=lambda: steer(loaded.model, **bundle.steering_kwargs(0.3)))
+    ours_steered = our_loglikelihoods(
+        loaded.model, loaded.tokenizer, data, context=lambda: steer(loaded.model, **bundle.steering_kwargs(0.3))
+    )
     assert max_shift(ours_plain, ours_steered) > 0.5
     assert_same(theirs_plain, ours_plain, atol=2e-3)
     assert_same(theirs_steered, ours_steered, atol=2e-3)

@@ -54,7 +54,9 @@ def test_group_folds_never_split_a_group():
         owner = {}
         for part, indices in (("train", fold.train), ("val", fold.val), ("test", fold.test)):
             for q in indices:
-                assert owner.setdefault(groups[q], part) == part, f"group {groups[q]} straddles {owner[groups[q]]}/{part}"
+                assert owner.setdefault(groups[q], part) == part, (
+                    f"group {groups[q]} straddles {owner[groups[q]]}/{part}"
+                )
 
 
 def test_contiguous_folds_keep_blocks():

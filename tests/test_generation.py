@@ -12,7 +12,6 @@ from es_lightning.steering.generation import GenerationSettings, SeededSampler, 
 PROMPTS = ["the cat is big and red", "a dog", "what is the sun ?", "one two three four five six seven eight nine"]
 
 
-
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir, tiny_gemma_dir):
     return {"llama": load_model(str(tiny_llama_dir)), "gemma": load_model(str(tiny_gemma_dir))}
@@ -22,8 +21,9 @@ def make_bundle(loaded, layers=(1, 2), seed=0) -> SteeringBundle:
     generator = torch.Generator().manual_seed(seed)
     width = hidden_size(loaded.model)
     directions = {layer: torch.randn(width, generator=generator) for layer in layers}
-    return SteeringBundle.from_directions("random", directions, {layer: 1.0 for layer in layers},
-                                          ModelIdentity.of(loaded))
+    return SteeringBundle.from_directions(
+        "random", directions, {layer: 1.0 for layer in layers}, ModelIdentity.of(loaded)
+    )
 
 
 def settings(**kwargs) -> GenerationSettings:
@@ -53,8 +53,10 @@ def test_steering_identity_at_zero_and_change_when_nonzero(tiny, family):
     assert steered != plain
     for positions in ("prompt", "generated"):
         batched = generate(loaded.model, loaded.tokenizer, PROMPTS, settings(), bundle, 40.0, positions)
-        single = [generate(loaded.model, loaded.tokenizer, [p], settings(batch_size=1), bundle, 40.0, positions)[0]
-                  for p in PROMPTS]
+        single = [
+            generate(loaded.model, loaded.tokenizer, [p], settings(batch_size=1), bundle, 40.0, positions)[0]
+            for p in PROMPTS
+        ]
         assert batched == single
     assert generate(loaded.model, loaded.tokenizer, PROMPTS, settings()) == plain  # hooks are gone afterwards
 
@@ -66,8 +68,15 @@ def test_seeded_sampling_is_reproducible_batch_invariant_and_leaves_global_rng(t
     first = generate(loaded.model, loaded.tokenizer, PROMPTS, sample)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert generate(loaded.model, loaded.tokenizer, PROMPTS, sample) == first
-    single = [generate(loaded.model, loaded.tokenizer, [p], settings(do_sample=True, temperature=1.3, top_p=0.95,
-                                                                          seed=7, batch_size=1))[0] for p in PROMPTS]
+    single = [
+        generate(
+            loaded.model,
+            loaded.tokenizer,
+            [p],
+            settings(do_sample=True, temperature=1.3, top_p=0.95, seed=7, batch_size=1),
+        )[0]
+        for p in PROMPTS
+    ]
     assert single == first
     reordered = generate(loaded.model, loaded.tokenizer, PROMPTS[::-1], sample)
     assert reordered == first[::-1]
@@ -108,7 +117,8 @@ def test_chat_template_is_applied(tiny, tiny_llama_dir):
     assert GenerationSettings().chat_template is None
     assert generate(loaded.model, tokenizer, PROMPTS[:2], settings(chat_template=None)) == chat
     assert generate(loaded.model, tokenizer, PROMPTS[:2], settings(chat_template=False)) == generate(
-        loaded.model, loaded.tokenizer, PROMPTS[:2], settings(chat_template=None))
+        loaded.model, loaded.tokenizer, PROMPTS[:2], settings(chat_template=None)
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,11 @@ gpu_check = importlib.import_module("gpu_check")  # benchmarks/ is no package
 
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 # Parts each stage's table must show (the product's announcements, plus the probe's own marks), and its total.
-PARTS = {"fit": {"setup", "capture expert", "capture target", "pair search", "auto-encoders", "rfm", "**whole stage**"},
-         "test": {"setup", "evaluation", "pair search", "rfm", "test questions", "**whole stage**"},
-         "predict": {"setup", "evaluation", "**whole stage**"}}
+PARTS = {
+    "fit": {"setup", "capture expert", "capture target", "pair search", "auto-encoders", "rfm", "**whole stage**"},
+    "test": {"setup", "evaluation", "pair search", "rfm", "test questions", "**whole stage**"},
+    "predict": {"setup", "evaluation", "**whole stage**"},
+}
 
 
 class _Trainer:
@@ -55,8 +57,12 @@ def test_paper_plan_has_the_claimed_shapes_and_its_config_parses(tmp_path, monke
         config.save_pretrained(tmp_path / side)  # the config alone: no weights are built
         gpu_check.save_tokenizer(tmp_path / side, gpu_check.vocabulary(plan, reverse))
         read = read_shape(tmp_path / side)
-        assert (read.hidden, read.layers, read.intermediate, read.vocab) == (shape.hidden, shape.blocks,
-                                                                             shape.intermediate, plan.vocab)
+        assert (read.hidden, read.layers, read.intermediate, read.vocab) == (
+            shape.hidden,
+            shape.blocks,
+            shape.intermediate,
+            plan.vocab,
+        )
         parameters = sum(p.numel() for p in gpu_check._meta_model(shape, plan.vocab).parameters())
         assert abs(read.parameters - parameters) / parameters < 1e-3  # the estimator counts these models' weights
         assert 0.75e9 < parameters < 0.9e9  # 4 blocks of 0.2B each and embeddings: 1.5-1.7 GiB in bfloat16
@@ -67,8 +73,13 @@ def test_paper_plan_has_the_claimed_shapes_and_its_config_parses(tmp_path, monke
     path = tmp_path / "config.json"
     path.write_text(json.dumps(stage))
     monkeypatch.setenv(gpu_check.PROBE_ENV, str(tmp_path / "probe"))
-    cli = ESLightningCLI(ExpertSteer, PairedHiddenStatesDataModule, run=False, auto_configure_optimizers=False,
-                         args=["--config", str(path), *([] if torch.cuda.is_available() else ON_CPU)])
+    cli = ESLightningCLI(
+        ExpertSteer,
+        PairedHiddenStatesDataModule,
+        run=False,
+        auto_configure_optimizers=False,
+        args=["--config", str(path), *([] if torch.cuda.is_available() else ON_CPU)],
+    )
     assert cli.datamodule.expert_spec.name == str(tmp_path / "expert")
     assert cli.model.evaluation.max_questions == plan.eval_questions and cli.model.evaluation.folds == 2
     probe = next(c for c in cli.trainer.callbacks if isinstance(c, gpu_check.MemoryProbe))
@@ -83,15 +94,30 @@ def test_ddp_runs_only_where_asked_or_two_gpus_are_visible():
 
 def _parts(stdout: str, stage: str) -> set[str]:
     """The part names of ``stage``'s rows in the printed table, without their ``(xN)`` counts."""
-    return {line.split("|")[2].split(" (x")[0].strip() for line in stdout.splitlines() if line.startswith(f"| {stage} |")}
+    return {
+        line.split("|")[2].split(" (x")[0].strip() for line in stdout.splitlines() if line.startswith(f"| {stage} |")
+    }
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """The dry run, once: tiny models on CPU, every stage in one process, the work folder kept."""
     work = tmp_path_factory.mktemp("gpu-check")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--work", str(work),
-                           "--out", str(work / "out")], check=False, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--dry-run",
+            "--work",
+            str(work),
+            "--out",
+            str(work / "out"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done, work
 
 

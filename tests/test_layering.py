@@ -6,8 +6,24 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "es_lightning"
-LAYERS = ["io", "stopping", "models", "memory", "data", "alignment", "steering", "callbacks", "evaluation", "run", "export",
-          "prediction", "module", "console", "cli", "pipeline"]
+LAYERS = [
+    "io",
+    "stopping",
+    "models",
+    "memory",
+    "data",
+    "alignment",
+    "steering",
+    "callbacks",
+    "evaluation",
+    "run",
+    "export",
+    "prediction",
+    "module",
+    "console",
+    "cli",
+    "pipeline",
+]
 
 
 def layer_of(module: str) -> int | None:

@@ -30,7 +30,9 @@ from es_lightning.memory import (
     shape_from_config,
 )
 
-LLAMA_8B = ModelShape("llama-8b", hidden=4096, layers=32, vocab=128256, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
+LLAMA_8B = ModelShape(
+    "llama-8b", hidden=4096, layers=32, vocab=128256, intermediate=14336, heads=32, kv_heads=8, head_dim=128
+)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_gemma_dir"])
@@ -45,8 +47,15 @@ def test_parameter_count_from_the_config_matches_the_model(fixture, request):
 def test_llama_8b_parameters_and_weight_bytes():
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=128256, intermediate_size=14336,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        vocab_size=128256,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     shape = shape_from_config(config, "llama")
     assert shape.parameters == 8_030_261_248  # Llama-3.1-8B's published count
     assert shape.weight_bytes("bfloat16") * 2 == shape.weight_bytes("float32")
@@ -55,8 +64,12 @@ def test_llama_8b_parameters_and_weight_bytes():
 def test_cache_bytes_double_with_rows_and_halve_in_bfloat16():
     base = cache_estimate(1000, 28, 3584, 32, 4096, "float32")
     assert base.disk_bytes == cache_bytes(1000, 28, 3584, 32, 4096) > 0 and base.device_bytes == 0
-    assert cache_estimate(2000, 28, 3584, 32, 4096, "float32").disk_bytes == pytest.approx(2 * base.disk_bytes, rel=1e-6)
-    assert cache_estimate(1000, 28, 3584, 32, 4096, "bfloat16").disk_bytes == pytest.approx(base.disk_bytes / 2, rel=1e-3)
+    assert cache_estimate(2000, 28, 3584, 32, 4096, "float32").disk_bytes == pytest.approx(
+        2 * base.disk_bytes, rel=1e-6
+    )
+    assert cache_estimate(1000, 28, 3584, 32, 4096, "bfloat16").disk_bytes == pytest.approx(
+        base.disk_bytes / 2, rel=1e-3
+    )
     assert cache_bytes(1000, 14, 3584, 16, 4096) == pytest.approx(base.disk_bytes / 2, rel=1e-3)
     # writing holds one shard, whatever n: reads are memory-mapped
     assert cache_estimate(4000, 28, 3584, 32, 4096, shard_rows=256).host_bytes == base.host_bytes < base.disk_bytes / 3
@@ -79,7 +92,9 @@ def test_pair_search_is_linear_in_rows_above_its_kept_directions_up_to_its_cap()
     assert a.host_bytes > PAPER_BASES and "principal directions" in a.dominant
     fixed = PAPER_BASES + PAPER_MAPS
     assert 1.9 < (b.host_bytes - fixed) / (a.host_bytes - fixed) < 2.3  # linear terms plus the n_fit^2 Gram
-    assert pair_search_estimate(8000, 300, 28, 3584, 32, 4096, max_rows=4000) == pair_search_estimate(4000, 300, 28, 3584, 32, 4096, max_rows=4000)
+    assert pair_search_estimate(8000, 300, 28, 3584, 32, 4096, max_rows=4000) == pair_search_estimate(
+        4000, 300, 28, 3584, 32, 4096, max_rows=4000
+    )
 
 
 def test_a_reduced_layer_keeps_its_top_directions_not_a_view_of_every_eigenvector():
@@ -137,7 +152,10 @@ def test_evaluation_counts_the_logits():
 def test_evaluation_counts_the_damage_measurement_when_it_is_larger():
     scoring = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda")
     damage = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda", generation_rows=64, generation_tokens=32)
-    assert damage.device_bytes - scoring.device_bytes >= (32 + 3 * 64) * 33 * LLAMA_8B.vocab * 4 - 16 * 17 * LLAMA_8B.vocab * 8
+    assert (
+        damage.device_bytes - scoring.device_bytes
+        >= (32 + 3 * 64) * 33 * LLAMA_8B.vocab * 4 - 16 * 17 * LLAMA_8B.vocab * 8
+    )
     assert any("generation.batch_size" in fix for fix in damage.fixes)
     tiny = evaluation_estimate(LLAMA_8B, "bfloat16", 16, 64, 16, "cuda", generation_rows=1, generation_tokens=1)
     assert tiny.device_bytes == scoring.device_bytes  # smaller than the scoring logits: the scoring peak stands
@@ -145,7 +163,15 @@ def test_evaluation_counts_the_damage_measurement_when_it_is_larger():
 
 def test_run_plan_lists_every_stage():
     stages = estimate_stages(LLAMA_8B, LLAMA_8B, RunSettings(800, 200, 32, 31, 32, 31))
-    assert [s.stage for s in stages] == ["capture expert", "capture target", "cache", "pair search", "auto-encoders", "rfm", "evaluation"]
+    assert [s.stage for s in stages] == [
+        "capture expert",
+        "capture target",
+        "cache",
+        "pair search",
+        "auto-encoders",
+        "rfm",
+        "evaluation",
+    ]
     assert all("GiB" in s.format() for s in stages)
 
 
@@ -160,7 +186,9 @@ def test_check_fits_names_the_fix_when_memory_is_short(monkeypatch, caplog):
     with pytest.raises(MemoryError, match=r"disk .* free under .*data\.cache_dtype: bfloat16"):
         check_fits(cache_estimate(10_000, 28, 3584, 32, 4096), host_free=2**50, disk_path="/nonexistent/cache")
     with pytest.raises(MemoryError, match=r"cuda memory .* free.*model\.target_dtype: bfloat16"):
-        check_fits(evaluation_estimate(LLAMA_8B, "float32", 16, 64, 16, "cuda"), "cuda", host_free=2**50, device_free=2**30)
+        check_fits(
+            evaluation_estimate(LLAMA_8B, "float32", 16, 64, 16, "cuda"), "cuda", host_free=2**50, device_free=2**30
+        )
     monkeypatch.setattr(check, "host_available_bytes", lambda: 2**50)
     with caplog.at_level(logging.INFO, logger="es_lightning.memory.check"):
         assert announce(estimate) is estimate
@@ -176,9 +204,18 @@ def test_weights_that_do_not_fit_name_the_dtype_option():
     check_weights_fit(LLAMA_8B, "bfloat16", "cpu", "data.target.dtype", free=20 * 2**30)
 
 
-@pytest.mark.parametrize(("devices", "found", "fails"), [
-    (2, 1, True), (1, 1, False), ("auto", 0, True), ("auto", 2, False), ([0, 3], 2, True), ("0,1", 2, False), (-1, 0, True),
-])
+@pytest.mark.parametrize(
+    ("devices", "found", "fails"),
+    [
+        (2, 1, True),
+        (1, 1, False),
+        ("auto", 0, True),
+        ("auto", 2, False),
+        ([0, 3], 2, True),
+        ("0,1", 2, False),
+        (-1, 0, True),
+    ],
+)
 def test_devices_are_checked_against_the_visible_gpus(monkeypatch, devices, found, fails):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: found)
     if fails:
@@ -218,7 +255,9 @@ def test_a_model_too_large_for_free_memory_fails_before_loading(monkeypatch, run
 
     _no_model_loads(monkeypatch)
     monkeypatch.setattr(check, "device_available_bytes", lambda device: 1000)
-    with pytest.raises(MemoryError, match=r"in float32, but cpu has 0\.00 GiB free\. Fix: data\.expert\.dtype: bfloat16"):
+    with pytest.raises(
+        MemoryError, match=r"in float32, but cpu has 0\.00 GiB free\. Fix: data\.expert\.dtype: bfloat16"
+    ):
         main(["fit", *run_args])
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
@@ -229,10 +268,19 @@ def test_every_long_stage_announces_its_estimate_before_it_runs(run_args, tmp_pa
     caplog.set_level(logging.INFO, logger="es_lightning.memory.check")
     build_cli(["fit", *run_args])
     build_cli(["test", *run_args, "--ckpt_path", str(tmp_path / "runs" / "default" / "last.ckpt")])
-    stages = [r.getMessage().split(",", 1)[1].split(":", 1)[0].strip() for r in caplog.records if r.getMessage().startswith("Memory estimate")]
+    stages = [
+        r.getMessage().split(",", 1)[1].split(":", 1)[0].strip()
+        for r in caplog.records
+        if r.getMessage().startswith("Memory estimate")
+    ]
     for stage in ("cache", "capture expert", "capture target", "pair search", "auto-encoders", "rfm", "evaluation"):
         assert stage in stages, (stage, stages)
-    assert stages.index("capture expert") < stages.index("capture target") < stages.index("pair search") < stages.index("auto-encoders")
+    assert (
+        stages.index("capture expert")
+        < stages.index("capture target")
+        < stages.index("pair search")
+        < stages.index("auto-encoders")
+    )
 
 
 def test_an_rfm_too_large_for_the_host_is_refused_naming_max_rows(run_args, tmp_path, monkeypatch):
@@ -246,7 +294,9 @@ def test_an_rfm_too_large_for_the_host_is_refused_naming_max_rows(run_args, tmp_
         return real(estimate, device, **kwargs)
 
     monkeypatch.setattr(check, "check_fits", small_host_for_rfm)
-    with pytest.raises(MemoryError, match=r"The rfm stage will not fit.*Fix: fewer rows \(model\.vectors\.rfm_options\.max_rows\)"):
+    with pytest.raises(
+        MemoryError, match=r"The rfm stage will not fit.*Fix: fewer rows \(model\.vectors\.rfm_options\.max_rows\)"
+    ):
         build_cli(["fit", *run_args])
 
 

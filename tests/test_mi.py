@@ -72,12 +72,16 @@ def test_accepts_torch_tensors_and_1d_inputs() -> None:
     assert from_torch == pytest.approx(from_numpy, rel=0.02)
 
 
-@pytest.mark.parametrize(("method", "options"), [("gaussian", {"n_components": 3}), ("ksg", {"n_components": 2, "k": 4})])
+@pytest.mark.parametrize(
+    ("method", "options"), [("gaussian", {"n_components": 3}), ("ksg", {"n_components": 2, "k": 4})]
+)
 def test_mi_matrix_matches_pairwise_calls(method: str, options: dict) -> None:
     rng = np.random.default_rng(6)
     n = 400
     shared = rng.standard_normal((n, 4))
-    expert = np.stack([shared @ rng.standard_normal((4, 12)) * s + rng.standard_normal((n, 12)) for s in (0.0, 0.5, 2.0)], 1)
+    expert = np.stack(
+        [shared @ rng.standard_normal((4, 12)) * s + rng.standard_normal((n, 12)) for s in (0.0, 0.5, 2.0)], 1
+    )
     target = np.stack([shared @ rng.standard_normal((4, 9)) + rng.standard_normal((n, 9)) for _ in range(2)], 1)
     matrix = mi_matrix(torch.from_numpy(expert), target, method=method, **options)
     assert matrix.shape == (3, 2) and matrix.dtype == torch.float64
@@ -95,7 +99,10 @@ def test_mi_matrix_matches_pairwise_calls(method: str, options: dict) -> None:
         ({"a": np.ones((50, 2)), "b": np.ones((50, 2)), "method": "kde"}, "method='gaussian' or method='ksg'"),
         ({"a": np.full((50, 2), np.nan), "b": np.ones((50, 2))}, "NaN or Inf"),
         ({"a": np.ones((9, 8)), "b": np.ones((9, 8))}, "pass more samples or a smaller n_components"),
-        ({"a": np.ones((7, 1)), "b": np.ones((7, 1)), "method": "ksg"}, "pass more samples or a smaller n_components / k"),
+        (
+            {"a": np.ones((7, 1)), "b": np.ones((7, 1)), "method": "ksg"},
+            "pass more samples or a smaller n_components / k",
+        ),
         ({"a": np.ones((50, 2)), "b": np.ones((50, 2)), "method": "ksg", "shrinkage": 0.1}, "Unknown option"),
         ({"a": np.ones((50, 2)), "b": np.ones((50, 2)), "shrinkage": 1.5}, "shrinkage=0.0"),
         ({"a": np.ones((50, 2, 2)), "b": np.ones((50, 2))}, "shape [n, d]"),

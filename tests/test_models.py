@@ -14,7 +14,18 @@ from es_lightning.models.spec import ModelSpec, describe
 
 
 def test_known_architectures_cover_the_required_families():
-    for model_type in ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "opt", "phi3"]:
+    for model_type in [
+        "llama",
+        "mistral",
+        "qwen2",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "gpt2",
+        "gpt_neox",
+        "opt",
+        "phi3",
+    ]:
         assert model_type in BLOCK_PATHS
 
 
@@ -22,10 +33,22 @@ def test_known_architectures_cover_the_required_families():
 def test_block_paths_resolve_on_tiny_configs(model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, ffn_dim=32,
-                                  word_embed_proj_dim=16, max_position_embeddings=32,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        ffn_dim=32,
+        word_embed_proj_dim=16,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = AutoModelForCausalLM.from_config(config)
     assert len(get_blocks(model)) == 2
 
@@ -80,7 +103,9 @@ def test_real_smollm2_loads_and_is_fingerprinted(tmp_path):
     assert len(get_blocks(loaded.model)) == 30 and loaded.model.config.hidden_size == 576
     record = json.loads((loaded.directory / "es_lightning_fingerprint.json").read_text())
     assert record["builtin"] == "smollm2-135m-instruct" and len(record["gguf_sha256"]) == 64
-    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True)
+    text = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = loaded.tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         logits = loaded.model(**ids).logits[0, -1]

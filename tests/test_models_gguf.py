@@ -32,8 +32,15 @@ def tiny_llama(seed: int, hidden: int = 32, layers: int = 2):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(TOKENS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(TOKENS),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -105,8 +112,9 @@ def test_gguf_file_loads_with_the_source_logits_and_tokenizer(tmp_path, tiny_ggu
     torch.testing.assert_close(logits(loaded.model), logits(source_model), atol=1e-5, rtol=1e-5)
     record = json.loads((loaded.directory / FINGERPRINT_FILE).read_text())
     assert record["gguf_sha256"] == sha256 and record["source"] == str(tiny_gguf.resolve())
-    assert record["gguf_parts"] == [{"path": str(tiny_gguf.resolve()), "size": tiny_gguf.stat().st_size,
-                                     "mtime_ns": tiny_gguf.stat().st_mtime_ns}]
+    assert record["gguf_parts"] == [
+        {"path": str(tiny_gguf.resolve()), "size": tiny_gguf.stat().st_size, "mtime_ns": tiny_gguf.stat().st_mtime_ns}
+    ]
     assert "model.safetensors" in record["files"] and "quantization_config" not in loaded.model.config.to_dict()
     tokenizer = loaded.tokenizer
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("the cat is red").input_ids)
@@ -157,11 +165,12 @@ def test_folder_holding_one_gguf_model_whole_or_in_parts(tmp_path, source_model)
     chunks.mkdir()
     data = (single / "tiny.gguf").read_bytes()
     for i, start in enumerate(range(0, len(data), len(data) // 2 + 1)):
-        (chunks / f"tiny-{i + 1:05d}-of-00002.gguf").write_bytes(data[start:start + len(data) // 2 + 1])
+        (chunks / f"tiny-{i + 1:05d}-of-00002.gguf").write_bytes(data[start : start + len(data) // 2 + 1])
     reference = logits(source_model)
     for folder in (single, shards, chunks):
         loaded = load_model(str(folder), cache_dir=tmp_path / "cache")
         torch.testing.assert_close(logits(loaded.model), reference, atol=1e-5, rtol=1e-5)
+
     # the byte chunks are the single file's bytes: same sha256, same conversion; a part's path brings its siblings
     def resolve(path: Path) -> Path:
         return resolve_model_dir(str(path), tmp_path / "cache")
@@ -227,11 +236,28 @@ def test_gguf_models_as_expert_and_target_through_the_cli(tmp_path, tiny_gguf):
     target = tmp_path / "target.gguf"
     write_gguf(target, tiny_llama(seed=3, hidden=40, layers=4))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"what is the {w} ?"}) + "\n"
-                               for i, w in enumerate(["cat", "dog", "red"])))
-    args = ["--config", str(TINY_CONF), "--data.expert.name", str(tiny_gguf), "--data.target.name", str(target),
-            "--data.data.path", str(write_two_choice_jsonl(tmp_path / "two.jsonl", 20)),
-            "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"), "--run_name", "g"]
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"what is the {w} ?"}) + "\n"
+            for i, w in enumerate(["cat", "dog", "red"])
+        )
+    )
+    args = [
+        "--config",
+        str(TINY_CONF),
+        "--data.expert.name",
+        str(tiny_gguf),
+        "--data.target.name",
+        str(target),
+        "--data.data.path",
+        str(write_two_choice_jsonl(tmp_path / "two.jsonl", 20)),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "g",
+    ]
     build_cli(["fit", *args])
     ckpt = tmp_path / "runs" / "g" / "last.ckpt"
     layout = torch.load(ckpt, map_location="cpu", weights_only=False)["es_lightning"]["layout"]

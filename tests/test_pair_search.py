@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from es_lightning.steering.pair_search import PairSearch, PairSearchConfig, search_pairs
-from es_lightning.steering.rows import PairedRows, split_by_group
 from es_lightning.steering.pairing import PairingRule, depth_pairs
+from es_lightning.steering.rows import PairedRows, split_by_group
 
 TRUE_PARTNER = {0: 7, 1: 5, 2: 2, 3: 0}  # expert layer -> target layer; the depth map says 0->0, 1->2, 2->5, 3->7
 
@@ -82,8 +82,16 @@ def test_chosen_map_carries_directions_between_the_true_layers():
 
 def test_reconstruction_objective_scores_codes_on_held_out_rows():
     fit, held = _split(synthetic_rows())
-    recon = search_pairs(fit, held, [0, 1, 2, 3], list(range(8)), 4, 8,
-                         PairSearchConfig(rule="highest", top_k=2, max_components=16), objective="reconstruction")
+    recon = search_pairs(
+        fit,
+        held,
+        [0, 1, 2, 3],
+        list(range(8)),
+        4,
+        8,
+        PairSearchConfig(rule="highest", top_k=2, max_components=16),
+        objective="reconstruction",
+    )
     result = recon.result
     assert result.ridge is None and result.ridge_scores == {} and result.objective == "reconstruction"
     assert (result.n_fit, result.n_heldout) == (420, 180)
@@ -118,12 +126,15 @@ def test_depth_rule_spreads_expert_layers_over_the_middle():
     assert pairs == [(7, 12), (8, 14), (10, 17)]  # relative depths 0.43, 0.5, 0.57 of the expert, same of the target
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"rule": "median"}, "Unknown pairing rule"),
-    ({"top_k": 9}, "top_k=9"),
-    ({"heldout_fraction": 1.5}, "heldout_fraction"),
-    ({"ridges": []}, "ridges"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rule": "median"}, "Unknown pairing rule"),
+        ({"top_k": 9}, "top_k=9"),
+        ({"heldout_fraction": 1.5}, "heldout_fraction"),
+        ({"ridges": []}, "ridges"),
+    ],
+)
 def test_bad_settings_are_refused_with_the_fix(options, message):
     with pytest.raises(ValueError, match=message):
         run(synthetic_rows(n=60), **options)
@@ -133,7 +144,15 @@ def test_too_few_held_out_rows_for_the_estimator():
     rows = synthetic_rows(n=60)
     kept, held = split_by_group(rows.groups, 0.1, seed=0)
     with pytest.raises(ValueError, match="held-out rows"):
-        search_pairs(rows.take(kept), rows.take(held), [0, 1, 2, 3], list(range(8)), 4, 8, PairSearchConfig(rule="highest", top_k=2))
+        search_pairs(
+            rows.take(kept),
+            rows.take(held),
+            [0, 1, 2, 3],
+            list(range(8)),
+            4,
+            8,
+            PairSearchConfig(rule="highest", top_k=2),
+        )
 
 
 def test_fit_and_held_out_rows_must_not_share_questions():

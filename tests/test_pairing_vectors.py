@@ -42,8 +42,16 @@ def planted(n=600, d_e=24, d_t=16, seed=0):
     expert[:, 1] += 1.5 * (2 * labels[:, None] - 1) * u  # a clean margin along u
     mapping = torch.randn(d_t, d_e, generator=g)
     target = torch.stack([expert[:, 0] @ mapping.T, expert[:, 1] @ mapping.T], 1)
-    inputs = VectorInputs(expert, target, labels, [3, 6], [10, 20], encoder_linear=lambda i: mapping,
-                          rfm_options={"iters": 2, "bandwidths": [1.0], "regs": [0.1]}, seed=0)
+    inputs = VectorInputs(
+        expert,
+        target,
+        labels,
+        [3, 6],
+        [10, 20],
+        encoder_linear=lambda i: mapping,
+        rfm_options={"iters": 2, "bandwidths": [1.0], "regs": [0.1]},
+        seed=0,
+    )
     return inputs, u, mapping
 
 
@@ -59,7 +67,9 @@ def test_mean_difference_and_rfm_self_point_the_same_way():
     inputs, _, _ = planted()
     md = compute_vectors("mean_difference", [(6, 20)], inputs).vectors[20]
     target = inputs.target[:, 1]
-    expected = torch.nn.functional.normalize(target[inputs.labels == 1].mean(0) - target[inputs.labels == 0].mean(0), dim=0)
+    expected = torch.nn.functional.normalize(
+        target[inputs.labels == 1].mean(0) - target[inputs.labels == 0].mean(0), dim=0
+    )
     torch.testing.assert_close(md, expected)
     rfm = compute_vectors("rfm_self", [(6, 20)], inputs).vectors[20]
     assert torch.dot(rfm, md) > 0  # both oriented towards label 1
@@ -82,9 +92,18 @@ def test_vector_errors_come_before_any_fitting():
     broken = inputs.expert.clone()
     broken[0, 1, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf at cached layer positions \\[1\\]"):
-        compute_vectors("mean_difference", [(6, 20)], VectorInputs(broken, inputs.target, inputs.labels, [3, 6], [10, 20]))
-    wrong = VectorInputs(inputs.expert, inputs.target, inputs.labels, [3, 6], [10, 20], encoder_linear=lambda i: torch.zeros(16, 5),
-                         rfm_options=inputs.rfm_options)
+        compute_vectors(
+            "mean_difference", [(6, 20)], VectorInputs(broken, inputs.target, inputs.labels, [3, 6], [10, 20])
+        )
+    wrong = VectorInputs(
+        inputs.expert,
+        inputs.target,
+        inputs.labels,
+        [3, 6],
+        [10, 20],
+        encoder_linear=lambda i: torch.zeros(16, 5),
+        rfm_options=inputs.rfm_options,
+    )
     with pytest.raises(ValueError, match="expects width 5"):
         compute_vectors("expertsteer", [(6, 20)], wrong)
 
@@ -104,8 +123,16 @@ def test_expertsteer_applies_an_equal_width_map_untransposed():
     labels = (expert[:, 0] @ u > 0).long()
     expert[:, 0] += 1.5 * (2 * labels[:, None] - 1) * u
     mapping = torch.triu(torch.randn(d, d, generator=g)) + 3 * torch.eye(d)  # far from symmetric
-    inputs = VectorInputs(expert, expert @ mapping.T, labels, [0], [0], encoder_linear=lambda i: mapping,
-                          rfm_options={"iters": 2, "bandwidths": [1.0], "regs": [0.1]}, seed=0)
+    inputs = VectorInputs(
+        expert,
+        expert @ mapping.T,
+        labels,
+        [0],
+        [0],
+        encoder_linear=lambda i: mapping,
+        rfm_options={"iters": 2, "bandwidths": [1.0], "regs": [0.1]},
+        seed=0,
+    )
     vector = compute_vectors("expertsteer", [(0, 0)], inputs).vectors[0]
     right = torch.nn.functional.normalize(mapping @ u, dim=0)
     wrong = torch.nn.functional.normalize(mapping.T @ u, dim=0)

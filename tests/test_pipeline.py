@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_two_choice_jsonl
+
 from es_lightning.evaluation.report import chosen_coefficients, load_report
 from es_lightning.pipeline import main
 
@@ -17,9 +17,22 @@ def job(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     data = write_two_choice_jsonl(tmp_path / "two.jsonl", 24)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "what is the cat ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
-    args = ["--config", str(CONF), "--prompts", str(prompts), "--data.expert.name", str(tiny_gpt2_dir),
-            "--data.target.name", str(tiny_llama_dir), "--data.data.path", str(data), "--data.cache_dir", str(tmp_path / "cache"),
-            "--output_dir", str(tmp_path / "runs")]
+    args = [
+        "--config",
+        str(CONF),
+        "--prompts",
+        str(prompts),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "runs"),
+    ]
     return args, tmp_path / "runs" / "default", prompts
 
 
@@ -55,7 +68,11 @@ def test_pipeline_runs_every_stage_quietly_and_prints_where_results_are(job, cap
 
 def test_nothing_stale_is_reused_and_predict_uses_the_chosen_coefficients(job, capsys):
     args, run, prompts = job
-    args = [*args, "--model.evaluation.budget", "{max_kl: null, max_empty_increase: null, max_repetition_increase: null}"]
+    args = [
+        *args,
+        "--model.evaluation.budget",
+        "{max_kl: null, max_empty_increase: null, max_repetition_increase: null}",
+    ]
     main([*args, "--skip", "predict"])
     report = run / "report" / "report.json"
     first = report.read_bytes()
@@ -66,13 +83,23 @@ def test_nothing_stale_is_reused_and_predict_uses_the_chosen_coefficients(job, c
     chosen = chosen_coefficients(load_report(report))
     assert {abs(c) for c in chosen.values()} == {0.25}
     predicted = {(r["method"], r["coefficient"]) for r in rows(run / "predictions.jsonl")}
-    assert predicted == {("none", 0.0), ("expertsteer", chosen["expertsteer"]), ("mean_difference", chosen["mean_difference"])}
+    assert predicted == {
+        ("none", 0.0),
+        ("expertsteer", chosen["expertsteer"]),
+        ("mean_difference", chosen["mean_difference"]),
+    }
     # a budget no coefficient meets: the report says so and predict generates the methods not at all
     main([*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.evaluation.budget.max_kl", "0"])
     assert set(chosen_coefficients(load_report(report)).values()) == {0.0}
     assert {r["method"] for r in rows(run / "predictions.jsonl")} == {"none"}
     # without the report's choice, the config's coefficient (tiny.yaml: 0.5)
-    fixed = [*args, "--model.evaluation.coefficients", "[-0.25, 0.25]", "--model.predict.coefficients_from_report", "false"]
+    fixed = [
+        *args,
+        "--model.evaluation.coefficients",
+        "[-0.25, 0.25]",
+        "--model.predict.coefficients_from_report",
+        "false",
+    ]
     main(fixed)
     assert {r["coefficient"] for r in rows(run / "predictions.jsonl")} == {0.0, 0.5}
     capsys.readouterr()

@@ -118,15 +118,28 @@ class CurveEvaluator(Evaluator):
 
 def _evaluator(store: MemoryStore, stop_after_falls: int = 2) -> CurveEvaluator:
     ids = [f"q{q}" for q in range(N_QUESTIONS)]
-    rendered = RenderedQuestions([f"prompt {q}" for q in ids], [["a", "b"]] * N_QUESTIONS, [0] * N_QUESTIONS,
-                                 ids, ids)
-    config = EvaluationConfig(coefficients=GRID, stop_after_falls=stop_after_falls, random_draws=2, permutations=100,
-                              generation=GenerationEvaluation(enabled=False))
+    rendered = RenderedQuestions([f"prompt {q}" for q in ids], [["a", "b"]] * N_QUESTIONS, [0] * N_QUESTIONS, ids, ids)
+    config = EvaluationConfig(
+        coefficients=GRID,
+        stop_after_falls=stop_after_falls,
+        random_draws=2,
+        permutations=100,
+        generation=GenerationEvaluation(enabled=False),
+    )
     vectors = VectorConfig(methods=list(METHODS), rfm_options=dict(RFM_OPTIONS))
     pairing = PairSearchConfig(rule="depth", top_k=2, max_components=16)
-    evaluator = CurveEvaluator(TinyTarget(), None, rendered, store, _question_rows(),
-                               LayerInfo(list(range(N_LAYERS)), list(range(N_LAYERS)), N_LAYERS, N_LAYERS),
-                               config, vectors, pairing, progress=False)
+    evaluator = CurveEvaluator(
+        TinyTarget(),
+        None,
+        rendered,
+        store,
+        _question_rows(),
+        LayerInfo(list(range(N_LAYERS)), list(range(N_LAYERS)), N_LAYERS, N_LAYERS),
+        config,
+        vectors,
+        pairing,
+        progress=False,
+    )
     evaluator.added = []
     return evaluator
 
@@ -183,10 +196,13 @@ def test_the_rfm_fits_of_a_fold_split_their_validation_rows_by_question(monkeypa
 
 
 # --------------------------------------------------------------------------- the sweep's walk inside the plan
-@pytest.mark.parametrize(("stop_after_falls", "reached", "chosen"), [
-    (2, [0.1, 0.2, -0.1, -0.2, -0.4, -0.8], -0.4),  # 0.4 (val accuracy 0.9) lies beyond two falls
-    (1, [0.1, -0.1, -0.2], -0.1),
-])
+@pytest.mark.parametrize(
+    ("stop_after_falls", "reached", "chosen"),
+    [
+        (2, [0.1, 0.2, -0.1, -0.2, -0.4, -0.8], -0.4),  # 0.4 (val accuracy 0.9) lies beyond two falls
+        (1, [0.1, -0.1, -0.2], -0.1),
+    ],
+)
 def test_the_plan_sweeps_until_the_configured_falls_and_chooses_among_the_reached(stop_after_falls, reached, chosen):
     evaluator = _evaluator(MemoryStore(*_states()), stop_after_falls)
     plan = evaluator.plan(_fold())
@@ -250,8 +266,15 @@ def test_the_datamodule_split_of_a_question_subset_keeps_its_questions():
 def test_sign_and_permutation_tests_use_the_reports_scoring():
     """Mean and sum correctness differ for the method, no steering and the draws; each scoring gives its own tests."""
     fold = Fold(0, (0, 1), (2,), (3, 4, 5, 6, 7, 8))
-    plan = FoldPlan(fold, [(1, 1)], {}, [{}, {}], {1: 1.0}, {"expertsteer": CoefficientChoice(0.4, 0.4)},
-                    {"expertsteer": {0.0: SweepPoint(0.5), 0.4: SweepPoint(0.6)}})
+    plan = FoldPlan(
+        fold,
+        [(1, 1)],
+        {},
+        [{}, {}],
+        {1: 1.0},
+        {"expertsteer": CoefficientChoice(0.4, 0.4)},
+        {"expertsteer": {0.0: SweepPoint(0.5), 0.4: SweepPoint(0.6)}},
+    )
     T, F = True, False
     correct = {  # key: (mean, sum) correctness per test question
         (NONE, 0.0): ([T, F, F, F, F, F], [T, T, T, T, F, F]),
@@ -259,8 +282,7 @@ def test_sign_and_permutation_tests_use_the_reports_scoring():
         (f"{DRAW}0", 0.4): ([F, F, F, F, F, F], [T, T, T, T, T, T]),
         (f"{DRAW}1", 0.4): ([T, F, F, F, F, F], [T, T, T, T, T, F]),
     }
-    records = [Record({key: {"mean": m[q], "sum": s[q]} for key, (m, s) in correct.items()}, {})
-               for q in range(6)]
+    records = [Record({key: {"mean": m[q], "sum": s[q]} for key, (m, s) in correct.items()}, {}) for q in range(6)]
     expected = {"mean": ((4, 0, 2), 5 / 6, (0.0, 1 / 6)), "sum": ((2, 4, 0), 2 / 6, (1.0, 5 / 6))}
     for scoring, (sign, accuracy, draws) in expected.items():
         config = EvaluationConfig(random_draws=2, permutations=200, scoring=scoring)
@@ -276,15 +298,26 @@ def test_sign_and_permutation_tests_use_the_reports_scoring():
 def test_expertsteer_maps_the_rfm_direction_by_the_encoder_without_its_bias():
     """With the auto-encoder's own encoder (bias far from zero), expertsteer's vector is the direction in which the
     encoder's output moves when the expert state moves along the RFM direction: W v, not W v + b."""
-    layout = PairedLayout(ModelInfo("e", "/e", "fe", "gpt2", 4, D_EXPERT, (1, 2)),
-                          ModelInfo("t", "/t", "ft", "llama", 4, D_TARGET, (1, 2)), "last")
+    layout = PairedLayout(
+        ModelInfo("e", "/e", "fe", "gpt2", 4, D_EXPERT, (1, 2)),
+        ModelInfo("t", "/t", "ft", "llama", 4, D_TARGET, (1, 2)),
+        "last",
+    )
     module = AlignmentAutoEncoder(objective="paired", ridge=1e-3)
     module.build(layout, {1: 1, 2: 2})
     expert, target, labels = _states()
     module.init_from_layers(lambda i: expert[:, i], lambda j: target[:, j])
     module.enc_bias.data = 5.0 * torch.randn(module.enc_bias.shape, generator=torch.Generator().manual_seed(7))
-    inputs = VectorInputs(expert[:, 1:3], target[:, 1:3], labels, [1, 2], [1, 2], encoder_linear=module.encoder_linear,
-                          rfm_options=dict(RFM_OPTIONS), seed=0)
+    inputs = VectorInputs(
+        expert[:, 1:3],
+        target[:, 1:3],
+        labels,
+        [1, 2],
+        [1, 2],
+        encoder_linear=module.encoder_linear,
+        rfm_options=dict(RFM_OPTIONS),
+        seed=0,
+    )
     vector = compute_vectors("expertsteer", [(2, 2)], inputs).vectors[2]
     direction = fit_rfm(expert[:, 2], labels, seed=0, device="cpu", **RFM_OPTIONS).direction
     with torch.no_grad():

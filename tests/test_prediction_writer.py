@@ -41,18 +41,33 @@ def expected_rows(n: int = N_PROMPTS) -> list[dict]:
     rows = []
     for i in range(n):
         for method, coefficient in ((m, c) for m in METHODS for c in COEFFICIENTS):
-            rows.append({"index": i, "id": f"p{i}", "prompt": f"prompt number {i} \u00e9",
-                         "output": f"out {i} {method} {coefficient}", "method": method,
-                         "coefficient": coefficient})
+            rows.append(
+                {
+                    "index": i,
+                    "id": f"p{i}",
+                    "prompt": f"prompt number {i} \u00e9",
+                    "output": f"out {i} {method} {coefficient}",
+                    "method": method,
+                    "coefficient": coefficient,
+                }
+            )
     return rows
 
 
 def make_rows(indices, ids, prompts) -> list[dict]:
     """Rows method-major (index innermost): the writer groups them by prompt, keeping each prompt's order."""
     return [
-        {"index": int(i), "id": ident, "prompt": prompt, "output": f"out {int(i)} {m} {c}", "method": m,
-         "coefficient": c}
-        for m in METHODS for c in COEFFICIENTS for i, ident, prompt in zip(indices, ids, prompts)
+        {
+            "index": int(i),
+            "id": ident,
+            "prompt": prompt,
+            "output": f"out {int(i)} {m} {c}",
+            "method": m,
+            "coefficient": c,
+        }
+        for m in METHODS
+        for c in COEFFICIENTS
+        for i, ident, prompt in zip(indices, ids, prompts)
     ]
 
 
@@ -78,7 +93,9 @@ class FakeGenerator(L.LightningModule):
 
     def setup(self, stage):
         datamodule = self.trainer.datamodule
-        done = find_prediction_writer(self.trainer).start(self.trainer, self.fingerprint + datamodule.prompts.fingerprint)
+        done = find_prediction_writer(self.trainer).start(
+            self.trainer, self.fingerprint + datamodule.prompts.fingerprint
+        )
         if done:
             datamodule.prompts = datamodule.prompts.without(done)
         if done is None or not len(datamodule.prompts):
@@ -96,8 +113,14 @@ def predict(out: Path, prompts: Path, crash_at_batch=None, fingerprint="cfg", sh
     writer = SteeredPredictionWriter(str(out))
     module = FakeGenerator(crash_at_batch, fingerprint)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[writer], default_root_dir=str(out),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+        default_root_dir=str(out),
     )
     trainer.predict(module, datamodule=Prompts(prompts, shuffle), return_predictions=False)
     return module, writer
@@ -218,8 +241,9 @@ def test_everything_written_but_not_merged_is_merged_without_generating(tmp_path
     parts = tmp_path / "again" / "parts"
     parts.mkdir()
     rows = read_jsonl(tmp_path / "again" / "predictions.jsonl")
-    (parts / "rank0.jsonl").write_text("".join(json.dumps({"index": i, "rows": [r for r in rows if r["index"] == i]}) + "\n"
-                                               for i in range(N_PROMPTS)))
+    (parts / "rank0.jsonl").write_text(
+        "".join(json.dumps({"index": i, "rows": [r for r in rows if r["index"] == i]}) + "\n" for i in range(N_PROMPTS))
+    )
     (parts / "run.json").write_text(json.dumps({"fingerprint": writer.fingerprint}))
     (tmp_path / "again" / "predictions.jsonl").unlink()
     resumed, _ = predict(tmp_path / "again", prompts_file)
@@ -263,7 +287,9 @@ def test_other_configuration_or_prompt_file_starts_fresh_and_damaged_parts_are_r
 
 
 def fake_trainer(root: Path, rank: int = 0):
-    return SimpleNamespace(global_rank=rank, default_root_dir=str(root), strategy=SimpleNamespace(barrier=lambda *a, **k: None))
+    return SimpleNamespace(
+        global_rank=rank, default_root_dir=str(root), strategy=SimpleNamespace(barrier=lambda *a, **k: None)
+    )
 
 
 def feed(writer, trainer, indices, batch_size: int) -> None:
@@ -380,8 +406,14 @@ def test_two_process_ddp_resumes_and_writes_one_merged_file_in_input_order(tmp_p
     script = tmp_path / "ddp_predict.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(prompts)], env=env,
-                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), str(prompts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     out = tmp_path / "out"
     assert (out / "predictions.jsonl").exists(), result.stderr[-3000:]
     assert read_jsonl(out / "predictions.jsonl") == expected_rows(n)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_evaluation_cli import fitted  # noqa: F401 - the fitted tiny run, a module fixture
 
 from es_lightning.cli import build_cli
 from es_lightning.data.folds import Fold
@@ -16,7 +17,6 @@ from es_lightning.evaluation.choice import CoefficientChoice, SweepPoint
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.protocol import DRAW, Evaluator, FoldPlan, TestRecord
 from es_lightning.evaluation.report import load_report
-from test_evaluation_cli import fitted  # noqa: F401 - the fitted tiny run, a module fixture
 
 
 def _questions_of(evaluator: Evaluator, groups) -> set[int]:
@@ -32,7 +32,12 @@ def recorded(fitted, monkeypatch):  # noqa: F811
     seen: dict[int, dict[str, set[int]]] = {}
     folds: dict[int, Fold] = {}
     state = {"fold": None, "evaluator": None, "test_fold": None}
-    real_plan, real_search, real_vectors, real_score = Evaluator.plan, protocol.search_pairs, protocol.compute_vector_set, Evaluator.score
+    real_plan, real_search, real_vectors, real_score = (
+        Evaluator.plan,
+        protocol.search_pairs,
+        protocol.compute_vector_set,
+        Evaluator.score,
+    )
     real_answer, real_reference, real_test = AnswerGenerator.answer, AnswerGenerator.reference, Evaluator.score_test
 
     def plan(self, fold):
@@ -89,7 +94,9 @@ def recorded(fitted, monkeypatch):  # noqa: F811
     monkeypatch.setattr(protocol, "compute_vector_set", vectors)
     monkeypatch.setattr(Evaluator, "score", score)
     out = tmp / "leak-report"
-    build_cli(["test", *args, "--model.report_dir", str(out), "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    build_cli(
+        ["test", *args, "--model.report_dir", str(out), "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")]
+    )
     return seen, folds, out
 
 
@@ -102,7 +109,9 @@ def test_no_fitted_piece_sees_a_fold_test_question(recorded):
         assert set(pieces) == {"alignment", "pairs", "vectors", "coefficients", "damage and health"}
         for piece, questions in pieces.items():
             assert questions, piece
-            assert not questions & set(fold.test), f"fold {index}: {piece} saw test questions {sorted(questions & set(fold.test))}"
+            assert not questions & set(fold.test), (
+                f"fold {index}: {piece} saw test questions {sorted(questions & set(fold.test))}"
+            )
         assert pieces["alignment"] | pieces["pairs"] | pieces["vectors"] <= set(fold.train)
         assert pieces["coefficients"] | pieces["damage and health"] <= set(fold.val)  # chosen on val questions only
         assert generated == set(fold.test)  # each fold's generated answers are its own test questions, all of them
@@ -113,7 +122,10 @@ def test_report_states_the_protocol_and_every_draw(recorded):
     report = load_report(out)
     meta = json.loads((out / "report.json").read_text())["meta"]
     assert meta["protocol"] == "nested" and meta["random_draws"] == 2
-    assert all(plan["alignment"]["protocol"] == "nested" and plan["alignment"]["search"]["n_heldout"] > 0 for plan in meta["fold_plans"])
+    assert all(
+        plan["alignment"]["protocol"] == "nested" and plan["alignment"]["search"]["n_heldout"] > 0
+        for plan in meta["fold_plans"]
+    )
     for entry in report.datasets[0].methods:
         if entry.method in ("expertsteer", "rfm_self", "mean_difference"):
             assert len(entry.vs_random.draw_accuracies) == 2
@@ -135,7 +147,16 @@ def test_random_draws_are_scored_at_each_methods_chosen_coefficient(fitted, monk
         return out
 
     monkeypatch.setattr(Evaluator, "score_test", spy)
-    build_cli(["test", *args, "--model.report_dir", str(tmp / "draws"), "--ckpt_path", str(tmp / "runs" / "default" / "last.ckpt")])
+    build_cli(
+        [
+            "test",
+            *args,
+            "--model.report_dir",
+            str(tmp / "draws"),
+            "--ckpt_path",
+            str(tmp / "runs" / "default" / "last.ckpt"),
+        ]
+    )
     steered = ("expertsteer", "rfm_self", "mean_difference")
     for index, plan in plans.items():
         for kind in ("choice", "generated"):
@@ -149,7 +170,9 @@ def test_random_draws_are_scored_at_each_methods_chosen_coefficient(fitted, monk
 def _records(answers: dict) -> list[TestRecord]:
     """TestRecords of one fold from {key: [correct per question]} (multiple choice only)."""
     n = len(next(iter(answers.values())))
-    return [TestRecord({key: {"mean": bool(v[q]), "sum": bool(v[q])} for key, v in answers.items()}, {}) for q in range(n)]
+    return [
+        TestRecord({key: {"mean": bool(v[q]), "sum": bool(v[q])} for key, v in answers.items()}, {}) for q in range(n)
+    ]
 
 
 def test_assembled_random_control_uses_the_draws_at_the_methods_coefficient():
@@ -158,11 +181,17 @@ def test_assembled_random_control_uses_the_draws_at_the_methods_coefficient():
     sweep = {m: {0.0: SweepPoint(0.5), c.applied: SweepPoint(0.6)} for m, c in choices.items()}
     plan = FoldPlan(fold, [(1, 1)], {}, [{}, {}], {1: 1.0}, choices, sweep)
     right, wrong = [True] * 4, [False] * 4
-    records = _records({
-        ("none", 0.0): wrong, ("expertsteer", 0.4): right, ("random", 0.1): wrong,
-        (f"{DRAW}0", 0.4): right, (f"{DRAW}1", 0.4): right,  # at expertsteer's coefficient: all right
-        (f"{DRAW}0", 0.1): wrong, (f"{DRAW}1", 0.1): wrong,  # at another coefficient: all wrong
-    })
+    records = _records(
+        {
+            ("none", 0.0): wrong,
+            ("expertsteer", 0.4): right,
+            ("random", 0.1): wrong,
+            (f"{DRAW}0", 0.4): right,
+            (f"{DRAW}1", 0.4): right,  # at expertsteer's coefficient: all right
+            (f"{DRAW}0", 0.1): wrong,
+            (f"{DRAW}1", 0.1): wrong,  # at another coefficient: all wrong
+        }
+    )
     config = EvaluationConfig(random_draws=2, permutations=200)
     report = assemble_report("toy", [(plan, records)], config, ["expertsteer", "random"])
     steer = next(m for m in report.methods if m.method == "expertsteer")
@@ -173,11 +202,26 @@ def test_assembled_random_control_uses_the_draws_at_the_methods_coefficient():
 
 def test_a_fold_without_a_coefficient_in_budget_is_scored_unsteered_against_unsteered_draws():
     fold = Fold(0, (0, 1), (2,), (3, 4, 5, 6))
-    plan = FoldPlan(fold, [(1, 1)], {}, [{}, {}], {1: 1.0}, {"expertsteer": CoefficientChoice(None, 0.8)},
-                    {"expertsteer": {0.0: SweepPoint(0.5), 0.8: SweepPoint(0.9)}})
-    records = _records({("none", 0.0): [True, False, True, False], ("expertsteer", 0.8): [True] * 4,
-                        (f"{DRAW}0", 0.8): [False] * 4, (f"{DRAW}1", 0.8): [False] * 4})
-    report = assemble_report("toy", [(plan, records)], EvaluationConfig(random_draws=2, permutations=200), ["expertsteer"])
+    plan = FoldPlan(
+        fold,
+        [(1, 1)],
+        {},
+        [{}, {}],
+        {1: 1.0},
+        {"expertsteer": CoefficientChoice(None, 0.8)},
+        {"expertsteer": {0.0: SweepPoint(0.5), 0.8: SweepPoint(0.9)}},
+    )
+    records = _records(
+        {
+            ("none", 0.0): [True, False, True, False],
+            ("expertsteer", 0.8): [True] * 4,
+            (f"{DRAW}0", 0.8): [False] * 4,
+            (f"{DRAW}1", 0.8): [False] * 4,
+        }
+    )
+    report = assemble_report(
+        "toy", [(plan, records)], EvaluationConfig(random_draws=2, permutations=200), ["expertsteer"]
+    )
     steer = report.methods[1]
     assert steer.coefficients == (0.0,) and not steer.folds[0].within_budget
     assert steer.accuracy_mean.mean == 0.5 and steer.vs_none.wins == steer.vs_none.losses == 0  # equals no steering

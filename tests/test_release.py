@@ -14,7 +14,9 @@ from es_lightning.pipeline import main
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
-def test_predict_loads_its_target_after_the_test_stage_released_its_own(tmp_path, tiny_gpt2_dir, tiny_llama_dir, monkeypatch):
+def test_predict_loads_its_target_after_the_test_stage_released_its_own(
+    tmp_path, tiny_gpt2_dir, tiny_llama_dir, monkeypatch
+):
     data = write_two_choice_jsonl(tmp_path / "two.jsonl", 24)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "what is the cat ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
@@ -31,9 +33,25 @@ def test_predict_loads_its_target_after_the_test_stage_released_its_own(tmp_path
     monkeypatch.setattr(module_file, "load_model", spy)
     gc.disable()  # a copy held by a reference cycle stays resident until the collector happens to run: none here
     try:
-        main(["--config", str(CONF), "--prompts", str(prompts), "--data.expert.name", str(tiny_gpt2_dir),
-              "--data.target.name", str(tiny_llama_dir), "--data.data.path", str(data),
-              "--data.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "runs"), "--quiet"])
+        main(
+            [
+                "--config",
+                str(CONF),
+                "--prompts",
+                str(prompts),
+                "--data.expert.name",
+                str(tiny_gpt2_dir),
+                "--data.target.name",
+                str(tiny_llama_dir),
+                "--data.data.path",
+                str(data),
+                "--data.cache_dir",
+                str(tmp_path / "cache"),
+                "--output_dir",
+                str(tmp_path / "runs"),
+                "--quiet",
+            ]
+        )
     finally:
         gc.enable()
     assert len(alive_at_each_load) == 2, alive_at_each_load  # test, then predict

@@ -11,9 +11,6 @@ from es_lightning.models import capture_hidden_states, load_model
 from es_lightning.steering import ModelIdentity, SteeringBundle, steer
 
 
-
-
-
 def test_run_killed_while_computing_vectors_resumes_with_the_same_command(run_args, tmp_path, monkeypatch):
     straight = build_cli(["fit", *run_args, "--run_name", "straight"])
     real = vector_callback.bundles_for
@@ -87,11 +84,30 @@ def test_prediction_memory_does_not_grow_with_the_number_of_prompts(run_args, tm
         import pyarrow.parquet as pq
 
         prompts = tmp_path / f"prompts-{n}.parquet"
-        pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "prompt": [f"{filler} {i} ?" for i in range(n)]}), prompts)
+        pq.write_table(
+            pa.table({"id": [f"p{i}" for i in range(n)], "prompt": [f"{filler} {i} ?" for i in range(n)]}), prompts
+        )
         tracemalloc.start()
-        build_cli(["predict", *run_args, "--run_name", "load", "--data.predict_data.path", str(prompts),
-                   "--data.batch_size", "50", "--model.predict.methods", "[expertsteer]", "--model.generation.max_new_tokens", "2",
-                   "--trainer.callbacks.output_dir", str(tmp_path / f"out-{n}"), "--ckpt_path", ckpt])
+        build_cli(
+            [
+                "predict",
+                *run_args,
+                "--run_name",
+                "load",
+                "--data.predict_data.path",
+                str(prompts),
+                "--data.batch_size",
+                "50",
+                "--model.predict.methods",
+                "[expertsteer]",
+                "--model.generation.max_new_tokens",
+                "2",
+                "--trainer.callbacks.output_dir",
+                str(tmp_path / f"out-{n}"),
+                "--ckpt_path",
+                ckpt,
+            ]
+        )
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert sum(1 for _ in open(tmp_path / f"out-{n}" / "predictions.jsonl")) == 2 * n
@@ -104,8 +120,9 @@ def test_prediction_memory_does_not_grow_with_the_number_of_prompts(run_args, tm
 
 
 def test_truncated_bundle_is_reported_not_used(tmp_path):
-    bundle = SteeringBundle("mean_difference", {1: torch.nn.functional.normalize(torch.ones(8), dim=0)}, {1: 2.0},
-                            ModelIdentity("tiny"))
+    bundle = SteeringBundle(
+        "mean_difference", {1: torch.nn.functional.normalize(torch.ones(8), dim=0)}, {1: 2.0}, ModelIdentity("tiny")
+    )
     path = bundle.save(tmp_path / "mean_difference.safetensors")
     path.write_bytes(path.read_bytes()[:-20])  # what a crash mid-copy would leave
     with pytest.raises(ValueError):

@@ -38,13 +38,23 @@ def make_report() -> Report:
     def folds(acc_sum, acc_mean, coefficients):
         return [FoldResult(i, c, s, m, 10) for i, (s, m, c) in enumerate(zip(acc_sum, acc_mean, coefficients))]
 
-    damage = [{0.0: {"kl": 0.0, "empty": 0.0}, 2.0: {"kl": 0.1, "empty": 0.0}, 4.0: {"kl": 0.5, "empty": 0.25}},
-              {0.0: {"kl": 0.0, "empty": 0.0}, 2.0: {"kl": 0.3, "empty": 0.0}, 4.0: {"kl": 0.7, "empty": 0.75}}]
+    damage = [
+        {0.0: {"kl": 0.0, "empty": 0.0}, 2.0: {"kl": 0.1, "empty": 0.0}, 4.0: {"kl": 0.5, "empty": 0.25}},
+        {0.0: {"kl": 0.0, "empty": 0.0}, 2.0: {"kl": 0.3, "empty": 0.0}, 4.0: {"kl": 0.7, "empty": 0.75}},
+    ]
     sweep = sweep_curve([{0.0: 0.4, 2.0: 0.6, 4.0: 0.7}, {4.0: 0.5, 0.0: 0.3, 2.0: 0.8}], damage)
     generation = GenerationResult(
-        ("bleu_acc",), {"bleu_acc": summarise([0.3, 0.5])}, empty=0.05, repetition=0.1, perplexity=12.5, kl=0.2,
-        ce_increase=0.4, vs_none={"bleu_acc": sign_test(steer, none)}, vs_random={"bleu_acc": random_control(steer, draws)},
-        verdict="gain")
+        ("bleu_acc",),
+        {"bleu_acc": summarise([0.3, 0.5])},
+        empty=0.05,
+        repetition=0.1,
+        perplexity=12.5,
+        kl=0.2,
+        ce_increase=0.4,
+        vs_none={"bleu_acc": sign_test(steer, none)},
+        vs_random={"bleu_acc": random_control(steer, draws)},
+        verdict="gain",
+    )
     unconstrained = method_result("expertsteer", folds([0.9, 0.9], [0.9, 0.9], [8.0, 8.0]), steer, none, draws)
     random_sweep = sweep_curve([{0.0: 0.4, 2.0: 0.42, 4.0: 0.38}, {0.0: 0.3, 2.0: 0.33, 4.0: 0.31}])
     truthful = DatasetReport(
@@ -52,10 +62,18 @@ def make_report() -> Report:
         n_questions=n,
         methods=(
             method_result("none", folds([0.4, 0.4], [0.5, 0.3], [None, None])),
-            method_result("random", folds([0.45, 0.45], [0.5, 0.4], [4.0, 2.0]), random, correct_none=none, sweep=random_sweep),
             method_result(
-                "expertsteer", folds([0.8, 0.8], [0.7, 0.9], [4.0, 2.0]), steer, correct_none=none,
-                random_draws=draws, sweep=sweep, generation=generation, unconstrained=unconstrained,
+                "random", folds([0.45, 0.45], [0.5, 0.4], [4.0, 2.0]), random, correct_none=none, sweep=random_sweep
+            ),
+            method_result(
+                "expertsteer",
+                folds([0.8, 0.8], [0.7, 0.9], [4.0, 2.0]),
+                steer,
+                correct_none=none,
+                random_draws=draws,
+                sweep=sweep,
+                generation=generation,
+                unconstrained=unconstrained,
             ),
         ),
     )
@@ -64,8 +82,13 @@ def make_report() -> Report:
         n_questions=n,
         methods=(
             method_result("none", folds([0.5, 0.6], [0.5, 0.6], [None, None])),
-            method_result("expertsteer", [FoldResult(0, 0.0, 0.5, 0.5, 10, within_budget=False),
-                                          FoldResult(1, 1.0, 0.6, 0.6, 10)], none, none, np.stack([none, none])),
+            method_result(
+                "expertsteer",
+                [FoldResult(0, 0.0, 0.5, 0.5, 10, within_budget=False), FoldResult(1, 1.0, 0.6, 0.6, 10)],
+                none,
+                none,
+                np.stack([none, none]),
+            ),
         ),
     )
     return Report(model="tiny-llama", scoring="mean", alpha=0.05, k=2, fold_mode="random", datasets=(truthful, pubmed))
@@ -99,7 +122,9 @@ def test_method_result_and_sweep_errors():
     with pytest.raises(ValueError, match="no fold results"):
         method_result("x", [])
     partial = sweep_curve([{0.0: 0.5, 1.0: 0.6, 2.0: 0.2}, {0.0: 0.5, 1.0: 0.4}])  # fold 1 stopped before 2.0
-    assert partial.fold_val_accuracy[1] == (0.5, 0.4, None) and partial.mean_val_accuracy == pytest.approx((0.5, 0.5, 0.2))
+    assert partial.fold_val_accuracy[1] == (0.5, 0.4, None) and partial.mean_val_accuracy == pytest.approx(
+        (0.5, 0.5, 0.2)
+    )
     with pytest.raises(ValueError, match="Unknown scoring"):
         Report(model="m", scoring="max", alpha=0.05, k=2, fold_mode="random", datasets=())
 
@@ -132,8 +157,10 @@ def test_markdown_table_rows():
     p = report.datasets[0].methods[2].vs_random.p_value
     assert f"| expertsteer | 80.0 ± 0.0 | 80.0 ± 14.1 | 4, 2 | 0.0215 (9/1) | 42.5 / 100% / {p:.3g} | gain |" in text
     assert f"| expertsteer | 90.0 ± 0.0 | 90.0 ± 0.0 | 8, 8 | 0.0215 (9/1) | 42.5 / 100% / {p:.3g} | gain |" in text
-    assert (f"| expertsteer | constrained | 40.0 ± 14.1 (0.0215 (9/1); 42.5 / 100% / {p:.3g}) | 5% | 10% | 12.5 | 0.2 "
-            f"| 0.4 | gain |") in text
+    assert (
+        f"| expertsteer | constrained | 40.0 ± 14.1 (0.0215 (9/1); 42.5 / 100% / {p:.3g}) | 5% | 10% | 12.5 | 0.2 "
+        f"| 0.4 | gain |"
+    ) in text
     assert "| 2 | 37.5 / – / – | 70.0 / 0.2 / 0% |" in text  # sweep row: coefficient 2, random then expertsteer
     assert "| 4 | 34.5 / – / – | 60.0 / 0.6 / 50% |" in text
 

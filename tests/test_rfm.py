@@ -10,12 +10,14 @@ import pytest
 import torch
 from xrfm.rfm_src import RFM
 
-from es_lightning.steering.rfm import KERNEL, _RFM, _ridge_solve, cap_rows, fit_rfm
+from es_lightning.steering.rfm import _RFM, KERNEL, _ridge_solve, cap_rows, fit_rfm
 
 CHEAP = {"bandwidths": (1.0,), "regs": (0.1,), "iters": 1}
 
 
-def planted(n: int, d: int, seed: int, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def planted(
+    n: int, d: int, seed: int, scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gaussian X [n, d] (column scales ``scales``), a hidden unit u and t = X @ u."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(d, generator=g)
@@ -53,7 +55,9 @@ def test_direction_is_in_original_coordinates_when_standardising() -> None:
     assert float(direction @ u) > 0.9
 
 
-def test_random_labels_give_a_low_validation_score_quietly_and_leave_global_rng_alone(capsys: pytest.CaptureFixture) -> None:
+def test_random_labels_give_a_low_validation_score_quietly_and_leave_global_rng_alone(
+    capsys: pytest.CaptureFixture,
+) -> None:
     x, _, _ = planted(600, 32, seed=4)
     y = torch.randint(0, 2, (600,), generator=torch.Generator().manual_seed(5))
     state = torch.random.get_rng_state()
@@ -100,7 +104,9 @@ def test_solver_matches_xrfm_lstsq_on_the_same_data() -> None:
     ours = _RFM(kernel=KERNEL, bandwidth=5.0, device="cpu", verbose=False)
     ours.reg = 0.1
     expected = reference.fit_predictor_lstsq(x, targets)
-    assert torch.allclose(ours.fit_predictor_lstsq(x, targets), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    assert torch.allclose(
+        ours.fit_predictor_lstsq(x, targets), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())
+    )
 
 
 def _x(n: int = 40, d: int = 4) -> torch.Tensor:
@@ -112,7 +118,12 @@ def _x(n: int = 40, d: int = 4) -> torch.Tensor:
     [
         (_x(), torch.ones(40), {}, "single class"),
         (_x(), torch.tensor([1] + [0] * 39), {}, "Class 1 has 1 example(s)"),
-        (_x().index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"))), torch.arange(40) % 2, {}, "NaN or Inf"),
+        (
+            _x().index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan"))),
+            torch.arange(40) % 2,
+            {},
+            "NaN or Inf",
+        ),
         (_x(), torch.arange(39) % 2, {}, "pass one label per row of X"),
         (_x()[0], torch.arange(40) % 2, {}, "X must have shape [n, d]"),
         (_x(), torch.arange(40) % 3, {}, "map the labels to 0/1"),
@@ -165,7 +176,9 @@ def test_fit_above_the_cap_subsamples_and_logs_the_kernel(caplog: pytest.LogCapt
     with caplog.at_level(logging.INFO, logger="es_lightning.steering.rfm"):
         capped = fit_rfm(x, y, groups=groups, max_rows=200, **CHEAP)
     assert capped.n_input == 400 and capped.n_train + capped.n_val == 200
-    assert "RFM on a seeded 200 of 400 rows (whole questions; max_rows=200)" in caplog.text and "n_train^2" in caplog.text
+    assert (
+        "RFM on a seeded 200 of 400 rows (whole questions; max_rows=200)" in caplog.text and "n_train^2" in caplog.text
+    )
     again = fit_rfm(x, y, groups=groups, max_rows=200, **CHEAP)
     assert torch.equal(capped.direction, again.direction)
 

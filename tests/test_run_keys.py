@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import write_two_choice_jsonl
+
 from es_lightning.evaluation.report import chosen_coefficients, load_report
 from es_lightning.pipeline import _parsed_config, main
 from es_lightning.run.keys import changed_options, stage_key, stage_options, undeclared
@@ -33,8 +33,9 @@ def test_stage_options_hash_the_files_they_name(tmp_path):
     after = stage_options(_parsed_config(["--config", str(CONF), "--data.data.path", str(data)]), "fit")
     assert stage_key(before) != stage_key(after)
     assert changed_options(before, after) == ["data.data.path: the file's contents changed"]
-    assert stage_options(config, "predictions") == stage_options(_parsed_config(
-        ["--config", str(CONF), "--data.data.path", str(data)]), "predictions")  # the predictions never read it
+    assert stage_options(config, "predictions") == stage_options(
+        _parsed_config(["--config", str(CONF), "--data.data.path", str(data)]), "predictions"
+    )  # the predictions never read it
 
 
 def stages_run(out: str) -> set[str]:
@@ -56,9 +57,22 @@ def finished(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
     data = write_two_choice_jsonl(root / "two.jsonl", 24)
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "what is the cat ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
-    args = ["--config", str(CONF), "--prompts", str(prompts), "--data.expert.name", str(tiny_gpt2_dir),
-            "--data.target.name", str(tiny_llama_dir), "--data.data.path", str(data),
-            "--data.cache_dir", str(root / "cache"), "--model.evaluation.budget.max_kl", "null"]
+    args = [
+        "--config",
+        str(CONF),
+        "--prompts",
+        str(prompts),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--data.cache_dir",
+        str(root / "cache"),
+        "--model.evaluation.budget.max_kl",
+        "null",
+    ]
     main([*args, "--output_dir", str(root / "runs")])
     return args, root
 
@@ -127,8 +141,19 @@ def test_the_stale_case_refits_with_the_new_rule_and_methods(finished, tmp_path,
     before = load_report(runs / "default" / "report" / "report.json")
     assert before.meta["pairing"]["rule"] == "highest"
     capsys.readouterr()
-    main([*args, "--output_dir", str(runs), "--model.pairing.rule", "depth", "--model.vectors.methods", "[expertsteer]",
-          "--skip", "predict"])
+    main(
+        [
+            *args,
+            "--output_dir",
+            str(runs),
+            "--model.pairing.rule",
+            "depth",
+            "--model.vectors.methods",
+            "[expertsteer]",
+            "--skip",
+            "predict",
+        ]
+    )
     out = capsys.readouterr().out
     assert "model.pairing.rule: 'highest' -> 'depth'" in out and "fitting again" in out
     assert "fit already complete" not in out and "report already made" not in out
@@ -151,5 +176,7 @@ def test_fit_refuses_to_resume_a_checkpoint_of_other_options_in_one_message(fini
     err = capsys.readouterr().err
     assert ended.value.code == 2 and "Traceback" not in err
     assert "es-lightning: error: " in err and "fitted with other options (model.ridge: None -> 0.5)" in err
-    with pytest.raises(ValueError, match=r"fitted with other options"):  # --verbose: the error itself, traceback and all
+    with pytest.raises(
+        ValueError, match=r"fitted with other options"
+    ):  # --verbose: the error itself, traceback and all
         cli_main(["--verbose", *fit])

@@ -52,7 +52,10 @@ def make_questions(n: int = 7, seed: int = 0) -> tuple[list[str], list[list[str]
     """Prompts of 2-60 words (longer than the tiny Gemma's 16-token sliding window) with 2-5 choices of 1-6 words."""
     rng = random.Random(seed)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60))) for _ in range(n)]
-    choices = [[" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(2, 5))] for _ in prompts]
+    choices = [
+        [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(2, 5))]
+        for _ in prompts
+    ]
     return prompts, choices
 
 
@@ -79,7 +82,9 @@ def test_cached_scores_match_naive_forward(loaded, reference):
         scores = score_choices(loaded.model, loaded.tokenizer, prompts, choices, batch_size=batch_size, progress=False)
         assert [len(row.logprob_sum) for row in scores] == [len(row) for row in choices]
         assert max_diff(scores, reference) < 1e-4, f"batch_size={batch_size}"
-    expected_counts = [[len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in row] for row in choices]
+    expected_counts = [
+        [len(loaded.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in row] for row in choices
+    ]
     assert [list(row.num_tokens) for row in scores] == expected_counts
     for row in scores:
         assert row.logprob_mean == pytest.approx([s / n for s, n in zip(row.logprob_sum, row.num_tokens)])
@@ -116,7 +121,10 @@ def test_steering_context_matches_naive_and_is_removed(loaded, reference):
 
 def test_context_entered_once_per_group(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
-    prompts, choices = ["the cat", "a dog", "the sun"], [["is red", "is blue"], ["runs", "walks", "eats"], ["yes", "no"]]
+    prompts, choices = (
+        ["the cat", "a dog", "the sun"],
+        [["is red", "is blue"], ["runs", "walks", "eats"], ["yes", "no"]],
+    )
     entries = []
 
     def context():

@@ -16,7 +16,6 @@ PROMPTS = ["the cat is big and red", "a dog", "what is the sun ?"]
 NEW_TOKENS = 4
 
 
-
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir, tiny_gemma_dir, tiny_gpt2_dir):
     loaded = {"llama": load_model(str(tiny_llama_dir)), "gemma": load_model(str(tiny_gemma_dir))}
@@ -35,8 +34,13 @@ def random_vectors(model: nn.Module, layers: list[int], seed: int = 0) -> dict[i
 
 def greedy(model, encoding, **kwargs):
     return model.generate(
-        **encoding, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, **kwargs,
+        **encoding,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
     )
 
 

@@ -60,11 +60,29 @@ def tiny_run(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
     root = tmp_path_factory.mktemp("stops")
     (root / "runner.py").write_text(RUNNER)
     data = write_data(root / "mc.jsonl", 24)  # 48 rows: 3 shards of 16 per model; 2 batches of 16 test questions
-    base = ["--config", str(TINY_CONF), "--data.expert.name", str(tiny_gpt2_dir), "--data.target.name",
-            str(tiny_llama_dir), "--data.data.path", str(data), "--output_dir", str(root / "runs")]
+    base = [
+        "--config",
+        str(TINY_CONF),
+        "--data.expert.name",
+        str(tiny_gpt2_dir),
+        "--data.target.name",
+        str(tiny_llama_dir),
+        "--data.data.path",
+        str(data),
+        "--output_dir",
+        str(root / "runs"),
+    ]
     main(["fit", *base, "--data.cache_dir", str(root / "cache"), "--run_name", "straight"])
-    test = ["test", *base, "--data.cache_dir", str(root / "cache"), "--run_name", "straight",
-            "--ckpt_path", str(root / "runs" / "straight" / "last.ckpt")]
+    test = [
+        "test",
+        *base,
+        "--data.cache_dir",
+        str(root / "cache"),
+        "--run_name",
+        "straight",
+        "--ckpt_path",
+        str(root / "runs" / "straight" / "last.ckpt"),
+    ]
     return SimpleNamespace(root=root, base=base, test=test)
 
 
@@ -80,8 +98,13 @@ def stop_after_first(root: Path, unit: str, args: list[str]) -> SimpleNamespace:
     return the exit status, the seconds from the signal to the exit, the stop lines and the units finished after."""
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    process = subprocess.Popen([sys.executable, str(root / "runner.py"), unit, *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, str(root / "runner.py"), unit, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     before = []
     for line in process.stderr:
         before.append(line)
@@ -98,9 +121,13 @@ def stop_after_first(root: Path, unit: str, args: list[str]) -> SimpleNamespace:
         process.kill()
         pytest.fail(f"The run did not stop within 60 s of SIGTERM during {unit}.")
     lines = rest.splitlines()
-    return SimpleNamespace(status=process.returncode, seconds=time.monotonic() - signalled, stderr=rest,
-                           stops=[line for line in lines if line.startswith("es-lightning: stopped by")],
-                           later_units=[line for line in lines if line.startswith(MARK)])
+    return SimpleNamespace(
+        status=process.returncode,
+        seconds=time.monotonic() - signalled,
+        stderr=rest,
+        stops=[line for line in lines if line.startswith("es-lightning: stopped by")],
+        later_units=[line for line in lines if line.startswith(MARK)],
+    )
 
 
 def assert_clean_stop(stopped: SimpleNamespace, during: str, args: list[str], root: Path) -> str:
@@ -128,8 +155,11 @@ def test_sigterm_during_extraction_keeps_whole_shards_and_the_rerun_fits_the_sam
     assert not (root / "runs" / "stopped" / "last.ckpt").exists()
 
     main(args)  # the command the line gives
-    log = [json.loads(row) for folder in (root / "cache-stopped" / "paired").iterdir()
-           for row in (folder / "build-log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(row)
+        for folder in (root / "cache-stopped" / "paired").iterdir()
+        for row in (folder / "build-log.jsonl").read_text().splitlines()
+    ]
     built = [(entry["shard"], entry["side"]) for entry in log]
     assert len(built) == 6 and len(set(built)) == 6, built  # the kept shard file was reused, not extracted again
     straight, resumed = root / "runs" / "straight", root / "runs" / "stopped"
@@ -178,8 +208,10 @@ def test_a_stop_ends_the_loop_at_its_next_check_with_one_line(capsys):
     with pytest.raises(SystemExit) as ended:
         run_stoppable(loop, "demo", lambda: resume_as("--again"), lambda: "a run folder")
     assert ended.value.code == 130 and done == [0, 1, 2]
-    assert capsys.readouterr().err == ("demo: stopped by SIGINT during demo > loop; kept 3 items; a run folder; "
-                                       "nothing half-written is left. Resume with: demo --again\n")
+    assert capsys.readouterr().err == (
+        "demo: stopped by SIGINT during demo > loop; kept 3 items; a run folder; "
+        "nothing half-written is left. Resume with: demo --again\n"
+    )
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
     assert run_stoppable(lambda: 7, "demo", resume_as) == 7
 

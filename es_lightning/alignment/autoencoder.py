@@ -74,7 +74,9 @@ class AlignmentAutoEncoder(L.LightningModule):
     ):
         super().__init__()
         if objective not in OBJECTIVES:
-            raise ValueError(f"Unknown objective {objective!r}: use one of {list(OBJECTIVES)} ('paired' is the default).")
+            raise ValueError(
+                f"Unknown objective {objective!r}: use one of {list(OBJECTIVES)} ('paired' is the default)."
+            )
         if pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {pair_weight}.")
         self.save_hyperparameters(ignore=list(self.runtime_arguments))
@@ -136,7 +138,9 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.register_buffer("target_mean", torch.zeros(n_target, layout.target.hidden_size))
         self.register_buffer("target_scale", torch.ones(n_target))
         target_pos = {layer: k for k, layer in enumerate(layout.target.layers)}
-        self.register_buffer("paired_index", torch.tensor([target_pos[layer_map[i]] for i in trained], dtype=torch.long))
+        self.register_buffer(
+            "paired_index", torch.tensor([target_pos[layer_map[i]] for i in trained], dtype=torch.long)
+        )
         self.metrics = AlignmentMetrics(n_layers, paired=self.objective == "paired")
 
     def _layer_map_for(self, layout: PairedLayout) -> dict[int, int]:
@@ -144,7 +148,9 @@ class AlignmentAutoEncoder(L.LightningModule):
             return validate_layer_map(self.declared_layer_map, layout.expert_layers, layout.target_layers)
         if self.planned_layer_map is not None:
             return validate_layer_map(self.planned_layer_map, layout.expert_layers, layout.target_layers)
-        return proportional_layer_map(layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers)
+        return proportional_layer_map(
+            layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers
+        )
 
     # ----------------------------------------------------------------------------------- maths
     @property
@@ -156,16 +162,19 @@ class AlignmentAutoEncoder(L.LightningModule):
         targets = sorted(set(self.layer_map.values())) if self.objective == "paired" else []
         return list(self.trained_layers), targets
 
-    def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def standardise(
+        self, expert: torch.Tensor, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Standardise raw cached states with the train-split statistics.
 
         ``expert`` ``[B, L, d_E]`` holds every cached expert layer or only the trained ones; ``target`` every cached
         target layer or only the target layers of :attr:`batch_layers` (both in block order). Returns the trained
         expert layers and the target layers as given."""
         if expert.shape[1] not in (len(self.trained_layers), len(self.built_layout.expert.layers)):
-            raise ValueError(f"Expert states hold {expert.shape[1]} layers: expected every cached expert layer "
-                             f"({len(self.built_layout.expert.layers)}) or the trained ones {self.trained_layers}.")
+            raise ValueError(
+                f"Expert states hold {expert.shape[1]} layers: expected every cached expert layer "
+                f"({len(self.built_layout.expert.layers)}) or the trained ones {self.trained_layers}."
+            )
         if expert.shape[1] != len(self.trained_layers):
             expert = expert[:, self.expert_index]
         xs = (expert - self.expert_mean) / self.expert_scale[:, None]
@@ -181,8 +190,10 @@ class AlignmentAutoEncoder(L.LightningModule):
             return list(range(count))
         served = sorted(set(self.layer_map.values())) if self.objective == "paired" else []
         if count != len(served):
-            raise ValueError(f"Target states hold {count} layers: expected every cached target layer ({len(cached)}) or "
-                             f"the paired ones {served}.")
+            raise ValueError(
+                f"Target states hold {count} layers: expected every cached target layer ({len(cached)}) or "
+                f"the paired ones {served}."
+            )
         return [cached.index(j) for j in served]
 
     def encode(self, expert_std: torch.Tensor) -> torch.Tensor:
@@ -225,7 +236,9 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.init_from_layers(lambda i: expert[:, expert_pos[i]], lambda j: target[:, target_pos[j]])
 
     @torch.no_grad()
-    def init_from_layers(self, expert_layer: Callable[[int], torch.Tensor], target_layer: Callable[[int], torch.Tensor]) -> None:
+    def init_from_layers(
+        self, expert_layer: Callable[[int], torch.Tensor], target_layer: Callable[[int], torch.Tensor]
+    ) -> None:
         """Standardisation statistics from the train split, then the closed-form seed of the weights
         (:mod:`es_lightning.alignment.closed_form`).
 
@@ -235,7 +248,9 @@ class AlignmentAutoEncoder(L.LightningModule):
         layout = self.built_layout
         for b, j in enumerate(layout.target.layers):
             self.target_mean[b], self.target_scale[b] = statistics(target_layer(j).double())
-        ridge = self.ridge if self.ridge is not None else (self.planned_ridge if self.planned_ridge is not None else 1e-2)
+        ridge = (
+            self.ridge if self.ridge is not None else (self.planned_ridge if self.planned_ridge is not None else 1e-2)
+        )
         for k, i in enumerate(self.trained_layers):
             raw = expert_layer(i).double()
             self.expert_mean[k], self.expert_scale[k] = statistics(raw)
@@ -247,7 +262,9 @@ class AlignmentAutoEncoder(L.LightningModule):
             target = None
             if self.objective == "paired":
                 b = int(self.paired_index[k])
-                target = (target_layer(layout.target.layers[b]).double() - self.target_mean[b].double()) / self.target_scale[b].double()
+                target = (
+                    target_layer(layout.target.layers[b]).double() - self.target_mean[b].double()
+                ) / self.target_scale[b].double()
             enc_w, enc_b, dec_w, dec_b = seed_weights(x, target, layout.target.hidden_size, ridge)
             self.enc_weight.data[k] = enc_w.float()
             self.enc_bias.data[k] = enc_b.float()
@@ -258,7 +275,9 @@ class AlignmentAutoEncoder(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or getattr(datamodule, "layout", None) is None:
             if not self.is_built:
-                raise RuntimeError("AlignmentAutoEncoder needs a PairedHiddenStatesDataModule: pass one to the Trainer.")
+                raise RuntimeError(
+                    "AlignmentAutoEncoder needs a PairedHiddenStatesDataModule: pass one to the Trainer."
+                )
             return
         if self.is_built:
             self.build(datamodule.layout, self.layer_map)  # validates the layout
@@ -270,10 +289,21 @@ class AlignmentAutoEncoder(L.LightningModule):
         self.cache_keys = dict(datamodule.cache_keys)
         device = self.trainer.strategy.root_device  # the module moves there only after setup
         layout = datamodule.layout
-        announce(autoencoder_estimate(len(self.layer_map), layout.expert.hidden_size, layout.target.hidden_size, datamodule.batch_size,
-                                      len(datamodule.alignment_groups()), device), device)
-        self.init_from_layers(lambda i: datamodule.states("alignment", expert_layers=[i])["expert"][:, 0],
-                              lambda j: datamodule.states("alignment", target_layers=[j])["target"][:, 0])
+        announce(
+            autoencoder_estimate(
+                len(self.layer_map),
+                layout.expert.hidden_size,
+                layout.target.hidden_size,
+                datamodule.batch_size,
+                len(datamodule.alignment_groups()),
+                device,
+            ),
+            device,
+        )
+        self.init_from_layers(
+            lambda i: datamodule.states("alignment", expert_layers=[i])["expert"][:, 0],
+            lambda j: datamodule.states("alignment", target_layers=[j])["target"][:, 0],
+        )
 
     # --------------------------------------------------------------------------------- steps
     def on_validation_start(self) -> None:
@@ -300,10 +330,15 @@ class AlignmentAutoEncoder(L.LightningModule):
             self.log(f"val/{name}", torch.stack(per_layer).mean(), prog_bar=name != "mse")
 
     def configure_optimizers(self):
-        optimizer = (self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)))(self.parameters())
+        optimizer = (self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)))(
+            self.parameters()
+        )
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     # --------------------------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

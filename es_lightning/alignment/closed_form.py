@@ -20,8 +20,9 @@ def statistics(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (states - mean).pow(2).sum(-1).mean().sqrt().clamp_min(1e-6) / states.shape[-1] ** 0.5
 
 
-def seed_weights(x: torch.Tensor, target: torch.Tensor | None, target_width: int, ridge: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def seed_weights(
+    x: torch.Tensor, target: torch.Tensor | None, target_width: int, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encoder ``[d_T, d_E]`` and bias ``[d_T]``, decoder ``[d_E, d_T]`` and bias ``[d_E]`` for standardised expert
     states ``x`` ``[n, d_E]``: the encoder maps onto the standardised ``target`` states ``[n, d_T]`` by ridge least
     squares (paired), or onto the top principal directions when ``target`` is None (reconstruction); the decoder

@@ -23,17 +23,23 @@ def validate_layer_map(
     """Check an expert->target mapping against the captured layers: the expert layers it names are the ones trained."""
     layer_map = {int(k): int(v) for k, v in layer_map.items()}
     if not layer_map:
-        raise ValueError("layer_map is empty: map at least one captured expert layer to a captured target layer, or set it to null.")
+        raise ValueError(
+            "layer_map is empty: map at least one captured expert layer to a captured target layer, or set it to null."
+        )
     unknown = sorted(set(layer_map) - set(expert_layers))
     bad_targets = sorted({v for v in layer_map.values() if v not in target_layers})
     if unknown or bad_targets:
         raise ValueError(
             "layer_map does not fit the cached layers: "
             + "; ".join(
-                part for part in (
+                part
+                for part in (
                     f"expert layers {unknown} are not captured (captured: {list(expert_layers)})" if unknown else "",
-                    f"target layers {bad_targets} are not captured (captured: {list(target_layers)})" if bad_targets else "",
-                ) if part
+                    f"target layers {bad_targets} are not captured (captured: {list(target_layers)})"
+                    if bad_targets
+                    else "",
+                )
+                if part
             )
             + ". Fix: map captured expert layers to captured target layers, or set layer_map: null (the layer-pair "
             "search, or the proportional-depth map without it)."

@@ -17,7 +17,9 @@ class AlignmentMetrics(nn.Module):
         super().__init__()
         self.paired = paired
         self.mse = nn.ModuleList(MeanSquaredError() for _ in range(n_layers))
-        self.explained_variance = nn.ModuleList(ExplainedVariance(multioutput="variance_weighted") for _ in range(n_layers))
+        self.explained_variance = nn.ModuleList(
+            ExplainedVariance(multioutput="variance_weighted") for _ in range(n_layers)
+        )
         self.pair_cosine = nn.ModuleList(CosineSimilarity(reduction="mean") for _ in range(n_layers))
         self.loss = MeanMetric()
 
@@ -36,7 +38,9 @@ class AlignmentMetrics(nn.Module):
             self._metric("mse", k).update(recon, original)
             self._metric("explained_variance", k).update(recon, original)
             if self.paired:
-                self._metric("pair_cosine", k).update(out["code"][:, k].contiguous(), out["paired_target"][:, k].contiguous())
+                self._metric("pair_cosine", k).update(
+                    out["code"][:, k].contiguous(), out["paired_target"][:, k].contiguous()
+                )
 
     def compute(self) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """The mean loss and each metric per layer since the last call; every metric is reset."""

@@ -63,8 +63,11 @@ class StopAtBatchEnd(L.Callback):
 
     def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         writer = find_prediction_writer(trainer)
-        kept = None if writer is None else (
-            lambda: f"the rows of every finished prompt in {writer.parts_dir} (not generated again)")
+        kept = (
+            None
+            if writer is None
+            else (lambda: f"the rows of every finished prompt in {writer.parts_dir} (not generated again)")
+        )
         self._check("generating predictions", kept)
 
 

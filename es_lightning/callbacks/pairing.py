@@ -35,18 +35,39 @@ def plot_pair_search(result: PairSearch, path: Path) -> None:
     ax = fig.add_subplot()
     if values is not None:
         image = ax.imshow(torch.tensor(values).numpy(), aspect="auto", cmap="viridis", origin="lower")
-        fig.colorbar(image, ax=ax, label="held-out ROC AUC of the mapped direction" if use_auc else "held-out MI (nats)")
+        fig.colorbar(
+            image, ax=ax, label="held-out ROC AUC of the mapped direction" if use_auc else "held-out MI (nats)"
+        )
     ax.set_xticks(range(len(target_layers)), [str(t) for t in target_layers], fontsize=6)
     ax.set_yticks(range(len(expert_layers)), [str(e) for e in expert_layers], fontsize=6)
     ax.set_xlabel("target layer")
     ax.set_ylabel("expert layer")
     e_depth, t_depth = max(expert_layers[-1], 1), max(target_layers[-1], 1)
-    diagonal = [(k, target_layers.index(min(target_layers, key=lambda t: abs(t - e / e_depth * t_depth)))) for k, e in enumerate(expert_layers)]
-    ax.plot([b for _, b in diagonal], [a for a, _ in diagonal], color="white", linestyle="--", linewidth=1, label="same relative depth")
+    diagonal = [
+        (k, target_layers.index(min(target_layers, key=lambda t: abs(t - e / e_depth * t_depth))))
+        for k, e in enumerate(expert_layers)
+    ]
+    ax.plot(
+        [b for _, b in diagonal],
+        [a for a, _ in diagonal],
+        color="white",
+        linestyle="--",
+        linewidth=1,
+        label="same relative depth",
+    )
     for e, t in result.pairs:
-        ax.scatter([target_layers.index(t)], [expert_layers.index(e)], s=80, facecolors="none", edgecolors="red", linewidths=1.5)
+        ax.scatter(
+            [target_layers.index(t)],
+            [expert_layers.index(e)],
+            s=80,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.5,
+        )
     ax.legend(fontsize=6, loc="upper left")
-    ax.set_title(f"{result.objective}, rule {result.rule}, top-{result.top_k}: {[tuple(p) for p in result.pairs]}", fontsize=8)
+    ax.set_title(
+        f"{result.objective}, rule {result.rule}, top-{result.top_k}: {[tuple(p) for p in result.pairs]}", fontsize=8
+    )
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
@@ -69,17 +90,35 @@ class LayerPairingCallback(WhenTrainingEnds):
         datamodule = paired_data(trainer)
         layout = datamodule.built_layout
         config = module.pairing
-        log.info("Layer-pair search (%s rule) over %d x %d expert/target layers ...", config.rule, len(layout.expert_layers), len(layout.target_layers))
+        log.info(
+            "Layer-pair search (%s rule) over %d x %d expert/target layers ...",
+            config.rule,
+            len(layout.expert_layers),
+            len(layout.target_layers),
+        )
         start = time.perf_counter()
 
         def compute() -> dict:
             fit_labels = datamodule.states("alignment")["label"]  # states are read one layer at a time by the search
             outcome = search_pairs(
-                PairedRows(datamodule.layer_rows("alignment", "expert"), datamodule.layer_rows("alignment", "target"),
-                           fit_labels if (fit_labels >= 0).all() else None, datamodule.alignment_groups()),
-                PairedRows(datamodule.layer_rows("val", "expert"), datamodule.layer_rows("val", "target"),
-                           datamodule.states("val")["label"], datamodule.split_groups("val")),
-                layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, config, "paired",
+                PairedRows(
+                    datamodule.layer_rows("alignment", "expert"),
+                    datamodule.layer_rows("alignment", "target"),
+                    fit_labels if (fit_labels >= 0).all() else None,
+                    datamodule.alignment_groups(),
+                ),
+                PairedRows(
+                    datamodule.layer_rows("val", "expert"),
+                    datamodule.layer_rows("val", "target"),
+                    datamodule.states("val")["label"],
+                    datamodule.split_groups("val"),
+                ),
+                layout.expert_layers,
+                layout.target_layers,
+                layout.expert.num_layers,
+                layout.target.num_layers,
+                config,
+                "paired",
             )
             return outcome.result.to_dict()
 
@@ -90,23 +129,45 @@ class LayerPairingCallback(WhenTrainingEnds):
     @torch.no_grad()
     def _reconstruction_pairs(self, module: StepsModule, datamodule: PairedHiddenStatesDataModule) -> dict:
         layout, config = module.built_layout, module.pairing
-        val = datamodule.states("val", module.trained_layers, layout.target_layers)  # every trained x target pair is scored
+        val = datamodule.states(
+            "val", module.trained_layers, layout.target_layers
+        )  # every trained x target pair is scored
         config.check_rows(len(val["label"]), len(val["label"]), "Layer pairing on the val split")
         xs, ys = module.standardise(val["expert"].to(module.device), val["target"].to(module.device))
         assert ys is not None  # target states were given
         encoded = module.encode(xs).cpu()
         rule = config.pairing_rule
-        baseline = depth_pairs(module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, rule)
+        baseline = depth_pairs(
+            module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, rule
+        )
         if config.rule == "separability":
-            raise ValueError("The separability rule needs the paired objective; use rule: highest or lowest with objective: reconstruction.")
-        mi = None if config.rule == "depth" else mi_matrix(
-            encoded, ys.cpu(), method=config.mi_method, **{"seed": config.seed, **config.mi_options}).float()
-        pairs = choose_pairs(rule, module.trained_layers, layout.target_layers, layout.expert.num_layers,
-                             layout.target.num_layers, mi=mi)
+            raise ValueError(
+                "The separability rule needs the paired objective; use rule: highest or lowest with objective: reconstruction."
+            )
+        mi = (
+            None
+            if config.rule == "depth"
+            else mi_matrix(
+                encoded, ys.cpu(), method=config.mi_method, **{"seed": config.seed, **config.mi_options}
+            ).float()
+        )
+        pairs = choose_pairs(
+            rule, module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, mi=mi
+        )
         return PairSearch(
-            rule=config.rule, objective="reconstruction", expert_layers=list(module.trained_layers),
-            target_layers=list(layout.target_layers), pairs=pairs, mi=None if mi is None else mi.tolist(), auc=None,
-            depth_pairs=baseline, ridge=None, mi_method=config.mi_method, n_fit=0, n_heldout=len(val["label"]), top_k=config.top_k,
+            rule=config.rule,
+            objective="reconstruction",
+            expert_layers=list(module.trained_layers),
+            target_layers=list(layout.target_layers),
+            pairs=pairs,
+            mi=None if mi is None else mi.tolist(),
+            auc=None,
+            depth_pairs=baseline,
+            ridge=None,
+            mi_method=config.mi_method,
+            n_fit=0,
+            n_heldout=len(val["label"]),
+            top_k=config.top_k,
         ).to_dict()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -121,8 +182,18 @@ class LayerPairingCallback(WhenTrainingEnds):
         else:  # a declared layer_map: its pairs are the intervention pairs
             layout = module.built_layout
             pairs = sorted(module.layer_map.items(), key=lambda p: p[1])
-            result = PairSearch("declared", "paired", list(layout.expert_layers), list(layout.target_layers), pairs, None,
-                                None, [], module.ridge, top_k=len(pairs))
+            result = PairSearch(
+                "declared",
+                "paired",
+                list(layout.expert_layers),
+                list(layout.target_layers),
+                pairs,
+                None,
+                None,
+                [],
+                module.ridge,
+                top_k=len(pairs),
+            )
         module.record_pairing(result)
         self._publish(trainer, result, time.perf_counter() - start)
         resave_last_checkpoint(trainer)
@@ -133,5 +204,10 @@ class LayerPairingCallback(WhenTrainingEnds):
         folder = run_dir(trainer)
         atomic_write_json(folder / "pairing.json", result.to_dict())
         plot_pair_search(result, folder / "mi_heatmap.png")
-        log.info("Layer pairs (expert, target): %s, ridge %s (%.1f s) -> %s", [tuple(p) for p in result.pairs], result.ridge,
-                 seconds, folder / "pairing.json")
+        log.info(
+            "Layer pairs (expert, target): %s, ridge %s (%.1f s) -> %s",
+            [tuple(p) for p in result.pairs],
+            result.ridge,
+            seconds,
+            folder / "pairing.json",
+        )

@@ -31,8 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
@@ -156,14 +157,20 @@ class SteeredPredictionWriter(BasePredictionWriter):
         except (OSError, ValueError):
             recorded = None
         if parts and recorded != self.fingerprint:
-            log.info("Discarding %d partial prediction file(s) in %s made by another configuration.", len(parts), self.parts_dir)
+            log.info(
+                "Discarding %d partial prediction file(s) in %s made by another configuration.",
+                len(parts),
+                self.parts_dir,
+            )
             for path in parts:
                 path.unlink()
             parts = []
         for path in parts:
             end = _scan(path)[1]
             if path.stat().st_size > end:
-                log.warning("%s: cutting off a torn last line left by an interrupted run; that prompt is generated again.", path)
+                log.warning(
+                    "%s: cutting off a torn last line left by an interrupted run; that prompt is generated again.", path
+                )
                 with open(path, "rb+") as handle:
                     handle.truncate(end)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -195,14 +202,19 @@ class SteeredPredictionWriter(BasePredictionWriter):
         by_prompt: dict[int, list[dict]] = {}
         for row in prediction:
             if not isinstance(row, dict) or "index" not in row:
-                raise ValueError(f"Each prediction row must be a dict with an 'index' (the prompt's row), got {row!r:.200}.")
+                raise ValueError(
+                    f"Each prediction row must be a dict with an 'index' (the prompt's row), got {row!r:.200}."
+                )
             index = row["index"].item() if isinstance(row["index"], torch.Tensor) else row["index"]
             if isinstance(index, bool) or not isinstance(index, int) or index < 0:
                 raise ValueError(f"A prediction row's 'index' must be an int >= 0, got {index!r}.")
             by_prompt.setdefault(index, []).append({**row, "index": index})
         try:
-            text = "".join(json.dumps({"index": index, "rows": rows}, ensure_ascii=False, allow_nan=False,
-                                      default=_json_default) + "\n" for index, rows in by_prompt.items())
+            text = "".join(
+                json.dumps({"index": index, "rows": rows}, ensure_ascii=False, allow_nan=False, default=_json_default)
+                + "\n"
+                for index, rows in by_prompt.items()
+            )
         except (TypeError, ValueError) as err:
             raise ValueError(f"A prediction row is not JSON-serialisable: {err}") from err
         self._handle.write(text.encode("utf-8"))

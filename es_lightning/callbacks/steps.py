@@ -38,8 +38,9 @@ class StepsModule(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def standardise(self, expert: torch.Tensor, target: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def standardise(
+        self, expert: torch.Tensor, target: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def encode(self, expert_std: torch.Tensor) -> torch.Tensor: ...
 
@@ -53,8 +54,10 @@ class StepsModule(Protocol):
 def steps_module(pl_module: L.LightningModule) -> StepsModule:
     """``pl_module`` as a :class:`StepsModule`, or a clear error for another LightningModule."""
     if not all(callable(getattr(type(pl_module), name, None)) for name in ("record_pairing", "record_bundles")):
-        raise TypeError(f"LayerPairingCallback and SteeringVectorCallback need es_lightning.module.ExpertSteer as the "
-                        f"model, not {type(pl_module).__name__}.")
+        raise TypeError(
+            f"LayerPairingCallback and SteeringVectorCallback need es_lightning.module.ExpertSteer as the "
+            f"model, not {type(pl_module).__name__}."
+        )
     return cast(StepsModule, pl_module)
 
 
@@ -62,6 +65,8 @@ def paired_data(trainer: L.Trainer) -> PairedHiddenStatesDataModule:
     """The trainer's data module, which the fit's callbacks need to be the paired cache's."""
     datamodule = getattr(trainer, "datamodule", None)
     if not isinstance(datamodule, PairedHiddenStatesDataModule):
-        raise TypeError("LayerPairingCallback and SteeringVectorCallback need es_lightning.data."
-                        "PairedHiddenStatesDataModule as the data module (the es-lightning CLI sets it).")
+        raise TypeError(
+            "LayerPairingCallback and SteeringVectorCallback need es_lightning.data."
+            "PairedHiddenStatesDataModule as the data module (the es-lightning CLI sets it)."
+        )
     return datamodule

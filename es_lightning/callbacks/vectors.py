@@ -16,7 +16,9 @@ from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_ve
 log = logging.getLogger(__name__)
 
 
-def bundles_for(module: StepsModule, datamodule: PairedHiddenStatesDataModule, config: VectorConfig) -> list[SteeringBundle]:
+def bundles_for(
+    module: StepsModule, datamodule: PairedHiddenStatesDataModule, config: VectorConfig
+) -> list[SteeringBundle]:
     """One bundle per method of ``config`` for the pairs :class:`LayerPairingCallback` recorded in ``module``."""
     pairing = module.pairing_result
     if pairing is None or not pairing.pairs:
@@ -31,26 +33,55 @@ def bundles_for(module: StepsModule, datamodule: PairedHiddenStatesDataModule, c
     expert_layers, target_layers = list(dict.fromkeys(i for i, _ in pairs)), list(dict.fromkeys(j for _, j in pairs))
     states = datamodule.states("train", expert_layers, target_layers)  # only the chosen pairs' layers
     inputs = VectorInputs(
-        expert=states["expert"], target=states["target"], labels=states["label"],
-        expert_layers=expert_layers, target_layers=target_layers,
-        encoder_linear=lambda i: module.encoder_linear(i).cpu(), rfm_options=config.rfm_options, seed=config.seed,
-        groups=datamodule.split_groups("train"), device=module.device,
+        expert=states["expert"],
+        target=states["target"],
+        labels=states["label"],
+        expert_layers=expert_layers,
+        target_layers=target_layers,
+        encoder_linear=lambda i: module.encoder_linear(i).cpu(),
+        rfm_options=config.rfm_options,
+        seed=config.seed,
+        groups=datamodule.split_groups("train"),
+        device=module.device,
     )
     computed = compute_vector_set(config.methods, pairs, inputs)
     for method in config.methods:
-        log.info("Steering vectors: %s for target layers %s (%.1f s)", method, sorted(computed.vectors[method]),
-                 computed.seconds[method])
+        log.info(
+            "Steering vectors: %s for target layers %s (%.1f s)",
+            method,
+            sorted(computed.vectors[method]),
+            computed.seconds[method],
+        )
     target = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)
     expert = ModelIdentity(layout.expert.name, layout.expert.fingerprint, layout.expert.model_type)
-    mi = torch.tensor(pairing.mi) if pairing.mi is not None else torch.zeros(len(pairing.expert_layers), len(pairing.target_layers))
-    return [SteeringBundle(
-        method=method, vectors=computed.vectors[method], norms=computed.norms, target=target, expert=expert,
-        layer_pairs=pairs if method == "expertsteer" else [], mi=mi,
-        mi_expert_layers=pairing.expert_layers, mi_target_layers=pairing.target_layers,
-        data_key=module.cache_keys.get("data", ""), cache_key=module.cache_keys.get("alignment", module.cache_keys.get("data", "")),
-        extra={"diagnostics": computed.diagnostics[method], "objective": module.objective,
-               "pairs": [list(p) for p in pairs], "split": "train", "seconds": round(computed.seconds[method], 3)},
-    ) for method in config.methods]
+    mi = (
+        torch.tensor(pairing.mi)
+        if pairing.mi is not None
+        else torch.zeros(len(pairing.expert_layers), len(pairing.target_layers))
+    )
+    return [
+        SteeringBundle(
+            method=method,
+            vectors=computed.vectors[method],
+            norms=computed.norms,
+            target=target,
+            expert=expert,
+            layer_pairs=pairs if method == "expertsteer" else [],
+            mi=mi,
+            mi_expert_layers=pairing.expert_layers,
+            mi_target_layers=pairing.target_layers,
+            data_key=module.cache_keys.get("data", ""),
+            cache_key=module.cache_keys.get("alignment", module.cache_keys.get("data", "")),
+            extra={
+                "diagnostics": computed.diagnostics[method],
+                "objective": module.objective,
+                "pairs": [list(p) for p in pairs],
+                "split": "train",
+                "seconds": round(computed.seconds[method], 3),
+            },
+        )
+        for method in config.methods
+    ]
 
 
 class SteeringVectorCallback(WhenTrainingEnds):

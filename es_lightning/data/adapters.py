@@ -15,8 +15,9 @@ import inspect
 import logging
 import random
 import re
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ def _peer_range(answer: Fraction) -> tuple[Fraction, Fraction]:
     return (low, high) if answer >= 0 else (-high, -low)
 
 
-def _candidates(answer: Fraction, solution: str, peers: list[Fraction], rng: random.Random, want: int) -> dict[str, tuple[Fraction, str]]:
+def _candidates(
+    answer: Fraction, solution: str, peers: list[Fraction], rng: random.Random, want: int
+) -> dict[str, tuple[Fraction, str]]:
     """Distractor candidates ``{choice text: (value, source)}``, in a deterministic order (never the answer)."""
     results, last, numbers = _solution_parts(solution)
     found: list[tuple[Fraction | None, str]] = []
@@ -130,7 +133,7 @@ def _candidates(answer: Fraction, solution: str, peers: list[Fraction], rng: ran
         found += [(_apply(answer, op, b), "extra")]  # one step too many: the last operation applied again
     found += [(v, "solution") for v in numbers]
     low, high = _peer_range(answer)
-    near = peers[bisect.bisect_left(peers, low): bisect.bisect_right(peers, high)]
+    near = peers[bisect.bisect_left(peers, low) : bisect.bisect_right(peers, high)]
     found += [(v, "peer") for v in rng.sample(near, min(len(near), 3 * want))]
     found += [(answer + 1, "perturb"), (answer - 1, "perturb"), (answer * 10, "perturb")]
     if (answer / 10).denominator == 1 or answer.denominator != 1:
@@ -213,7 +216,19 @@ def gsm8k_mc(rows: list[Row], *, seed: int = 0, n_distractors: int = 3) -> list[
     magnitude rank is 0/1/2/3 in 25 ± 0.5% of questions each.
     """
     if not isinstance(n_distractors, int) or isinstance(n_distractors, bool) or n_distractors < 1:
-        raise ValueError(f"gsm8k_mc: n_distractors must be an integer >= 1, got {n_distractors!r}. Fix adapter_options.")
+        raise ValueError(
+            f"gsm8k_mc: n_distractors must be an integer >= 1, got {n_distractors!r}. Fix adapter_options."
+        )
+    finals = _final_answers(rows)
+    peers_sorted = sorted(finals)  # with repeats: peers follow the answers' distribution (e.g. share of round numbers)
+    return [
+        _multiple_choice_row(row, index, answer, peers_sorted, seed, n_distractors)
+        for index, (row, answer) in enumerate(zip(rows, finals))
+    ]
+
+
+def _final_answers(rows: list[Row]) -> list[Fraction]:
+    """Each GSM8K row's final number (after ``####``); a row without ``question`` or ``answer`` is an error."""
     finals = []
     for index, row in enumerate(rows):
         for key in ("question", "answer"):
@@ -223,30 +238,33 @@ def gsm8k_mc(rows: list[Row], *, seed: int = 0, n_distractors: int = 3) -> list[
                     f"{{'question': ..., 'answer': '<solution> #### <number>'}}; point the config at GSM8K data."
                 )
         finals.append(final_answer(row["answer"], index + 1))
-    peers_sorted = sorted(finals)  # with repeats: peers follow the real answer distribution (e.g. its share of round numbers)
-    out = []
-    for index, (row, answer) in enumerate(zip(rows, finals)):
-        rng = random.Random(f"gsm8k_mc:{seed}:{index}")
-        pool = _candidates(answer, row["answer"], peers_sorted, rng, n_distractors)
-        below = [(t, v, s) for t, (v, s) in pool.items() if v < answer]
-        above = [(t, v, s) for t, (v, s) in pool.items() if v > answer]
-        k_below = rng.randint(0, n_distractors)
-        k_below = max(min(k_below, len(below)), n_distractors - len(above))
-        distractors = _pick(below, k_below, rng) + _pick(above, n_distractors - k_below, rng)
-        choices = [_fmt(answer), *distractors]
-        order = list(range(len(choices)))
-        rng.shuffle(order)
-        shuffled = [choices[i] for i in order]
-        row_id = row.get("id")
-        extra = {k: v for k, v in row.items() if k not in ("question", "answer", "id", "choices")}
-        out.append({
-            **extra,
-            "id": str(row_id) if row_id not in (None, "") else f"gsm8k-{index}",
-            "question": row["question"],
-            "choices": shuffled,
-            "answer": order.index(0),
-        })
-    return out
+    return finals
+
+
+def _multiple_choice_row(
+    row: Row, index: int, answer: Fraction, peers_sorted: list[Fraction], seed: int, n_distractors: int
+) -> Row:
+    """Row ``index`` as multiple choice: its answer and ``n_distractors`` wrong numbers, shuffled (seeded by row)."""
+    rng = random.Random(f"gsm8k_mc:{seed}:{index}")
+    pool = _candidates(answer, row["answer"], peers_sorted, rng, n_distractors)
+    below = [(t, v, s) for t, (v, s) in pool.items() if v < answer]
+    above = [(t, v, s) for t, (v, s) in pool.items() if v > answer]
+    k_below = rng.randint(0, n_distractors)
+    k_below = max(min(k_below, len(below)), n_distractors - len(above))
+    distractors = _pick(below, k_below, rng) + _pick(above, n_distractors - k_below, rng)
+    choices = [_fmt(answer), *distractors]
+    order = list(range(len(choices)))
+    rng.shuffle(order)
+    shuffled = [choices[i] for i in order]
+    row_id = row.get("id")
+    extra = {k: v for k, v in row.items() if k not in ("question", "answer", "id", "choices")}
+    return {
+        **extra,
+        "id": str(row_id) if row_id not in (None, "") else f"gsm8k-{index}",
+        "question": row["question"],
+        "choices": shuffled,
+        "answer": order.index(0),
+    }
 
 
 # ------------------------------------------------------------------------------------------ pubmedqa
@@ -288,7 +306,9 @@ def pubmedqa(rows: list[Row], *, seed: int = 0, max_context_chars: int | None = 
     if max_context_chars is not None and (
         not isinstance(max_context_chars, int) or isinstance(max_context_chars, bool) or max_context_chars < 1
     ):
-        raise ValueError(f"pubmedqa: max_context_chars must be an integer >= 1 or null, got {max_context_chars!r}. Fix adapter_options.")
+        raise ValueError(
+            f"pubmedqa: max_context_chars must be an integer >= 1 or null, got {max_context_chars!r}. Fix adapter_options."
+        )
     out, trimmed = [], 0
     for index, row in enumerate(rows):
         if "context" not in row:
@@ -327,10 +347,14 @@ def adapt_rows(rows: list[Row], adapter: str | None, seed: int = 0, **options: A
     """Apply the adapter named ``adapter`` (a key of :data:`ADAPTERS`) to ``rows``; ``None`` returns them as they are."""
     if adapter is None:
         if options:
-            raise ValueError(f"adapter_options {sorted(options)} were given without an adapter. Set data.data.adapter or drop them.")
+            raise ValueError(
+                f"adapter_options {sorted(options)} were given without an adapter. Set data.data.adapter or drop them."
+            )
         return list(rows)
     if adapter not in ADAPTERS:
-        raise ValueError(f"Unknown data adapter {adapter!r}: use one of {sorted(ADAPTERS)} or null (rows already multiple choice).")
+        raise ValueError(
+            f"Unknown data adapter {adapter!r}: use one of {sorted(ADAPTERS)} or null (rows already multiple choice)."
+        )
     allowed = adapter_options(adapter)
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -78,7 +78,7 @@ class PairedLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PairedLayout":
+    def from_dict(cls, data: dict) -> PairedLayout:
         expert = dict(data["expert"], layers=tuple(data["expert"]["layers"]))
         target = dict(data["target"], layers=tuple(data["target"]["layers"]))
         return cls(ModelInfo(**expert), ModelInfo(**target), data["pooling"])
@@ -89,24 +89,39 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return sha256_json([[e.id, e.group, e.prompt, e.completion, e.label] for e in examples])
 
 
-def cache_key(layout: PairedLayout, expert: ModelSpec, target: ModelSpec, data_fingerprint: str, dtype: str = "float32") -> str:
+def cache_key(
+    layout: PairedLayout, expert: ModelSpec, target: ModelSpec, data_fingerprint: str, dtype: str = "float32"
+) -> str:
     """A key that changes whenever anything that affects the cached numbers changes."""
+
     def model_part(info: ModelInfo, spec: ModelSpec) -> dict:
         return {
-            "fingerprint": info.fingerprint, "layers": list(info.layers), "chat_template": spec.chat_template,
-            "dtype": dtype_name(spec.dtype), "max_length": spec.max_length, "block_path": spec.block_path,
+            "fingerprint": info.fingerprint,
+            "layers": list(info.layers),
+            "chat_template": spec.chat_template,
+            "dtype": dtype_name(spec.dtype),
+            "max_length": spec.max_length,
+            "block_path": spec.block_path,
         }
 
-    return sha256_json({
-        "format": CACHE_FORMAT, "pooling": layout.pooling, "data": data_fingerprint, "cache_dtype": dtype,
-        "expert": model_part(layout.expert, expert), "target": model_part(layout.target, target),
-    })[:20]
+    return sha256_json(
+        {
+            "format": CACHE_FORMAT,
+            "pooling": layout.pooling,
+            "data": data_fingerprint,
+            "cache_dtype": dtype,
+            "expert": model_part(layout.expert, expert),
+            "target": model_part(layout.target, target),
+        }
+    )[:20]
 
 
 class PairedCache:
     """Shards of paired hidden states for ``n`` examples under one key, stored in ``dtype``."""
 
-    def __init__(self, root: str | Path, key: str, n_examples: int, shard_size: int, layout: PairedLayout, dtype: str = "float32"):
+    def __init__(
+        self, root: str | Path, key: str, n_examples: int, shard_size: int, layout: PairedLayout, dtype: str = "float32"
+    ):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
         self.storage = check_cache_dtype(dtype)
@@ -134,10 +149,18 @@ class PairedCache:
     def write_meta(self, extra: dict) -> None:
         """Write ``meta.json`` (atomic; identical content from every writer)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.directory / "meta.json", {
-            "format": CACHE_FORMAT, "key": self.key, "n_examples": self.n_examples, "shard_size": self.shard_size,
-            "cache_dtype": self.dtype, "layout": self.layout.to_dict(), **extra,
-        })
+        atomic_write_json(
+            self.directory / "meta.json",
+            {
+                "format": CACHE_FORMAT,
+                "key": self.key,
+                "n_examples": self.n_examples,
+                "shard_size": self.shard_size,
+                "cache_dtype": self.dtype,
+                "layout": self.layout.to_dict(),
+                **extra,
+            },
+        )
 
     def check_meta(self) -> None:
         """Refuse a cache folder whose ``meta.json`` names another storage dtype than this run's."""
@@ -168,7 +191,12 @@ class PairedCache:
             raise dtype_mismatch(meta.get("dtype", "float32"), self.dtype, f"Cache shard {path}")
         info = self.info(side)
         expected = {"states": [len(rows), len(info.layers), info.hidden_size], "label": [len(rows)], "row": [len(rows)]}
-        if meta.get("key") != self.key or meta.get("rows") != f"{rows.start}:{rows.stop}" or shapes != expected or stored != _SAFETENSORS_DTYPES[self.dtype]:
+        if (
+            meta.get("key") != self.key
+            or meta.get("rows") != f"{rows.start}:{rows.stop}"
+            or shapes != expected
+            or stored != _SAFETENSORS_DTYPES[self.dtype]
+        ):
             log.warning("Cache shard %s does not match this cache's metadata; it will be rebuilt.", path.name)
             return False
         return True
@@ -187,19 +215,27 @@ class PairedCache:
         """Write one side of one shard atomically (states in the cache's dtype) and append a line to the build log."""
         rows = self.shard_rows(shard)
         if not torch.isfinite(states).all():
-            raise FloatingPointError(f"Non-finite {side} hidden states in shard {shard}; load the model in float32 or bfloat16.")
+            raise FloatingPointError(
+                f"Non-finite {side} hidden states in shard {shard}; load the model in float32 or bfloat16."
+            )
         stored = states.to(self.storage)
         if not torch.isfinite(stored).all():
             raise FloatingPointError(
                 f"The {side} hidden states of shard {shard} overflow {self.dtype} (largest magnitude "
                 f"{float(states.abs().max()):.3g}). Fix: set data.cache_dtype: bfloat16 or float32."
             )
-        tensors = {"states": stored.contiguous(), "label": labels.long().contiguous(), "row": torch.arange(rows.start, rows.stop)}
+        tensors = {
+            "states": stored.contiguous(),
+            "label": labels.long().contiguous(),
+            "row": torch.arange(rows.start, rows.stop),
+        }
         metadata = {"key": self.key, "rows": f"{rows.start}:{rows.stop}", "side": side, "dtype": self.dtype}
         with atomic_path(self.shard_path(shard, side)) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         with open(self.directory / "build-log.jsonl", "a") as handle:
-            handle.write(json.dumps({"shard": shard, "side": side, "rank": rank, "pid": os.getpid(), "time": time.time()}) + "\n")
+            handle.write(
+                json.dumps({"shard": shard, "side": side, "rank": rank, "pid": os.getpid(), "time": time.time()}) + "\n"
+            )
 
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

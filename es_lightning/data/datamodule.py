@@ -117,8 +117,11 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         table = QuestionTable.build(self.source, self.split_config, self.cache_dir)
         self._table = table
         self.examples, self.split_indices, self.questions = table.examples, table.split_indices, table.questions
-        self.all_questions, self.question_rows, self.question_split = (table.all_questions, table.question_rows,
-                                                                       table.question_split)
+        self.all_questions, self.question_rows, self.question_split = (
+            table.all_questions,
+            table.question_rows,
+            table.question_split,
+        )
 
     @property
     def question_table(self) -> QuestionTable:
@@ -131,10 +134,18 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
     def _extraction(self) -> Extraction:
         trainer = self.trainer
         return Extraction(
-            self.expert_spec, self.target_spec, self.built_layout, self.cache_dir, self.shard_size, self.cache_dtype,
-            self.extract_batch_size, self.extract_batch_tokens, self.progress,
+            self.expert_spec,
+            self.target_spec,
+            self.built_layout,
+            self.cache_dir,
+            self.shard_size,
+            self.cache_dtype,
+            self.extract_batch_size,
+            self.extract_batch_tokens,
+            self.progress,
             device=trainer.strategy.root_device if trainer else "cpu",
-            rank=trainer.global_rank if trainer else 0, world=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            world=trainer.world_size if trainer else 1,
         )
 
     @property
@@ -157,14 +168,20 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         """Read the examples, resolve both models, and build or reuse the caches (prompts only for predict)."""
         if stage == "predict":
             if self.predict_source is None:
-                raise ValueError("`predict` needs prompts: set data.predict_data.path (a JSONL file with a 'prompt' field).")
+                raise ValueError(
+                    "`predict` needs prompts: set data.predict_data.path (a JSONL file with a 'prompt' field)."
+                )
             self.prompts = PromptDataset(self.predict_source)
             return
         if self.store is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer else "cpu"
-        self.expert_spec = replace(self.expert_spec, dtype=dtype_name(self.expert_spec.dtype, device))  # `auto` made concrete:
-        self.target_spec = replace(self.target_spec, dtype=dtype_name(self.target_spec.dtype, device))  # the cache key names it
+        self.expert_spec = replace(
+            self.expert_spec, dtype=dtype_name(self.expert_spec.dtype, device)
+        )  # `auto` made concrete:
+        self.target_spec = replace(
+            self.target_spec, dtype=dtype_name(self.target_spec.dtype, device)
+        )  # the cache key names it
         self.prepare_layout()
         extraction = self._extraction()
         self.store = extraction.ensure(self.examples, "labelled")
@@ -185,11 +202,15 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             split = "train"
         if isinstance(split, str):
             if split not in self.split_indices:
-                raise ValueError(f"Unknown split {split!r}: use one of {list(self.split_indices) + ['alignment']} or a list of rows.")
+                raise ValueError(
+                    f"Unknown split {split!r}: use one of {list(self.split_indices) + ['alignment']} or a list of rows."
+                )
             return self.store, list(self.split_indices[split])
         return self.store, list(split)
 
-    def states(self, split: str | Sequence[int], expert_layers: Sequence[int] = (), target_layers: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    def states(
+        self, split: str | Sequence[int], expert_layers: Sequence[int] = (), target_layers: Sequence[int] = ()
+    ) -> dict[str, torch.Tensor]:
         """Float32 states of a split (or of example rows) at only the requested layers (block indices, in the given
         order): ``expert [n, len(expert_layers), d_E]`` and ``target [n, len(target_layers), d_T]`` when requested,
         and always ``label [n]``. ``alignment`` is the auto-encoders' data: ``alignment_data`` if set, else train."""
@@ -221,12 +242,17 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         pairs), else every cached layer."""
         store, rows = self._rows(split)
         module = self.trainer.lightning_module if self.trainer else None
-        expert_layers, target_layers = getattr(module, "batch_layers", None) or (store.layers("expert"), store.layers("target"))
+        expert_layers, target_layers = getattr(module, "batch_layers", None) or (
+            store.layers("expert"),
+            store.layers("target"),
+        )
         dataset = PairedStates(store, rows, expert_layers, target_layers)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # A DistributedSampler even on one process: its shuffle depends only on (seed, epoch), so a resumed
         # run sees the same batches as an uninterrupted one, and Lightning keeps it as is under DDP.
-        sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.split_config.seed, drop_last=False)
+        sampler: DistributedSampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.split_config.seed, drop_last=False
+        )
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
@@ -250,13 +276,23 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts of ``predict_data`` in input order (under DDP Lightning adds its non-padding predict sampler)."""
-        return DataLoader(self.require_prompts(), batch_size=self.predict_batch_size, shuffle=False, collate_fn=collate_prompts,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.require_prompts(),
+            batch_size=self.predict_batch_size,
+            shuffle=False,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+        )
 
     # ----------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
-        return {"cache_keys": dict(self.cache_keys), "cache_dtype": self.cache_dtype, "layout": self.layout.to_dict() if self.layout else None,
-                "expert": asdict(self.expert_spec), "target": asdict(self.target_spec)}
+        return {
+            "cache_keys": dict(self.cache_keys),
+            "cache_dtype": self.cache_dtype,
+            "layout": self.layout.to_dict() if self.layout else None,
+            "expert": asdict(self.expert_spec),
+            "target": asdict(self.target_spec),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """On resume, refuse a checkpoint whose cache (models, layers, data) differs from this run's."""
@@ -264,16 +300,22 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             return
         saved_dtype = state.get("cache_dtype", "float32")
         if saved_dtype != self.cache_dtype:
-            raise dtype_mismatch(saved_dtype, self.cache_dtype, "The checkpoint's paired cache",
-                                 "resume or test with the config the checkpoint was made with, or start a new run without --ckpt_path")
+            raise dtype_mismatch(
+                saved_dtype,
+                self.cache_dtype,
+                "The checkpoint's paired cache",
+                "resume or test with the config the checkpoint was made with, or start a new run without --ckpt_path",
+            )
         if state["cache_keys"].get("data") != self.cache_keys.get("data"):
             saved = PairedLayout.from_dict(state["layout"]) if state.get("layout") else None
             detail = ""
             if saved is not None and self.layout is not None:
-                detail = (f" Checkpoint: expert {saved.expert.name} layers {list(saved.expert.layers)}, target "
-                          f"{saved.target.name} layers {list(saved.target.layers)}; this run: expert "
-                          f"{self.layout.expert.name} layers {self.layout.expert_layers}, target "
-                          f"{self.layout.target.name} layers {self.layout.target_layers}.")
+                detail = (
+                    f" Checkpoint: expert {saved.expert.name} layers {list(saved.expert.layers)}, target "
+                    f"{saved.target.name} layers {list(saved.target.layers)}; this run: expert "
+                    f"{self.layout.expert.name} layers {self.layout.expert_layers}, target "
+                    f"{self.layout.target.name} layers {self.layout.target_layers}."
+                )
             raise ValueError(
                 "The checkpoint was trained on a different paired cache (other models, layers, pooling, templates "
                 f"or data) than this run's config.{detail} Fix: resume with the config the checkpoint was made with, "

@@ -64,12 +64,21 @@ class Extraction:
             on_every_rank(lambda: self._build_mine(cache, missing, examples, what), f"every rank's {what} cache shards")
         any_missing = sorted(set(missing["expert"]) | set(missing["target"]))
         if self.rank == 0:
-            state = ("built" if len(any_missing) == cache.n_shards else
-                     f"resumed ({len(any_missing)} of {cache.n_shards} shards built)" if any_missing else "reused")
-            log.info("Paired %s cache %s: %s (%d examples, %s)", what, state, cache.directory, len(examples), self.dtype)
+            state = (
+                "built"
+                if len(any_missing) == cache.n_shards
+                else f"resumed ({len(any_missing)} of {cache.n_shards} shards built)"
+                if any_missing
+                else "reused"
+            )
+            log.info(
+                "Paired %s cache %s: %s (%d examples, %s)", what, state, cache.directory, len(examples), self.dtype
+            )
         still = cache.missing_shards()
         if still:
-            raise RuntimeError(f"Cache shards {still} are still missing after extraction in {cache.directory}; check the logs of every rank.")
+            raise RuntimeError(
+                f"Cache shards {still} are still missing after extraction in {cache.directory}; check the logs of every rank."
+            )
         return CacheStore(cache)
 
     def _prepare(self, cache: PairedCache, examples: list[Example], what: str) -> dict[str, list[int]]:
@@ -79,15 +88,25 @@ class Extraction:
         missing = {side: cache.missing_shards(side) for side in SIDES}
         if missing["expert"] or missing["target"]:
             expert, target = self.layout.expert, self.layout.target
-            estimate = announce(cache_estimate(len(examples), len(expert.layers), expert.hidden_size,
-                                               len(target.layers), target.hidden_size, self.dtype, self.shard_size))
+            estimate = announce(
+                cache_estimate(
+                    len(examples),
+                    len(expert.layers),
+                    expert.hidden_size,
+                    len(target.layers),
+                    target.hidden_size,
+                    self.dtype,
+                    self.shard_size,
+                )
+            )
             # the disk: writable, and room for the whole cache with 10% headroom
             ensure_writable_dir(cache.directory.parent, min_free_bytes=int(estimate.disk_bytes * 1.1), what="cache")
             cache.write_meta({"what": what})
         return missing
 
-    def _build_mine(self, cache: PairedCache, missing: dict[str, list[int]], examples: list[Example],
-                    what: str) -> None:
+    def _build_mine(
+        self, cache: PairedCache, missing: dict[str, list[int]], examples: list[Example], what: str
+    ) -> None:
         """Build this rank's share of the missing shards, one model at a time."""
         for side in SIDES:
             mine = [s for s in missing[side] if s % self.world == self.rank]
@@ -97,16 +116,38 @@ class Extraction:
     def _build(self, cache: PairedCache, side: str, shards: list[int], examples: list[Example], what: str) -> None:
         spec = self.expert if side == "expert" else self.target
         info = self.layout.expert if side == "expert" else self.layout.target
-        announce(capture_estimate(read_shape(info.directory, info.name), spec.dtype, len(info.layers), max(info.layers),
-                                  self.batch_tokens or self.batch_size * spec.max_length, spec.max_length, self.shard_size, side,
-                                  self.device), self.device)
+        announce(
+            capture_estimate(
+                read_shape(info.directory, info.name),
+                spec.dtype,
+                len(info.layers),
+                max(info.layers),
+                self.batch_tokens or self.batch_size * spec.max_length,
+                spec.max_length,
+                self.shard_size,
+                side,
+                self.device,
+            ),
+            self.device,
+        )
         loaded: loading.LoadedModel | None = self._load(spec, side)
         try:
             todo = sum(len(cache.shard_rows(s)) for s in shards)
-            with tqdm(total=todo, desc=f"Extracting {what} {side} hidden states (rank {self.rank})", disable=not self.progress,
-                      unit="text") as bar:
-                build_side(cache, side, shards, examples, lambda chunk, on_batch: self._extract(loaded, side, chunk, on_batch),
-                           bar.update, rank=self.rank)
+            with tqdm(
+                total=todo,
+                desc=f"Extracting {what} {side} hidden states (rank {self.rank})",
+                disable=not self.progress,
+                unit="text",
+            ) as bar:
+                build_side(
+                    cache,
+                    side,
+                    shards,
+                    examples,
+                    lambda chunk, on_batch: self._extract(loaded, side, chunk, on_batch),
+                    bar.update,
+                    rank=self.rank,
+                )
         finally:
             loaded = None  # the last reference (the lambda shares it): the model can be freed
             free_memory(self.device)
@@ -124,14 +165,27 @@ class Extraction:
         texts = [render_example(loaded.tokenizer, e.prompt, e.completion, spec.chat_template) for e in examples]
         pooling = cast(Pooling, self.layout.pooling)  # a str field; capture rejects anything but "last"/"mean"
         states, truncated = capture_texts(
-            loaded.model, loaded.tokenizer, texts, list(info.layers), pooling, spec.max_length,
-            self.batch_size, add_special_tokens=not spec.chat_template, block_path=spec.block_path,
-            on_batch=on_batch, batch_tokens=self.batch_tokens,
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            list(info.layers),
+            pooling,
+            spec.max_length,
+            self.batch_size,
+            add_special_tokens=not spec.chat_template,
+            block_path=spec.block_path,
+            on_batch=on_batch,
+            batch_tokens=self.batch_tokens,
         )
         if truncated:
             log.warning(
                 "%d of %d texts exceed %s max_length=%d tokens for %s and were truncated from the left "
-                "(raise max_length to keep them whole).", truncated, len(texts), side, spec.max_length, spec.name,
+                "(raise max_length to keep them whole).",
+                truncated,
+                len(texts),
+                side,
+                spec.max_length,
+                spec.name,
             )
         return states
 

@@ -14,8 +14,9 @@ separated:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Fold:
         return {"index": self.index, "train": list(self.train), "val": list(self.val), "test": list(self.test)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Fold":
+    def from_dict(cls, data: dict) -> Fold:
         """Inverse of :meth:`to_dict`."""
         return cls(index=data["index"], train=tuple(data["train"]), val=tuple(data["val"]), test=tuple(data["test"]))
 

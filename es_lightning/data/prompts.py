@@ -164,7 +164,7 @@ class PromptDataset(Dataset):
             return sha256_json({"source": {**asdict(self.source), "path": None}, "content": sha256_file(path)})
         return sha256_json({"source": asdict(self.source), "content": getattr(self._table, "_fingerprint", None)})
 
-    def without(self, done: Iterable[int]) -> "PromptDataset":
+    def without(self, done: Iterable[int]) -> PromptDataset:
         """A view without the prompts whose row numbers are in ``done``; items keep their original ``index``."""
         done = set(done)
         view = object.__new__(PromptDataset)

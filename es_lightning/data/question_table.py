@@ -103,8 +103,14 @@ class QuestionTable:
             count = len(questions.get(name, []))
             question_split[name] = list(range(offset, offset + count))
             offset += count
-        table = cls(examples, split_indices, questions, all_questions, [rows_of.get(q.id, []) for q in all_questions],
-                    question_split)
+        table = cls(
+            examples,
+            split_indices,
+            questions,
+            all_questions,
+            [rows_of.get(q.id, []) for q in all_questions],
+            question_split,
+        )
         if source.format.label_field or source.format.kind == "multiple_choice":
             table.check_labels()
         return table
@@ -119,7 +125,10 @@ class QuestionTable:
                 log.warning(
                     "The %s split has labels of only one class (%s): label-based results on it (e.g. `test` with "
                     "folds: null) would be meaningless. Use a larger %s fraction, another split seed, or rebalance "
-                    "the data.", name, sorted(present), name,
+                    "the data.",
+                    name,
+                    sorted(present),
+                    name,
                 )
 
     def groups(self, split: str) -> list[str]:
@@ -127,8 +136,9 @@ class QuestionTable:
         return [self.examples[i].group for i in self.split_indices[split]]
 
 
-def _split(source: DataSource, splits: SplitConfig, cache_dir: Path
-           ) -> tuple[list[Example], dict[str, list[int]], dict[str, list[Question]]]:
+def _split(
+    source: DataSource, splits: SplitConfig, cache_dir: Path
+) -> tuple[list[Example], dict[str, list[int]], dict[str, list[Question]]]:
     """Examples, rows per split and questions per split: from the split files, or a seeded split by question."""
     examples, questions = read_source(source, cache_dir)
     if not (splits.val_path or splits.test_path):
@@ -136,8 +146,10 @@ def _split(source: DataSource, splits: SplitConfig, cache_dir: Path
         by_group: dict[str, list[Question]] = {q.group: [] for q in questions}
         for q in questions:
             by_group[q.group].append(q)
-        per_split = {name: [q for g in dict.fromkeys(examples[i].group for i in idx) for q in by_group.get(g, [])]
-                     for name, idx in split_indices.items()}
+        per_split = {
+            name: [q for g in dict.fromkeys(examples[i].group for i in idx) for q in by_group.get(g, [])]
+            for name, idx in split_indices.items()
+        }
         return examples, split_indices, per_split
     parts = {"train": (examples, questions)}
     for name, path in (("val", splits.val_path), ("test", splits.test_path)):
@@ -153,5 +165,7 @@ def _split(source: DataSource, splits: SplitConfig, cache_dir: Path
     groups = {name: {all_examples[i].group for i in idx} for name, idx in split_indices.items()}
     shared = (groups["train"] & groups["val"]) | (groups["train"] & groups["test"]) | (groups["val"] & groups["test"])
     if shared:
-        raise ValueError(f"Questions/groups {sorted(shared)[:5]} appear in more than one split file. Remove the overlap.")
+        raise ValueError(
+            f"Questions/groups {sorted(shared)[:5]} appear in more than one split file. Remove the overlap."
+        )
     return all_examples, split_indices, per_split

@@ -20,8 +20,9 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from es_lightning.data.sources import LOCAL_BUILDERS
@@ -47,7 +48,9 @@ def truthfulqa_mc1_rows(hf_rows: Iterable[dict[str, Any]], seed: int | None = No
         where = f"TruthfulQA Hub row {index + 1}"
         targets = row.get("mc1_targets") if isinstance(row, dict) else None
         if not isinstance(targets, dict) or "choices" not in targets or "labels" not in targets:
-            raise ValueError(f"{where}: no 'mc1_targets' with 'choices' and 'labels'. Use the 'multiple_choice' config of truthfulqa/truthful_qa.")
+            raise ValueError(
+                f"{where}: no 'mc1_targets' with 'choices' and 'labels'. Use the 'multiple_choice' config of truthfulqa/truthful_qa."
+            )
         choices, labels = list(targets["choices"]), [int(x) for x in targets["labels"]]
         if len(choices) != len(labels) or len(choices) < 2 or labels.count(1) != 1:
             raise ValueError(f"{where}: expected >= 2 choices with exactly one label 1, got labels {labels}.")
@@ -56,7 +59,14 @@ def truthfulqa_mc1_rows(hf_rows: Iterable[dict[str, Any]], seed: int | None = No
             order = list(range(len(choices)))
             random.Random(f"{seed}:{index}").shuffle(order)
             choices, answer = [choices[i] for i in order], order.index(answer)
-        out.append({"id": f"truthfulqa-{index}", "question": str(row["question"]), "choices": [str(c) for c in choices], "answer": answer})
+        out.append(
+            {
+                "id": f"truthfulqa-{index}",
+                "question": str(row["question"]),
+                "choices": [str(c) for c in choices],
+                "answer": answer,
+            }
+        )
     return out
 
 
@@ -143,40 +153,66 @@ def resolve_data_path(
         return path
     name = Path(path).name if path is not None else filename
 
-    if search_from is not None:
-        starts = [Path(search_from).expanduser().resolve()]
-    else:
-        starts = list(dict.fromkeys([_checkout_dir(), Path.cwd().resolve()]))
+    starts = _search_starts(search_from)
     found, tried = _search_shared(name, starts)
     if found is not None:
         if path is not None:
             log.warning("Data file %r does not exist (from %s); using %s instead.", path, Path.cwd(), found)
         return str(found)
 
+    hub_target = _hub_target(cache_dir)
+    got, hub_why = _try_hub(hub, name, filename, hub_target)
+    if got is not None:
+        if path is not None:
+            log.warning("Data file %r does not exist (from %s); using the Hub copy %s instead.", path, Path.cwd(), got)
+        return str(got)
+    raise _not_found(path, name, starts, tried, hub, hub_target, hub_why)
+
+
+def _search_starts(search_from: Path | None) -> list[Path]:
+    """The folders in and beside which ``shared/data`` is looked for: ``search_from``, or the checkout and cwd."""
+    if search_from is not None:
+        return [Path(search_from).expanduser().resolve()]
+    return list(dict.fromkeys([_checkout_dir(), Path.cwd().resolve()]))
+
+
+def _hub_target(cache_dir: Path | None) -> Path:
+    """Where the Hub copy is cached: ``<cache_dir>/data/`` (default: the es_lightning cache directory)."""
     if cache_dir is None:
         from es_lightning.models.loading import default_cache_dir
 
         cache_dir = default_cache_dir()
-    hub_target = Path(cache_dir).expanduser() / "data" / HUB_CACHE_NAME
-    if hub is None:
-        hub_why = "skipped (no Hub source configured)"
-    elif name != filename:
-        hub_why = f"skipped (the Hub copy stands in for {filename!r} only, not {name!r})"
-    else:
-        got, why = _from_hub(hub, hub_target)
-        if got is not None:
-            if path is not None:
-                log.warning("Data file %r does not exist (from %s); using the Hub copy %s instead.", path, Path.cwd(), got)
-            return str(got)
-        hub_why = f"failed: {why}"
+    return Path(cache_dir).expanduser() / "data" / HUB_CACHE_NAME
 
+
+def _try_hub(hub: tuple[str, str, str] | None, name: str, filename: str, hub_target: Path) -> tuple[Path | None, str]:
+    """The Hub copy's path and ``""``, or ``None`` and why the Hub step was skipped or failed."""
+    if hub is None:
+        return None, "skipped (no Hub source configured)"
+    if name != filename:
+        return None, f"skipped (the Hub copy stands in for {filename!r} only, not {name!r})"
+    got, why = _from_hub(hub, hub_target)
+    return (got, "") if got is not None else (None, f"failed: {why}")
+
+
+def _not_found(
+    path: str | None,
+    name: str,
+    starts: list[Path],
+    tried: list[Path],
+    hub: tuple[str, str, str] | None,
+    hub_target: Path,
+    hub_why: str,
+) -> FileNotFoundError:
+    """The error naming every place tried for ``name`` and how to fix it."""
     configured = (
         f"{path!r} (resolved from the current directory {str(Path.cwd())!r}): does not exist"
-        if path is not None else "none configured"
+        if path is not None
+        else "none configured"
     )
     searched = ", ".join(str(p) for p in tried[:6]) + (f" and {len(tried) - 6} more" if len(tried) > 6 else "")
     hub_text = f"{hub[0]!r} (config {hub[1]!r}, split {hub[2]!r}) -> {hub_target}" if hub else "none"
-    raise FileNotFoundError(
+    return FileNotFoundError(
         f"No data file {name!r} found. Tried:\n"
         f"  1. the configured path: {configured};\n"
         f"  2. shared/data/{name} in or beside {', '.join(str(s) for s in starts)}: {searched}: none exists;\n"

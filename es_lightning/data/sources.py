@@ -49,7 +49,9 @@ def load_records(source: str, split: str = "train", name: str | None = None) -> 
         except ValueError as err:
             if "no data" not in str(err):
                 raise
-            raise ValueError(f"Data source {str(path)!r} is empty: it has no rows. Point the config at a file with examples.") from err
+            raise ValueError(
+                f"Data source {str(path)!r} is empty: it has no rows. Point the config at a file with examples."
+            ) from err
     else:
         try:
             table = datasets.load_dataset(source, name, split=split)

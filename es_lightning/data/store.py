@@ -34,7 +34,9 @@ class CacheStore:
     def __init__(self, cache: PairedCache):
         missing = cache.missing_shards()
         if missing:
-            raise RuntimeError(f"Cache shards {missing} are missing or incomplete in {cache.directory}; rebuild the cache.")
+            raise RuntimeError(
+                f"Cache shards {missing} are missing or incomplete in {cache.directory}; rebuild the cache."
+            )
         self.cache = cache
         self.layout = cache.layout
         labels = []
@@ -58,7 +60,9 @@ class CacheStore:
         cached = self.layers(side)
         absent = [layer for layer in layers if layer not in cached]
         if absent:
-            raise ValueError(f"{side} layers {absent} are not in the cache (cached: {cached}); add them to data.{side}.layers.")
+            raise ValueError(
+                f"{side} layers {absent} are not in the cache (cached: {cached}); add them to data.{side}.layers."
+            )
         return [cached.index(layer) for layer in layers]
 
     def read(self, side: str, rows: Sequence[int] | None, layers: Sequence[int]) -> torch.Tensor:
@@ -79,8 +83,8 @@ class CacheStore:
             with safe_open(str(self.cache.shard_path(shard, side)), framework="pt") as handle:
                 states = handle.get_slice("states")
                 for offset, first, count in runs:
-                    block = states[lo:hi, first:first + count]  # reads only this slice of the mapped file
-                    out[where, offset:offset + count] = block[local - lo].float()
+                    block = states[lo:hi, first : first + count]  # reads only this slice of the mapped file
+                    out[where, offset : offset + count] = block[local - lo].float()
         return out
 
 
@@ -103,7 +107,7 @@ class LayerRows:
         """States ``[n, d]`` (float32) of the ``position``-th cached layer."""
         return self.store.read(self.side, self.rows, [self.store.layers(self.side)[position]])[:, 0]
 
-    def take(self, index: Sequence[int]) -> "LayerRows":
+    def take(self, index: Sequence[int]) -> LayerRows:
         return LayerRows(self.store, self.side, [self.rows[i] for i in index])
 
 
@@ -112,7 +116,9 @@ class PairedStates(Dataset):
 
     ``__getitems__`` reads a whole batch in one pass over the shards."""
 
-    def __init__(self, store: CacheStore, rows: Sequence[int], expert_layers: Sequence[int], target_layers: Sequence[int]):
+    def __init__(
+        self, store: CacheStore, rows: Sequence[int], expert_layers: Sequence[int], target_layers: Sequence[int]
+    ):
         self.store, self.rows = store, list(rows)
         self.expert_layers, self.target_layers = list(expert_layers), list(target_layers)
 
@@ -123,7 +129,10 @@ class PairedStates(Dataset):
         rows = [self.rows[i] for i in items]
         expert = self.store.read("expert", rows, self.expert_layers)
         target = self.store.read("target", rows, self.target_layers)
-        return [{"expert": expert[k], "target": target[k], "label": self.store.labels[r], "index": r} for k, r in enumerate(rows)]
+        return [
+            {"expert": expert[k], "target": target[k], "label": self.store.labels[r], "index": r}
+            for k, r in enumerate(rows)
+        ]
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor | int]:
         return self.__getitems__([item])[0]

@@ -37,12 +37,20 @@ class AnswerRecord:
 class AnswerGenerator:
     """Generates, judges and measures answers to ``questions`` (indexed as in the evaluation) with one target."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, questions: Sequence[Question], config: GenerationEvaluation,
-                 positions: Positions = "all", block_path: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        questions: Sequence[Question],
+        config: GenerationEvaluation,
+        positions: Positions = "all",
+        block_path: str | None = None,
+    ):
         self.model, self.tokenizer, self.questions, self.config = model, tokenizer, questions, config
         self.positions, self.block_path = positions, block_path
-        self.settings = GenerationSettings(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                           chat_template=config.chat_template)
+        self.settings = GenerationSettings(
+            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, chat_template=config.chat_template
+        )
         self.chat = uses_chat_template(self.settings, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
@@ -61,10 +69,19 @@ class AnswerGenerator:
         if not variants:
             return []
         texts = [self.prompt(q) for q in questions]
-        steering = row_steering(self.model, variants, [v for v in range(len(variants)) for _ in questions], self.block_path)
-        generated = generate_rendered(self.model, self.tokenizer, texts * len(variants), self.settings,
-                                      add_special_tokens=not self.chat, steering=steering, positions=self.positions,
-                                      block_path=self.block_path)
+        steering = row_steering(
+            self.model, variants, [v for v in range(len(variants)) for _ in questions], self.block_path
+        )
+        generated = generate_rendered(
+            self.model,
+            self.tokenizer,
+            texts * len(variants),
+            self.settings,
+            add_special_tokens=not self.chat,
+            steering=steering,
+            positions=self.positions,
+            block_path=self.block_path,
+        )
         return [generated[v * len(questions) : (v + 1) * len(questions)] for v in range(len(variants))]
 
     def reference(self, questions: Sequence[int]) -> list[Generated]:
@@ -74,11 +91,18 @@ class AnswerGenerator:
     def damage(self, reference: Sequence[Generated], variants: Sequence[SteeringVariant]) -> list[list[Damage]]:
         """``[variant][question]`` divergence of each variant from the unsteered model on the reference answers."""
         pairs = [(g.prompt_ids, g.new_ids) for g in reference]
-        return continuation_damage(self.model, self.pad_id, pairs, variants, self.positions, self.block_path,
-                                   batch_size=self.config.batch_size)
+        return continuation_damage(
+            self.model, self.pad_id, pairs, variants, self.positions, self.block_path, batch_size=self.config.batch_size
+        )
 
-    def answer(self, questions: Sequence[int], variants: Sequence[SteeringVariant], reference: Sequence[Generated],
-               measured: Sequence[bool] | None = None, with_damage: bool = True) -> list[list[AnswerRecord]]:
+    def answer(
+        self,
+        questions: Sequence[int],
+        variants: Sequence[SteeringVariant],
+        reference: Sequence[Generated],
+        measured: Sequence[bool] | None = None,
+        with_damage: bool = True,
+    ) -> list[list[AnswerRecord]]:
         """``[variant][question]`` records. Unsteered variants reuse ``reference`` (the unsteered answers to the same
         questions); variants not ``measured`` (e.g. random draws, scored for accuracy only) get no damage and no
         perplexity, which saves two forward passes per answer; ``with_damage=False`` skips the damage of all

@@ -72,16 +72,23 @@ def within_budget(point: SweepPoint, unsteered: SweepPoint, budget: DamageBudget
         checks.append(point.damage is not None and point.damage.kl is not None and point.damage.kl <= budget.max_kl)
     health, base = point.health, unsteered.health
     if budget.max_empty_increase is not None:
-        checks.append(health is not None and base is not None
-                      and health.empty_share <= base.empty_share + budget.max_empty_increase + 1e-12)
+        checks.append(
+            health is not None
+            and base is not None
+            and health.empty_share <= base.empty_share + budget.max_empty_increase + 1e-12
+        )
     if budget.max_repetition_increase is not None:
-        checks.append(health is not None and base is not None
-                      and health.repetition <= base.repetition + budget.max_repetition_increase + 1e-12)
+        checks.append(
+            health is not None
+            and base is not None
+            and health.repetition <= base.repetition + budget.max_repetition_increase + 1e-12
+        )
     return all(checks)
 
 
-def choose(points: Mapping[float, SweepPoint], candidates: Sequence[float], budget: DamageBudget,
-           constrain: bool = True) -> CoefficientChoice:
+def choose(
+    points: Mapping[float, SweepPoint], candidates: Sequence[float], budget: DamageBudget, constrain: bool = True
+) -> CoefficientChoice:
     """The unconstrained and constrained choices among ``candidates`` (``points[0.0]`` is no steering). Without
     ``constrain`` (generation not evaluated) the constrained choice equals the unconstrained one."""
     if not candidates:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from es_lightning.evaluation.generation_metrics import GENERATION_METRICS, GenerationMetric
 from es_lightning.data.folds import FoldMode
+from es_lightning.evaluation.generation_metrics import GENERATION_METRICS, GenerationMetric
 from es_lightning.steering.options import Positions, check_coefficients
 
 Scoring = Literal["mean", "sum"]  # length-normalised or summed log-likelihood of a choice
@@ -44,12 +44,16 @@ class GenerationEvaluation:
                 f"{list(GENERATION_METRICS)} (or evaluation.generation.enabled: false)."
             )
         if "letter_match" in self.metrics and len(self.metrics) > 1:
-            raise ValueError("evaluation.generation.metrics: letter_match changes the prompt, so it must be the only metric.")
+            raise ValueError(
+                "evaluation.generation.metrics: letter_match changes the prompt, so it must be the only metric."
+            )
         if self.random_draws is not None and self.random_draws < 1:
             raise ValueError(f"evaluation.generation.random_draws must be >= 1 or null, got {self.random_draws}.")
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError(f"evaluation.generation max_new_tokens and batch_size must be >= 1; got "
-                             f"{self.max_new_tokens} and {self.batch_size}.")
+            raise ValueError(
+                f"evaluation.generation max_new_tokens and batch_size must be >= 1; got "
+                f"{self.max_new_tokens} and {self.batch_size}."
+            )
 
 
 @dataclass
@@ -123,9 +127,13 @@ class EvaluationConfig:
         if 0 in self.coefficients:
             raise ValueError("evaluation.coefficients must not hold 0: no steering is always scored as the baseline.")
         if not isinstance(self.random_draws, int) or self.random_draws < 1:
-            raise ValueError(f"evaluation.random_draws must be an integer >= 1 (8 or more recommended), got {self.random_draws!r}.")
+            raise ValueError(
+                f"evaluation.random_draws must be an integer >= 1 (8 or more recommended), got {self.random_draws!r}."
+            )
         if self.stop_after_falls < 1 or self.permutations < 100:
-            raise ValueError(f"stop_after_falls must be >= 1 and permutations >= 100; got {self.stop_after_falls}, {self.permutations}.")
+            raise ValueError(
+                f"stop_after_falls must be >= 1 and permutations >= 100; got {self.stop_after_falls}, {self.permutations}."
+            )
         if self.folds is not None and self.folds < 2:
             raise ValueError(f"folds must be >= 2 (or null for the DataModule's split), got {self.folds}.")
         if self.fold_mode not in ("random", "group", "contiguous"):
@@ -133,7 +141,9 @@ class EvaluationConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}.")
         if self.max_questions is not None and self.max_questions < 2 * (self.folds or 2):
-            raise ValueError(f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; use at least {2 * (self.folds or 2)} or null.")
+            raise ValueError(
+                f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; use at least {2 * (self.folds or 2)} or null."
+            )
         if self.max_val_questions is not None and self.max_val_questions < 1:
             raise ValueError(f"max_val_questions must be >= 1 or null, got {self.max_val_questions}.")
         if self.batch_size < 1 or not 0 < self.alpha < 1:

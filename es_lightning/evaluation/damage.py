@@ -30,8 +30,10 @@ class Damage:
     ce_increase_sum: float = 0.0
     tokens: int = 0
 
-    def __add__(self, other: "Damage") -> "Damage":
-        return Damage(self.kl_sum + other.kl_sum, self.ce_increase_sum + other.ce_increase_sum, self.tokens + other.tokens)
+    def __add__(self, other: Damage) -> Damage:
+        return Damage(
+            self.kl_sum + other.kl_sum, self.ce_increase_sum + other.ce_increase_sum, self.tokens + other.tokens
+        )
 
     @property
     def kl(self) -> float | None:
@@ -68,12 +70,15 @@ def _continuation_logits(model: torch.nn.Module, pairs, pad_id: int) -> tuple[to
     tokens ``[rows, length]`` and their mask."""
     device = next(model.parameters()).device
     ids, mask, positions, width, length = _layout(pairs, pad_id, device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=length + 1).logits[:, :length]
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=length + 1
+    ).logits[:, :length]
     return logits.float(), ids[:, width : width + length], mask[:, width : width + length].bool()
 
 
-def _continuation_logprobs(model: torch.nn.Module, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _continuation_logprobs(
+    model: torch.nn.Module, pairs, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like :func:`_continuation_logits`, as log-softmax over the vocabulary."""
     logits, targets, mask = _continuation_logits(model, pairs, pad_id)
     return logits.log_softmax(-1), targets, mask
@@ -96,8 +101,10 @@ def continuation_damage(
     width, as in generation.
     """
     totals = [[Damage() for _ in continuations] for _ in variants]
-    present = sorted((k for k, (_, c) in enumerate(continuations) if len(c)),  # similar lengths share a pass
-                     key=lambda k: -(len(continuations[k][0]) + len(continuations[k][1])))
+    present = sorted(
+        (k for k, (_, c) in enumerate(continuations) if len(c)),  # similar lengths share a pass
+        key=lambda k: -(len(continuations[k][0]) + len(continuations[k][1])),
+    )
     if not present or not any(v.steers for v in variants):
         return totals  # nothing pushes the model: every divergence is exactly zero
     table = row_steering(model, variants, [], block_path).table
@@ -119,10 +126,13 @@ def continuation_damage(
                 steered = steered.view(len(group), len(chunk), *steered.shape[1:])
                 for k, variant in enumerate(group):
                     kl = (base_probs * (base - steered[k])).sum(-1).masked_fill(~mask, 0.0)
-                    increase = (-steered[k].gather(-1, targets.unsqueeze(-1)).squeeze(-1) - base_nll).masked_fill(~mask, 0.0)
+                    increase = (-steered[k].gather(-1, targets.unsqueeze(-1)).squeeze(-1) - base_nll).masked_fill(
+                        ~mask, 0.0
+                    )
                     for row, k_pair in enumerate(index):
-                        totals[variant][k_pair] = Damage(float(kl[row].sum()), float(increase[row].sum()),
-                                                         int(mask[row].sum()))
+                        totals[variant][k_pair] = Damage(
+                            float(kl[row].sum()), float(increase[row].sum()), int(mask[row].sum())
+                        )
     return totals
 
 
@@ -132,8 +142,10 @@ def answer_nll(
     """Per (prompt ids, answer ids) pair: the unsteered model's summed negative log-likelihood of the answer tokens
     given the prompt, and the number of answer tokens ((0.0, 0) for an empty answer)."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(answers)
-    present = sorted((k for k, (_, answer) in enumerate(answers) if len(answer)),  # similar lengths share a pass
-                     key=lambda k: -(len(answers[k][0]) + len(answers[k][1])))
+    present = sorted(
+        (k for k, (_, answer) in enumerate(answers) if len(answer)),  # similar lengths share a pass
+        key=lambda k: -(len(answers[k][0]) + len(answers[k][1])),
+    )
     with torch.inference_mode():
         for start in range(0, len(present), batch_size):
             index = present[start : start + batch_size]
@@ -157,10 +169,14 @@ class AnswerHealth:
     nll_sum: float = 0.0
     tokens: int = 0
 
-    def __add__(self, other: "AnswerHealth") -> "AnswerHealth":
-        return AnswerHealth(self.answers + other.answers, self.empty + other.empty,
-                            self.repetition_sum + other.repetition_sum, self.nll_sum + other.nll_sum,
-                            self.tokens + other.tokens)
+    def __add__(self, other: AnswerHealth) -> AnswerHealth:
+        return AnswerHealth(
+            self.answers + other.answers,
+            self.empty + other.empty,
+            self.repetition_sum + other.repetition_sum,
+            self.nll_sum + other.nll_sum,
+            self.tokens + other.tokens,
+        )
 
     @property
     def empty_share(self) -> float:

@@ -38,8 +38,13 @@ def plot_coefficient_sweep(report: Report, path: str | Path) -> Path:
             ax.fill_between(curve.coefficients, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
             if damage and curve.mean_damage.get("kl"):
                 points = [(c, kl) for c, kl in zip(curve.coefficients, curve.mean_damage["kl"]) if kl is not None]
-                axes[1][column].plot([c for c, _ in points], [kl for _, kl in points], marker="o",
-                                     color=line.get_color(), label=method.method)
+                axes[1][column].plot(
+                    [c for c, _ in points],
+                    [kl for _, kl in points],
+                    marker="o",
+                    color=line.get_color(),
+                    label=method.method,
+                )
         ax.set_title(data.dataset)
         ax.set_ylabel("validation accuracy (%)")
         if damage:

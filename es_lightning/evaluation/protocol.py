@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from es_lightning.data.examples import Question
-from es_lightning.data.store import CacheStore, LayerRows
 from es_lightning.data.folds import Fold, make_folds
-from es_lightning.evaluation.config import EvaluationConfig
+from es_lightning.data.store import CacheStore, LayerRows
 from es_lightning.evaluation.answers import AnswerGenerator, AnswerRecord
 from es_lightning.evaluation.choice import CoefficientChoice, SweepPoint, choose, walked
+from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.damage import AnswerHealth, Damage
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
 from es_lightning.models.prompting import render_prompt
@@ -84,7 +84,7 @@ class FoldPlan:
         name, coefficient = key
         if name == NONE or coefficient == 0:
             return SteeringVariant(name)
-        vectors = self.draws[int(name[len(DRAW):])] if name.startswith(DRAW) else self.vectors[name]
+        vectors = self.draws[int(name[len(DRAW) :])] if name.startswith(DRAW) else self.vectors[name]
         return SteeringVariant(name, coefficient, vectors, self.norms)
 
 
@@ -108,26 +108,41 @@ class RenderedQuestions:
     ids: list[str]
 
 
-def render_questions(tokenizer, questions: Sequence[Question], completion_template: str, chat_template: bool) -> RenderedQuestions:
+def render_questions(
+    tokenizer, questions: Sequence[Question], completion_template: str, chat_template: bool
+) -> RenderedQuestions:
     """Render questions for scoring with the same templates that built the cached examples."""
     prompts, choices = [], []
     for q in questions:
         prompts.append(render_prompt(tokenizer, q.prompt, chat_template))
         rendered = [completion_template.format(choice=c) for c in q.choices]
         choices.append([c.lstrip() for c in rendered] if chat_template else rendered)
-    return RenderedQuestions(prompts, choices, [q.answer for q in questions], [q.group for q in questions], [q.id for q in questions])
+    return RenderedQuestions(
+        prompts, choices, [q.answer for q in questions], [q.group for q in questions], [q.id for q in questions]
+    )
 
 
-def plan_folds(n_questions: int, groups: Sequence[str], config: EvaluationConfig, seed: int,
-               split: dict[str, list[int]] | None = None) -> list[Fold]:
+def plan_folds(
+    n_questions: int,
+    groups: Sequence[str],
+    config: EvaluationConfig,
+    seed: int,
+    split: dict[str, list[int]] | None = None,
+) -> list[Fold]:
     """The folds: k-fold over questions, or one 'fold' from a given train/val/test split of question indices."""
     if config.folds is None:
         if split is None:
             raise ValueError("folds: null needs the DataModule's train/val/test split of questions.")
         return [Fold(0, tuple(split["train"]), tuple(split["val"]), tuple(split["test"]))]
     ids = [f"q{i}" for i in range(n_questions)]
-    return make_folds(ids, k=config.folds, mode=config.fold_mode, seed=seed,
-                      groups=list(groups) if config.fold_mode == "group" else None, val_fraction=config.val_fraction)
+    return make_folds(
+        ids,
+        k=config.folds,
+        mode=config.fold_mode,
+        seed=seed,
+        groups=list(groups) if config.fold_mode == "group" else None,
+        val_fraction=config.val_fraction,
+    )
 
 
 class Evaluator:
@@ -161,7 +176,9 @@ class Evaluator:
         vectors.validate()
         pairing.validate()
         if config.protocol == "shared" and shared is None:
-            raise ValueError("protocol: shared needs the checkpoint's pairs and auto-encoders; fit with LayerPairingCallback.")
+            raise ValueError(
+                "protocol: shared needs the checkpoint's pairs and auto-encoders; fit with LayerPairingCallback."
+            )
         self.model, self.tokenizer, self.rendered = model, tokenizer, rendered
         self.store, self.question_rows = store, question_rows
         self.layers, self.config, self.vector_config, self.pairing = layers, config, vectors, pairing
@@ -170,20 +187,37 @@ class Evaluator:
         self.answers = answers if config.generation.enabled else None  # generated answers and damage, if evaluated
 
     # ----------------------------------------------------------------------------------- scoring
-    def score(self, questions: Sequence[int], variants: Sequence[SteeringVariant], desc: str = "scoring"
-              ) -> list[dict[str, torch.Tensor]]:
+    def score(
+        self, questions: Sequence[int], variants: Sequence[SteeringVariant], desc: str = "scoring"
+    ) -> list[dict[str, torch.Tensor]]:
         """Per variant, the correctness of each question under both scorings (``mean`` and ``sum``), every
         (variant, question) row scored in one batched pass whose rows carry their own steering."""
         prompts = [self.rendered.prompts[q] for _ in variants for q in questions]
         choices = [self.rendered.choices[q] for _ in variants for q in questions]
-        steering = row_steering(self.model, variants, [v for v in range(len(variants)) for _ in questions],
-                                self.block_path)
-        scores = score_choices(self.model, self.tokenizer, prompts, choices, batch_size=self.config.batch_size,
-                               progress=self.progress, desc=desc, add_special_tokens=self.add_special_tokens,
-                               steering=steering, positions=self.config.positions, block_path=self.block_path)
+        steering = row_steering(
+            self.model, variants, [v for v in range(len(variants)) for _ in questions], self.block_path
+        )
+        scores = score_choices(
+            self.model,
+            self.tokenizer,
+            prompts,
+            choices,
+            batch_size=self.config.batch_size,
+            progress=self.progress,
+            desc=desc,
+            add_special_tokens=self.add_special_tokens,
+            steering=steering,
+            positions=self.config.positions,
+            block_path=self.block_path,
+        )
         n = len(questions)
-        return [{"mean": self.correct(scores[v * n : (v + 1) * n], questions, True),
-                 "sum": self.correct(scores[v * n : (v + 1) * n], questions, False)} for v in range(len(variants))]
+        return [
+            {
+                "mean": self.correct(scores[v * n : (v + 1) * n], questions, True),
+                "sum": self.correct(scores[v * n : (v + 1) * n], questions, False),
+            }
+            for v in range(len(variants))
+        ]
 
     def correct(self, scores: Sequence[ChoiceScores], questions: Sequence[int], normalise: bool) -> torch.Tensor:
         """Per-question correctness under one scoring."""
@@ -208,22 +242,43 @@ class Evaluator:
         kept, held = split_by_group(groups, self.pairing.heldout_fraction, seed)
         info = self.layers
         outcome = search_pairs(
-            self.rows_of([fold.train[k] for k in kept]), self.rows_of([fold.train[k] for k in held]),
-            info.expert_layers, info.target_layers, info.expert_depth, info.target_depth, self.pairing, self.objective,
+            self.rows_of([fold.train[k] for k in kept]),
+            self.rows_of([fold.train[k] for k in held]),
+            info.expert_layers,
+            info.target_layers,
+            info.expert_depth,
+            info.target_depth,
+            self.pairing,
+            self.objective,
         )
-        return list(outcome.result.pairs), outcome.linear.__getitem__, {"protocol": "nested", "search": outcome.result.to_dict()}
+        return (
+            list(outcome.result.pairs),
+            outcome.linear.__getitem__,
+            {"protocol": "nested", "search": outcome.result.to_dict()},
+        )
 
-    def fold_vectors(self, fold: Fold, pairs, encoder_linear) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:
+    def fold_vectors(
+        self, fold: Fold, pairs, encoder_linear
+    ) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:
         """Vectors of every method from the fold's train questions only."""
         rows = self.rows_of(fold.train)
         assert isinstance(rows.expert, LayerRows) and isinstance(rows.target, LayerRows) and rows.labels is not None
         seed = self.vector_config.seed + fold.index
-        expert_layers, target_layers = list(dict.fromkeys(i for i, _ in pairs)), list(dict.fromkeys(j for _, j in pairs))
+        expert_layers, target_layers = (
+            list(dict.fromkeys(i for i, _ in pairs)),
+            list(dict.fromkeys(j for _, j in pairs)),
+        )
         target = self.store.read("target", rows.target.rows, target_layers)  # only the chosen pairs' layers
         inputs = VectorInputs(
-            expert=self.store.read("expert", rows.expert.rows, expert_layers), target=target, labels=rows.labels,
-            expert_layers=expert_layers, target_layers=target_layers, encoder_linear=encoder_linear,
-            rfm_options=self.vector_config.rfm_options, seed=seed, groups=rows.groups,
+            expert=self.store.read("expert", rows.expert.rows, expert_layers),
+            target=target,
+            labels=rows.labels,
+            expert_layers=expert_layers,
+            target_layers=target_layers,
+            encoder_linear=encoder_linear,
+            rfm_options=self.vector_config.rfm_options,
+            seed=seed,
+            groups=rows.groups,
             device=getattr(self.model, "device", "cpu"),
         )
         result = compute_vector_set(self.vector_config.methods, pairs, inputs)
@@ -243,12 +298,24 @@ class Evaluator:
         val = list(fold.val)
         if self.config.max_val_questions and len(val) > self.config.max_val_questions:
             generator = torch.Generator().manual_seed(self.vector_config.seed + fold.index)
-            val = sorted(val[i] for i in torch.randperm(len(val), generator=generator)[: self.config.max_val_questions].tolist())
-        plan = FoldPlan(fold, pairs, vectors, self.random_draws(fold, pairs), norms, {}, {},
-                        {"alignment": alignment, "vectors": diagnostics, "n_val_scored": len(val)})
+            val = sorted(
+                val[i] for i in torch.randperm(len(val), generator=generator)[: self.config.max_val_questions].tolist()
+            )
+        plan = FoldPlan(
+            fold,
+            pairs,
+            vectors,
+            self.random_draws(fold, pairs),
+            norms,
+            {},
+            {},
+            {"alignment": alignment, "vectors": diagnostics, "n_val_scored": len(val)},
+        )
         sides = self.config.sweep_order()
         keys = [(NONE, 0.0)] + [(m, c) for m in self.vector_config.methods for side in sides for c in side]
-        scored = self.score(val, [plan.variant(key) for key in keys], desc=f"fold {fold.index} val, {len(keys)} variants")
+        scored = self.score(
+            val, [plan.variant(key) for key in keys], desc=f"fold {fold.index} val, {len(keys)} variants"
+        )
         accuracy = {key: scored[k][self.config.scoring].float().mean().item() for k, key in enumerate(keys)}
         reached = {}
         for method in self.vector_config.methods:
@@ -257,12 +324,14 @@ class Evaluator:
         points = self.val_points(val, plan, [(m, c) for m, cs in reached.items() for c in cs], accuracy)
         for method in self.vector_config.methods:
             plan.sweep[method] = {0.0: points[(NONE, 0.0)], **{c: points[(method, c)] for c in reached[method]}}
-            plan.choices[method] = choose(plan.sweep[method], reached[method], self.config.budget,
-                                          constrain=self.answers is not None)
+            plan.choices[method] = choose(
+                plan.sweep[method], reached[method], self.config.budget, constrain=self.answers is not None
+            )
         return plan
 
-    def val_points(self, val: list[int], plan: FoldPlan, keys: list[VariantKey],
-                   accuracy: dict[VariantKey, float]) -> dict[VariantKey, SweepPoint]:
+    def val_points(
+        self, val: list[int], plan: FoldPlan, keys: list[VariantKey], accuracy: dict[VariantKey, float]
+    ) -> dict[VariantKey, SweepPoint]:
         """Each walked coefficient's val point: its accuracy and, with generation evaluated, its damage on the
         unsteered answers to the val prompts and (only where that KL is within budget: elsewhere the coefficient is
         out anyway) the health of its own answers."""
@@ -272,12 +341,16 @@ class Evaluator:
         damage = [sum(row, Damage()) for row in self.answers.damage(reference, [plan.variant(k) for k in keys])]
         limit = self.config.budget.max_kl
         healthy = [k for k, d in zip(keys, damage) if limit is None or (d.kl is not None and d.kl <= limit)]
-        records = self.answers.answer(val, [plan.variant(k) for k in [(NONE, 0.0), *healthy]], reference,
-                                      with_damage=False)
-        health = {key: sum((r.health for r in row), AnswerHealth()) for key, row in zip([(NONE, 0.0), *healthy], records)}
+        records = self.answers.answer(
+            val, [plan.variant(k) for k in [(NONE, 0.0), *healthy]], reference, with_damage=False
+        )
+        health = {
+            key: sum((r.health for r in row), AnswerHealth()) for key, row in zip([(NONE, 0.0), *healthy], records)
+        }
         points = {key: SweepPoint(accuracy[key], d, health.get(key)) for key, d in zip(keys, damage)}
-        points[(NONE, 0.0)] = SweepPoint(accuracy[(NONE, 0.0)], Damage(tokens=sum(len(g.new_ids) for g in reference)),
-                                         health[(NONE, 0.0)])
+        points[(NONE, 0.0)] = SweepPoint(
+            accuracy[(NONE, 0.0)], Damage(tokens=sum(len(g.new_ids) for g in reference)), health[(NONE, 0.0)]
+        )
         return points
 
     # -------------------------------------------------------------------------------------- test
@@ -289,7 +362,11 @@ class Evaluator:
         methods = self.vector_config.methods
         choices = [plan.choices[m] for m in methods]
         steered = [c for m, c in zip(methods, choices) if m != "random"]
-        mc = [(NONE, 0.0)] + [(m, c.applied) for m, c in zip(methods, choices)] + [(m, c.unconstrained) for m, c in zip(methods, choices)]
+        mc = (
+            [(NONE, 0.0)]
+            + [(m, c.applied) for m, c in zip(methods, choices)]
+            + [(m, c.unconstrained) for m, c in zip(methods, choices)]
+        )
         gen = [(NONE, 0.0)] + mc[1:]
         for coefficient in dict.fromkeys(x for c in steered for x in (c.applied, c.unconstrained)):
             mc += [(f"{DRAW}{d}", coefficient) for d in range(len(plan.draws))]
@@ -302,15 +379,23 @@ class Evaluator:
         """Per test question of this fold: correctness (both scorings) of every multiple-choice variant and the
         generated answer of every generation variant."""
         mc_keys, gen_keys = self.test_variants(plan)
-        scored = self.score(questions, [plan.variant(k) for k in mc_keys],
-                            desc=f"fold {plan.fold.index} test, {len(mc_keys)} variants")
+        scored = self.score(
+            questions, [plan.variant(k) for k in mc_keys], desc=f"fold {plan.fold.index} test, {len(mc_keys)} variants"
+        )
         answers: list[list[AnswerRecord]] = []
         if gen_keys:  # the random draws are scored for accuracy only: no damage or perplexity measured for them
             generator = self.answers
             assert generator is not None  # test_variants gives generation variants only with an AnswerGenerator
-            answers = generator.answer(questions, [plan.variant(k) for k in gen_keys], generator.reference(questions),
-                                       measured=[not k[0].startswith(DRAW) for k in gen_keys])
-        return [TestRecord(
-            {key: {s: bool(scored[v][s][k]) for s in ("mean", "sum")} for v, key in enumerate(mc_keys)},
-            {key: answers[v][k] for v, key in enumerate(gen_keys)},
-        ) for k in range(len(questions))]
+            answers = generator.answer(
+                questions,
+                [plan.variant(k) for k in gen_keys],
+                generator.reference(questions),
+                measured=[not k[0].startswith(DRAW) for k in gen_keys],
+            )
+        return [
+            TestRecord(
+                {key: {s: bool(scored[v][s][k]) for s in ("mean", "sum")} for v, key in enumerate(mc_keys)},
+                {key: answers[v][k] for v, key in enumerate(gen_keys)},
+            )
+            for k in range(len(questions))
+        ]

@@ -8,12 +8,21 @@ results, tests and verdicts.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from es_lightning.evaluation.config import Scoring
-from es_lightning.evaluation.stats import RandomControl, SignTest, Spread, Verdict, random_control, sign_test, summarise, verdict
+from es_lightning.evaluation.stats import (
+    RandomControl,
+    SignTest,
+    Spread,
+    Verdict,
+    random_control,
+    sign_test,
+    summarise,
+    verdict,
+)
 
 SCORINGS: tuple[str, ...] = ("sum", "mean")
 REPORT_FORMAT = 3
@@ -28,7 +37,9 @@ class FoldResult:
     accuracy_sum: float  # choices ranked by summed log-prob
     accuracy_mean: float  # choices ranked by mean log-prob per token (length-normalised)
     n_test: int
-    random_draws: tuple[float, ...] | None = None  # test accuracy of each random draw at this coefficient (report's scoring)
+    random_draws: tuple[float, ...] | None = (
+        None  # test accuracy of each random draw at this coefficient (report's scoring)
+    )
     within_budget: bool = True  # False: no coefficient was within the damage budget, so the method was not steered
 
     def to_dict(self) -> dict:
@@ -38,7 +49,7 @@ class FoldResult:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FoldResult":
+    def from_dict(cls, data: dict) -> FoldResult:
         """Inverse of :meth:`to_dict`."""
         draws = data.get("random_draws")
         return cls(**{**data, "random_draws": None if draws is None else tuple(draws)})
@@ -68,7 +79,7 @@ class SweepCurve:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SweepCurve":
+    def from_dict(cls, data: dict) -> SweepCurve:
         """Inverse of :meth:`to_dict`."""
         return cls(
             coefficients=tuple(data["coefficients"]),
@@ -83,7 +94,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def sweep_curve(per_fold: Sequence[dict[float, float]], damage: Sequence[dict[float, dict]] | None = None) -> SweepCurve:
+def sweep_curve(
+    per_fold: Sequence[dict[float, float]], damage: Sequence[dict[float, dict]] | None = None
+) -> SweepCurve:
     """Build a :class:`SweepCurve` from one ``{coefficient: val accuracy}`` mapping per fold; a fold may miss
     coefficients (its sweep stopped early in that direction). ``damage``, if given, holds per fold
     ``{coefficient: {measure: value}}`` for the measures of ``DAMAGE_MEASURES``."""
@@ -91,13 +104,13 @@ def sweep_curve(per_fold: Sequence[dict[float, float]], damage: Sequence[dict[fl
         raise ValueError("sweep_curve needs the validation accuracies of at least one fold.")
     grid = sorted({float(c) for row in per_fold for c in row})
     rows = tuple(tuple(float(row[c]) if c in row else None for c in grid) for row in per_fold)
-    mean = tuple(
-        sum(v for v in column if v is not None) / sum(v is not None for v in column) for column in zip(*rows)
-    )
+    mean = tuple(sum(v for v in column if v is not None) / sum(v is not None for v in column) for column in zip(*rows))
     measures = {}
     if damage is not None:
-        measures = {name: tuple(_mean([(fold.get(c) or {}).get(name) for fold in damage]) for c in grid)
-                    for name in DAMAGE_MEASURES}
+        measures = {
+            name: tuple(_mean([(fold.get(c) or {}).get(name) for fold in damage]) for c in grid)
+            for name in DAMAGE_MEASURES
+        }
     return SweepCurve(coefficients=tuple(grid), fold_val_accuracy=rows, mean_val_accuracy=mean, mean_damage=measures)
 
 
@@ -127,23 +140,32 @@ class GenerationResult:
         return {
             "metrics": list(self.metrics),
             "accuracy": {m: spread.to_dict() for m, spread in self.accuracy.items()},
-            "empty": self.empty, "repetition": self.repetition, "perplexity": self.perplexity,
-            "kl": self.kl, "ce_increase": self.ce_increase,
+            "empty": self.empty,
+            "repetition": self.repetition,
+            "perplexity": self.perplexity,
+            "kl": self.kl,
+            "ce_increase": self.ce_increase,
             "vs_none": None if self.vs_none is None else {m: t.to_dict() for m, t in self.vs_none.items()},
             "vs_random": None if self.vs_random is None else {m: t.to_dict() for m, t in self.vs_random.items()},
             "verdict": self.verdict,
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GenerationResult":
+    def from_dict(cls, data: dict) -> GenerationResult:
         """Inverse of :meth:`to_dict`."""
         return cls(
             metrics=tuple(data["metrics"]),
             accuracy={m: Spread.from_dict(v) for m, v in data["accuracy"].items()},
-            empty=data["empty"], repetition=data["repetition"], perplexity=data["perplexity"],
-            kl=data["kl"], ce_increase=data["ce_increase"],
-            vs_none=None if data.get("vs_none") is None else {m: SignTest.from_dict(v) for m, v in data["vs_none"].items()},
-            vs_random=None if data.get("vs_random") is None
+            empty=data["empty"],
+            repetition=data["repetition"],
+            perplexity=data["perplexity"],
+            kl=data["kl"],
+            ce_increase=data["ce_increase"],
+            vs_none=None
+            if data.get("vs_none") is None
+            else {m: SignTest.from_dict(v) for m, v in data["vs_none"].items()},
+            vs_random=None
+            if data.get("vs_random") is None
             else {m: RandomControl.from_dict(v) for m, v in data["vs_random"].items()},
             verdict=data.get("verdict"),
         )
@@ -162,7 +184,7 @@ class MethodResult:
     verdict: Verdict | None = None
     sweep: SweepCurve | None = None
     generation: GenerationResult | None = None  # the generated answers at the same coefficients
-    unconstrained: "MethodResult | None" = None  # the same method at the coefficient of best val accuracy alone
+    unconstrained: MethodResult | None = None  # the same method at the coefficient of best val accuracy alone
 
     @property
     def coefficients(self) -> tuple[float | None, ...]:
@@ -185,7 +207,7 @@ class MethodResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MethodResult":
+    def from_dict(cls, data: dict) -> MethodResult:
         """Inverse of :meth:`to_dict`."""
         return cls(
             method=data["method"],
@@ -256,7 +278,7 @@ class DatasetReport:
         return {"dataset": self.dataset, "n_questions": self.n_questions, "methods": methods}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DatasetReport":
+    def from_dict(cls, data: dict) -> DatasetReport:
         """Inverse of :meth:`to_dict`."""
         methods = tuple(MethodResult.from_dict(m) for m in data["methods"])
         return cls(dataset=data["dataset"], n_questions=data["n_questions"], methods=methods)
@@ -296,7 +318,7 @@ class Report:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Report":
+    def from_dict(cls, data: dict) -> Report:
         """Inverse of :meth:`to_dict`."""
         if data.get("format") != REPORT_FORMAT:
             raise ValueError(

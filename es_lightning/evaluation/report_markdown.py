@@ -49,8 +49,9 @@ def _random(control: RandomControl | None) -> str:
 def _coefficients(m: MethodResult) -> str:
     if all(fold.coefficient is None for fold in m.folds):
         return "–"
-    return ", ".join("–" if f.coefficient is None else (NO_BUDGET if not f.within_budget else f"{f.coefficient:g}")
-                     for f in m.folds)
+    return ", ".join(
+        "–" if f.coefficient is None else (NO_BUDGET if not f.within_budget else f"{f.coefficient:g}") for f in m.folds
+    )
 
 
 def _both_coefficients(m: MethodResult) -> str:
@@ -63,50 +64,89 @@ def _accuracy_cell(m: MethodResult, scoring: str) -> str:
 
 
 def _summary(data: DatasetReport, scoring: str) -> list[str]:
-    lines = ["| Dataset | Method | MC accuracy | Generation accuracy | KL | CE increase | Empty | "
-             "Coefficient per fold (constrained / unconstrained) | MC verdict | Generation verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Dataset | Method | MC accuracy | Generation accuracy | KL | CE increase | Empty | "
+        "Coefficient per fold (constrained / unconstrained) | MC verdict | Generation verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in data.methods:
         gen = m.generation
         primary = gen.metrics[0] if gen else None
-        lines.append(_row([
-            data.dataset, m.method, _accuracy_cell(m, scoring),
-            "–" if gen is None or primary is None else f"{_accuracy(gen.accuracy[primary])} ({primary})",
-            _number(None if gen is None else gen.kl), _number(None if gen is None else gen.ce_increase),
-            _percent(None if gen is None else gen.empty), _both_coefficients(m), m.verdict or "–",
-            (gen.verdict if gen else None) or "–",
-        ]))
+        lines.append(
+            _row(
+                [
+                    data.dataset,
+                    m.method,
+                    _accuracy_cell(m, scoring),
+                    "–" if gen is None or primary is None else f"{_accuracy(gen.accuracy[primary])} ({primary})",
+                    _number(None if gen is None else gen.kl),
+                    _number(None if gen is None else gen.ce_increase),
+                    _percent(None if gen is None else gen.empty),
+                    _both_coefficients(m),
+                    m.verdict or "–",
+                    (gen.verdict if gen else None) or "–",
+                ]
+            )
+        )
     return lines
 
 
 def _choice_table(data: DatasetReport, unconstrained: bool) -> list[str]:
-    lines = ["| Method | Accuracy (sum) | Accuracy (mean/token) | Coefficient per fold | p vs none (W/L) "
-             "| Random draws: mean / beaten / p | Verdict |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Method | Accuracy (sum) | Accuracy (mean/token) | Coefficient per fold | p vs none (W/L) "
+        "| Random draws: mean / beaten / p | Verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in data.methods:
         shown = m.unconstrained if unconstrained and m.unconstrained is not None else m
-        lines.append(_row([m.method, _accuracy(shown.accuracy_sum), _accuracy(shown.accuracy_mean),
-                           _coefficients(shown), _p(shown.vs_none), _random(shown.vs_random), shown.verdict or "–"]))
+        lines.append(
+            _row(
+                [
+                    m.method,
+                    _accuracy(shown.accuracy_sum),
+                    _accuracy(shown.accuracy_mean),
+                    _coefficients(shown),
+                    _p(shown.vs_none),
+                    _random(shown.vs_random),
+                    shown.verdict or "–",
+                ]
+            )
+        )
     return lines
 
 
 def _generation_table(data: DatasetReport) -> list[str]:
     rows = [(m.method, "constrained", m.generation) for m in data.methods if m.generation is not None]
-    rows += [(m.method, "unconstrained", m.unconstrained.generation) for m in data.methods
-             if m.unconstrained is not None and m.unconstrained.generation is not None]
+    rows += [
+        (m.method, "unconstrained", m.unconstrained.generation)
+        for m in data.methods
+        if m.unconstrained is not None and m.unconstrained.generation is not None
+    ]
     if not rows:
         return []
     metrics = rows[0][2].metrics
-    head = ["Method", "Coefficient"] + [f"{metric} (p vs none / random)" for metric in metrics] + [
-        "Empty", "Repeated 3-grams", "Perplexity (unsteered)", "KL", "CE increase", "Verdict"]
+    head = (
+        ["Method", "Coefficient"]
+        + [f"{metric} (p vs none / random)" for metric in metrics]
+        + ["Empty", "Repeated 3-grams", "Perplexity (unsteered)", "KL", "CE increase", "Verdict"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for method, kind, gen in rows:
         cells = [method, "–" if method == "none" else kind]
         for metric in metrics:
-            tests = [_p(gen.vs_none[metric]) if gen.vs_none else "–",
-                     _random(gen.vs_random[metric]) if gen.vs_random else "–"]
+            tests = [
+                _p(gen.vs_none[metric]) if gen.vs_none else "–",
+                _random(gen.vs_random[metric]) if gen.vs_random else "–",
+            ]
             cells.append(f"{_accuracy(gen.accuracy[metric])} ({tests[0]}; {tests[1]})")
-        cells += [_percent(gen.empty), _percent(gen.repetition), _number(gen.perplexity), _number(gen.kl),
-                  _number(gen.ce_increase), gen.verdict or "–"]
+        cells += [
+            _percent(gen.empty),
+            _percent(gen.repetition),
+            _number(gen.perplexity),
+            _number(gen.kl),
+            _number(gen.ce_increase),
+            gen.verdict or "–",
+        ]
         lines.append(_row(cells))
     return lines
 
@@ -140,10 +180,14 @@ def render_markdown(report: Report) -> str:
     """The report as markdown: a summary (multiple choice, generation, damage, both coefficient choices), then the
     multiple-choice tests at the constrained and unconstrained coefficients, generation details and the sweeps."""
     label = {"sum": "summed log-prob", "mean": "mean log-prob per token"}[report.scoring]
-    folds = (f"{report.k}-fold {report.fold_mode} cross-validation. " if report.fold_mode != "split"
-             else "The data module's train/val/test split. ")
+    folds = (
+        f"{report.k}-fold {report.fold_mode} cross-validation. "
+        if report.fold_mode != "split"
+        else "The data module's train/val/test split. "
+    )
     lines = [
-        f"# Evaluation of {report.model}", "",
+        f"# Evaluation of {report.model}",
+        "",
         folds + "Accuracy in %, mean ± sample std over folds. Each method's coefficient is chosen per fold on its "
         "validation part: *constrained*, the best validation accuracy among coefficients whose damage (KL on the "
         "target's own unsteered continuations, empty and repetitive answers) stays within the budget, used by "

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import ContextManager
 
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -90,7 +91,10 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def _score_group(
-    model: torch.nn.Module, pad_id: int, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]],
+    model: torch.nn.Module,
+    pad_id: int,
+    prompt_ids: list[list[int]],
+    choice_ids: list[list[list[int]]],
     rows: RowState | None = None,
 ) -> list[tuple[list[float], list[int]]]:
     """Score a group of questions: one left-padded prompt pass, then all choices (right-padded) on the shared cache.
@@ -110,7 +114,11 @@ def _score_group(
     cache = DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module types .config as Tensor | Module
     cache_arg = _cache_argument(model)
     out = model(
-        input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+        input_ids=tokens,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
         **{cache_arg: cache},
     )
     last_logits = out.logits[:, -1]  # (questions, vocab): predicts every choice's first token
@@ -134,7 +142,10 @@ def _score_group(
         attention = torch.cat([mask[row_question], target_mask[:, :-1].long()], dim=1)
         choice_positions = prompt_len[row_question, None] + torch.arange(length - 1, device=device)
         out = model(
-            input_ids=inputs, attention_mask=attention, position_ids=choice_positions, use_cache=True,
+            input_ids=inputs,
+            attention_mask=attention,
+            position_ids=choice_positions,
+            use_cache=True,
             **{cache_arg: cache},
         )
         logprobs[:, 1:] = _token_logprobs(out.logits, targets[:, 1:])
@@ -148,8 +159,12 @@ def _score_group(
 
 
 def _group_context(
-    model: torch.nn.Module, context: ContextFactory | None, steering: RowSteering | None, group: list[int],
-    positions: Positions, block_path: str | None,
+    model: torch.nn.Module,
+    context: ContextFactory | None,
+    steering: RowSteering | None,
+    group: list[int],
+    positions: Positions,
+    block_path: str | None,
 ) -> ContextManager:
     """The context a group's passes run in: the caller's factory, per-row steering of the group, or nothing."""
     if steering is not None:
@@ -182,7 +197,9 @@ def score_choices(
     from generated positions by the cache length see the prompt/choice boundary. Results keep the input order.
     """
     if len(prompts) != len(choices):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(choices)} choice lists; pass one choice list per prompt.")
+        raise ValueError(
+            f"Got {len(prompts)} prompts but {len(choices)} choice lists; pass one choice list per prompt."
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if steering is not None and (context is not None or len(steering.variant_of) != len(prompts)):
@@ -204,8 +221,13 @@ def score_choices(
         for group in groups:
             check_stop()
             with _group_context(model, context, steering, group, positions, block_path) as rows:
-                scored = _score_group(model, pad_id, [prompt_ids[q] for q in group], [choice_ids[q] for q in group],
-                                      rows if isinstance(rows, RowState) else None)
+                scored = _score_group(
+                    model,
+                    pad_id,
+                    [prompt_ids[q] for q in group],
+                    [choice_ids[q] for q in group],
+                    rows if isinstance(rows, RowState) else None,
+                )
             for q, (sums, counts) in zip(group, scored):
                 results[q] = ChoiceScores(logprob_sum=tuple(sums), num_tokens=tuple(counts))
             bar.update(len(group))
@@ -236,9 +258,7 @@ def accuracy(scores: Sequence[ChoiceScores], answers: Sequence[int], normalise: 
         raise ValueError(f"Got scores for {len(scores)} questions but {len(answers)} answers.")
     for q, (row, answer) in enumerate(zip(scores, answers)):
         if not 0 <= answer < len(row.logprob_sum):
-            raise ValueError(
-                f"Answer {answer} of question {q} is out of range for its {len(row.logprob_sum)} choices."
-            )
+            raise ValueError(f"Answer {answer} of question {q} is out of range for its {len(row.logprob_sum)} choices.")
     num_classes = max(2, max(len(row.logprob_sum) for row in scores))
     preds = torch.tensor(predictions(scores, normalise))
     target = torch.tensor(list(answers), dtype=torch.long)

@@ -55,7 +55,9 @@ def evaluation_folds(datamodule, config: EvaluationConfig, seed: int) -> list[Fo
     local_split = None
     if config.folds is None:
         position = {q: k for k, q in enumerate(subset)}
-        local_split = {name: [position[q] for q in idx if q in position] for name, idx in datamodule.question_split.items()}
+        local_split = {
+            name: [position[q] for q in idx if q in position] for name, idx in datamodule.question_split.items()
+        }
     local = plan_folds(len(subset), [questions[q].group for q in subset], config, seed, local_split)
     folds = [Fold(f.index, *(tuple(subset[k] for k in part) for part in (f.train, f.val, f.test))) for f in local]
     for fold in folds:
@@ -93,39 +95,83 @@ class CrossValidatedTest:
         self.plans: list[FoldPlan] = []
         self.results: list[tuple[int, int, TestRecord]] = []  # (fold, question, its record)
 
-    def start(self, trainer, layout, objective: Objective, pairing_result: PairSearch,
-              encoder_linear: Callable[[int], torch.Tensor], load_target: Callable[[], Any]) -> Any:
+    def start(
+        self,
+        trainer,
+        layout,
+        objective: Objective,
+        pairing_result: PairSearch,
+        encoder_linear: Callable[[int], torch.Tensor],
+        load_target: Callable[[], Any],
+    ) -> Any:
         """Plan all folds, spread over the ranks; returns the loaded target (the caller drops it when done)."""
         datamodule = trainer.datamodule
         fmt = datamodule.source.format
         if fmt.kind != "multiple_choice":
-            raise ValueError("`test` scores multiple-choice questions; this data source is not in the multiple_choice format.")
+            raise ValueError(
+                "`test` scores multiple-choice questions; this data source is not in the multiple_choice format."
+            )
         folds = evaluation_folds(datamodule, self.evaluation, self.vectors.seed)
         check_folds(folds, datamodule, self.evaluation, self.pairing)
         with stage("loading the target model", kept=lambda: TEST_KEPT):
             target = load_target()
         spec = datamodule.target_spec
-        rendered = render_questions(target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template)
+        rendered = render_questions(
+            target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template
+        )
         shared = SharedAlignment([(i, j) for i, j in pairing_result.pairs], encoder_linear)
-        layers = LayerInfo(list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers)
-        answers = AnswerGenerator(target.model, target.tokenizer, datamodule.all_questions, self.evaluation.generation,
-                                  self.evaluation.positions, spec.block_path) if self.evaluation.generation.enabled else None
+        layers = LayerInfo(
+            list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers
+        )
+        answers = (
+            AnswerGenerator(
+                target.model,
+                target.tokenizer,
+                datamodule.all_questions,
+                self.evaluation.generation,
+                self.evaluation.positions,
+                spec.block_path,
+            )
+            if self.evaluation.generation.enabled
+            else None
+        )
         self.evaluator = Evaluator(
-            target.model, target.tokenizer, rendered, datamodule.store, datamodule.question_rows, layers,
-            self.evaluation, self.vectors, self.pairing, objective, shared, progress=trainer.is_global_zero,
-            add_special_tokens=not spec.chat_template, block_path=spec.block_path, answers=answers,
+            target.model,
+            target.tokenizer,
+            rendered,
+            datamodule.store,
+            datamodule.question_rows,
+            layers,
+            self.evaluation,
+            self.vectors,
+            self.pairing,
+            objective,
+            shared,
+            progress=trainer.is_global_zero,
+            add_special_tokens=not spec.chat_template,
+            block_path=spec.block_path,
+            answers=answers,
         )
 
         def plan_mine() -> list[FoldPlan]:
             plans = []
-            for fold in folds[trainer.global_rank::trainer.world_size]:
+            for fold in folds[trainer.global_rank :: trainer.world_size]:
                 check_stop()
                 start = time.perf_counter()
                 plans.append(on_cpu(self.evaluator.plan(fold)))
                 chosen = {m: (c.constrained, c.unconstrained) for m, c in plans[-1].choices.items()}
-                log.info("Fold %d/%d (%s protocol): pairs %s, coefficients (constrained, unconstrained) %s "
-                         "(%d train, %d val questions; %.0f s)", fold.index + 1, len(folds), self.evaluation.protocol,
-                         plans[-1].pairs, chosen, len(fold.train), len(fold.val), time.perf_counter() - start)
+                log.info(
+                    "Fold %d/%d (%s protocol): pairs %s, coefficients (constrained, unconstrained) %s "
+                    "(%d train, %d val questions; %.0f s)",
+                    fold.index + 1,
+                    len(folds),
+                    self.evaluation.protocol,
+                    plans[-1].pairs,
+                    chosen,
+                    len(fold.train),
+                    len(fold.val),
+                    time.perf_counter() - start,
+                )
             return plans
 
         with stage("fold planning", kept=lambda: TEST_KEPT):
@@ -153,23 +199,44 @@ class CrossValidatedTest:
         for part in on_every_rank(lambda: self.results, "the test results"):
             for fold, q, record in part:
                 merged[(fold, q)] = record  # de-duplicates the sampler's padding
-        folds = [(plan, [merged[(plan.fold.index, q)] for q in sorted(q for f, q in merged if f == plan.fold.index)])
-                 for plan in self.plans]
+        folds = [
+            (plan, [merged[(plan.fold.index, q)] for q in sorted(q for f, q in merged if f == plan.fold.index)])
+            for plan in self.plans
+        ]
         dataset = assemble_report(dataset_name, folds, self.evaluation, self.vectors.methods)
         if trainer.is_global_zero:
             config = self.evaluation
             ckpt = trainer.ckpt_path
             report = Report(
-                model=meta["target"], scoring=config.scoring, alpha=config.alpha, k=len(self.plans),
-                fold_mode=config.fold_mode if config.folds else "split", datasets=(dataset,),
-                meta={**meta, "checkpoint": {"path": str(ckpt), "sha256": sha256_file(ckpt)} if ckpt else None,
-                      "protocol": config.protocol, "random_draws": config.random_draws,
-                      "coefficients": list(config.coefficients), "positions": config.positions,
-                      "generation": asdict(config.generation), "budget": asdict(config.budget),
-                      "fold_plans": [{"fold": p.fold.index, "pairs": [list(x) for x in p.pairs], "chosen": p.chosen,
-                                      "choices": {m: asdict(c) for m, c in p.choices.items()},
-                                      "n_train": len(p.fold.train), "n_val": len(p.fold.val), "n_test": len(p.fold.test),
-                                      **p.diagnostics} for p in self.plans]},
+                model=meta["target"],
+                scoring=config.scoring,
+                alpha=config.alpha,
+                k=len(self.plans),
+                fold_mode=config.fold_mode if config.folds else "split",
+                datasets=(dataset,),
+                meta={
+                    **meta,
+                    "checkpoint": {"path": str(ckpt), "sha256": sha256_file(ckpt)} if ckpt else None,
+                    "protocol": config.protocol,
+                    "random_draws": config.random_draws,
+                    "coefficients": list(config.coefficients),
+                    "positions": config.positions,
+                    "generation": asdict(config.generation),
+                    "budget": asdict(config.budget),
+                    "fold_plans": [
+                        {
+                            "fold": p.fold.index,
+                            "pairs": [list(x) for x in p.pairs],
+                            "chosen": p.chosen,
+                            "choices": {m: asdict(c) for m, c in p.choices.items()},
+                            "n_train": len(p.fold.train),
+                            "n_val": len(p.fold.val),
+                            "n_test": len(p.fold.test),
+                            **p.diagnostics,
+                        }
+                        for p in self.plans
+                    ],
+                },
             )
             json_path, md_path = write_report(report, report_dir)
             plot_coefficient_sweep(report, report_dir / "coefficient_sweep.png")

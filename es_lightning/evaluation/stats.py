@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy.stats import binomtest
@@ -29,7 +30,7 @@ class SignTest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SignTest":
+    def from_dict(cls, data: dict) -> SignTest:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
 
@@ -50,7 +51,7 @@ class Spread:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Spread":
+    def from_dict(cls, data: dict) -> Spread:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
 
@@ -103,7 +104,7 @@ class RandomControl:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RandomControl":
+    def from_dict(cls, data: dict) -> RandomControl:
         """Inverse of :meth:`to_dict`."""
         return cls(**{**data, "draw_accuracies": tuple(data["draw_accuracies"])})
 
@@ -131,8 +132,13 @@ def random_control(correct, draws, permutations: int = 10000, seed: int = 0) -> 
         exceed += int((np.abs((signs * diff).mean(axis=1)) >= observed - 1e-12).sum())
     percentile = float(((draw_acc < accuracy).sum() + 0.5 * (draw_acc == accuracy).sum()) / len(draw_acc))
     return RandomControl(
-        accuracy=accuracy, mean_accuracy=float(draw_acc.mean()), draw_accuracies=tuple(float(x) for x in draw_acc),
-        percentile=percentile, p_value=(exceed + 1) / (permutations + 1), n_questions=int(a.size), permutations=permutations,
+        accuracy=accuracy,
+        mean_accuracy=float(draw_acc.mean()),
+        draw_accuracies=tuple(float(x) for x in draw_acc),
+        percentile=percentile,
+        p_value=(exceed + 1) / (permutations + 1),
+        n_questions=int(a.size),
+        permutations=permutations,
     )
 
 

@@ -47,26 +47,49 @@ RECIPES: dict[str, FoldRecipe] = {
     "llama": FoldRecipe("mlp.down_proj", "mlp_bias", note="mlp_bias also adds zero gate_proj/up_proj biases"),
     "gpt2": FoldRecipe("mlp.c_proj", note="the projection already has a bias"),
     "gpt_neox": FoldRecipe("mlp.dense_4h_to_h", note="the projection already has a bias"),
-    "opt": FoldRecipe("fc2", "enable_bias", requires={"do_layer_norm_before": True},
-                      note="enable_bias also adds zero biases to the other projections"),
+    "opt": FoldRecipe(
+        "fc2",
+        "enable_bias",
+        requires={"do_layer_norm_before": True},
+        note="enable_bias also adds zero biases to the other projections",
+    ),
     # Without sliding windows these are llama with other defaults (qwen2: plus q/k/v biases), and their
     # weights have llama's names, so the fold is written as a llama checkpoint with mlp_bias.
-    "qwen2": FoldRecipe("mlp.down_proj", "mlp_bias", requires={"sliding_window": None},
-                        as_llama={"attention_bias": True},
-                        note="written as llama: attention_bias keeps the q/k/v biases (o_proj bias zero), mlp_bias"),
-    "mistral": FoldRecipe("mlp.down_proj", "mlp_bias", requires={"sliding_window": None},
-                          as_llama={"attention_bias": False}, note="written as llama with mlp_bias"),
+    "qwen2": FoldRecipe(
+        "mlp.down_proj",
+        "mlp_bias",
+        requires={"sliding_window": None},
+        as_llama={"attention_bias": True},
+        note="written as llama: attention_bias keeps the q/k/v biases (o_proj bias zero), mlp_bias",
+    ),
+    "mistral": FoldRecipe(
+        "mlp.down_proj",
+        "mlp_bias",
+        requires={"sliding_window": None},
+        as_llama={"attention_bias": False},
+        note="written as llama with mlp_bias",
+    ),
 }
 
 # Config keys of the rewritten architectures that llama does not have (all about sliding windows).
-_NOT_LLAMA = ("model_type", "architectures", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
-              "transformers_version")
+_NOT_LLAMA = (
+    "model_type",
+    "architectures",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "transformers_version",
+)
 
 # Why the other known architectures cannot be folded with a config change alone.
-_MID_BLOCK = ("only the attention output projection can get a bias (attention_bias), and the same block's MLP "
-              "reads that output, so the bias is not a constant shift of the block's output")
-_POST_NORMS = ("the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a "
-               "constant shift")
+_MID_BLOCK = (
+    "only the attention output projection can get a bias (attention_bias), and the same block's MLP "
+    "reads that output, so the bias is not a constant shift of the block's output"
+)
+_POST_NORMS = (
+    "the block normalises its attention and MLP outputs (post-norms), so a bias before them is not a constant shift"
+)
 REFUSED: dict[str, str] = {
     "qwen3": _MID_BLOCK,
     "gemma": _MID_BLOCK,
@@ -92,9 +115,12 @@ def recipe_for(config) -> FoldRecipe:
     recipe = RECIPES[model_type]
     for key, value in recipe.requires.items():
         if getattr(config, key, None) != value:
-            why = (" (a sliding window: it cannot be written as a llama checkpoint)" if key == "sliding_window"
-                   else f"; with {key}={getattr(config, key, None)!r} the block normalises after the residual add, "
-                        f"so no bias adds a constant to its output")
+            why = (
+                " (a sliding window: it cannot be written as a llama checkpoint)"
+                if key == "sliding_window"
+                else f"; with {key}={getattr(config, key, None)!r} the block normalises after the residual add, "
+                f"so no bias adds a constant to its output"
+            )
             raise ValueError(
                 f"The hf export cannot fold steering into this {model_type!r} model: it needs {key}={value!r} "
                 f"(got {getattr(config, key, None)!r}){why}."
@@ -138,11 +164,13 @@ def fold(model: torch.nn.Module, deltas: dict[int, torch.Tensor], block_path: st
                 raise ValueError(f"Layer {layer} is out of range for this model's {len(blocks)} blocks.")
             if tuple(delta.shape) != (width,):
                 raise ValueError(
-                    f"The vector of layer {layer} has shape {tuple(delta.shape)}, the model's width is {width}.")
+                    f"The vector of layer {layer} has shape {tuple(delta.shape)}, the model's width is {width}."
+                )
             bias = blocks[layer].get_submodule(recipe.projection).bias
             if not isinstance(bias, torch.Tensor) or bias.shape != (width,):
                 raise RuntimeError(
-                    f"{type(model).__name__} block {layer}: {recipe.projection} has no bias of width {width}.")
+                    f"{type(model).__name__} block {layer}: {recipe.projection} has no bias of width {width}."
+                )
             bias.add_(delta.to(bias.dtype))
     return folded
 

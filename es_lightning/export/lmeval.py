@@ -83,8 +83,9 @@ def export_lm_eval(
     return path
 
 
-def split_rows(path: str | Path, split: str = "all", val_fraction: float = 0.15, test_fraction: float = 0.15,
-               seed: int = 0) -> list[dict[str, Any]]:
+def split_rows(
+    path: str | Path, split: str = "all", val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+) -> list[dict[str, Any]]:
     """The rows of a multiple-choice file (``id``, ``question``, ``choices``, ``answer``) in one split of the data
     module, in file order: ``all``, or ``train``/``val``/``test`` as ``data.splits`` with these fractions and seed
     assigns them (whole questions, by id, shuffled with ``seed``; the defaults are ``data.splits``' defaults)."""

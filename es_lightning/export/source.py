@@ -41,8 +41,10 @@ class ExportSource:
 def steering_deltas(bundle: SteeringBundle, coefficient: float) -> dict[int, torch.Tensor]:
     """``{block j: vectors[j] * (coefficient * norms[j])}`` in float32: what hook steering adds to block j."""
     coefficient = check_coefficient(coefficient, "The export coefficient")
-    return {layer: bundle.vectors[layer].detach().float().cpu() * (coefficient * bundle.norms[layer])
-            for layer in bundle.layers}
+    return {
+        layer: bundle.vectors[layer].detach().float().cpu() * (coefficient * bundle.norms[layer])
+        for layer in bundle.layers
+    }
 
 
 def _run_of_bundle(path: Path) -> Path | None:
@@ -56,7 +58,9 @@ def find_bundle(source: str | Path, method: str | None) -> Path:
     if source.is_file():
         return source
     if not source.is_dir():
-        raise FileNotFoundError(f"{str(source)!r} is neither a run folder nor a bundle file (working directory {Path.cwd()}).")
+        raise FileNotFoundError(
+            f"{str(source)!r} is neither a run folder nor a bundle file (working directory {Path.cwd()})."
+        )
     folder = source / "bundles" if (source / "bundles").is_dir() else source
     available = sorted(p.stem for p in folder.glob("*.safetensors"))
     if not available:
@@ -87,8 +91,10 @@ def default_coefficient(bundle_path: Path, method: str, report: Path | None) -> 
             f"Cannot read the evaluation report {str(report)!r} ({type(err).__name__}: {err}); pass --coefficient."
         ) from err
     if chosen.report is None:
-        raise ValueError(f"No coefficient given, and {chosen.reason}: pass --coefficient (e.g. 0.2), or run "
-                         f"`es-lightning test` on this run first.")
+        raise ValueError(
+            f"No coefficient given, and {chosen.reason}: pass --coefficient (e.g. 0.2), or run "
+            f"`es-lightning test` on this run first."
+        )
     if method not in chosen.values:
         raise ValueError(
             f"The evaluation report {str(chosen.report)!r} chose no coefficient for {method!r} (it has "
@@ -134,7 +140,9 @@ class TargetModel:
     identity: ModelIdentity
 
 
-def resolve_target(bundle: SteeringBundle, model: str | None = None, cache_dir: str | Path | None = None) -> TargetModel:
+def resolve_target(
+    bundle: SteeringBundle, model: str | None = None, cache_dir: str | Path | None = None
+) -> TargetModel:
     """Resolve the model to export for (default: the bundle's own target) and refuse any other model."""
     from transformers import AutoConfig
 
@@ -167,7 +175,9 @@ def check_output(path: str | Path, overwrite: bool, directory: bool = False) -> 
         raise FileExistsError(f"{str(path)!r} already exists; pass --overwrite to replace it.")
     if directory:
         if not path.is_dir() or path.is_symlink():
-            raise FileExistsError(f"{str(path)!r} exists and is not a folder; the hf export writes a folder. Remove it first.")
+            raise FileExistsError(
+                f"{str(path)!r} exists and is not a folder; the hf export writes a folder. Remove it first."
+            )
         if any(path.iterdir()) and not (path / EXPORT_RECORD).is_file():
             raise FileExistsError(
                 f"{str(path)!r} is a folder that no earlier export wrote (no {EXPORT_RECORD}); --overwrite only "

@@ -15,7 +15,22 @@ from es_lightning.memory.plan import RunSettings, estimate_stages
 from es_lightning.memory.shapes import ModelShape, read_shape, shape_from_config
 
 __all__ = [
-    "ModelShape", "RunSettings", "StageEstimate", "announce", "autoencoder_estimate", "cache_bytes", "cache_estimate", "capture_estimate",
-    "check_devices", "check_fits", "check_model_fits", "check_weights_fit", "estimate_stages", "evaluation_estimate", "pair_search_estimate", "read_shape",
-    "rfm_estimate", "shape_from_config",
+    "ModelShape",
+    "RunSettings",
+    "StageEstimate",
+    "announce",
+    "autoencoder_estimate",
+    "cache_bytes",
+    "cache_estimate",
+    "capture_estimate",
+    "check_devices",
+    "check_fits",
+    "check_model_fits",
+    "check_weights_fit",
+    "estimate_stages",
+    "evaluation_estimate",
+    "pair_search_estimate",
+    "read_shape",
+    "rfm_estimate",
+    "shape_from_config",
 ]

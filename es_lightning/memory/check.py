@@ -18,8 +18,14 @@ from es_lightning.models.loading import dtype_name
 log = logging.getLogger(__name__)
 
 
-def check_fits(estimate: StageEstimate, device: str | torch.device = "cpu", *, host_free: int | None = None,
-               device_free: int | None = None, disk_path: str | Path | None = None) -> None:
+def check_fits(
+    estimate: StageEstimate,
+    device: str | torch.device = "cpu",
+    *,
+    host_free: int | None = None,
+    device_free: int | None = None,
+    disk_path: str | Path | None = None,
+) -> None:
     """Raise ``MemoryError`` naming the options that shrink the stage when ``estimate`` exceeds the free host RAM,
     the free memory of ``device`` (measured now unless ``host_free``/``device_free`` are given) or, with
     ``disk_path``, the free disk there."""
@@ -50,7 +56,9 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def announce(estimate: StageEstimate, device: str | torch.device = "cpu", disk_path: str | Path | None = None) -> StageEstimate:
+def announce(
+    estimate: StageEstimate, device: str | torch.device = "cpu", disk_path: str | Path | None = None
+) -> StageEstimate:
     """Log ``estimate`` at INFO, then :func:`check_fits` it on ``device`` (and the disk at ``disk_path``); call right
     before the stage starts, with the device the estimate was made for."""
     log.info("Memory estimate, %s", estimate.format())
@@ -87,7 +95,9 @@ def check_devices(accelerator: str, devices) -> None:
     )
 
 
-def check_weights_fit(shape: ModelShape, dtype: str, device: str | torch.device, option: str, free: int | None = None) -> None:
+def check_weights_fit(
+    shape: ModelShape, dtype: str, device: str | torch.device, option: str, free: int | None = None
+) -> None:
     """Raise ``MemoryError`` when ``shape``'s weights in ``dtype`` exceed the free memory of ``device``; the message
     names ``option`` (the config key of the dtype) and a smaller model as fixes."""
     free = device_available_bytes(device) if free is None else free

@@ -56,15 +56,45 @@ def estimate_stages(expert: ModelShape, target: ModelShape, s: RunSettings) -> l
     batch_tokens = min(bounds, default=s.max_length)
     steered_states = s.n_train * s.top_k * (expert.hidden + target.hidden) * 4
     return [
-        capture_estimate(expert, s.expert_dtype, s.expert_layers, s.expert_deepest, batch_tokens, s.max_length,
-                         s.shard_rows, "expert", s.device),
-        capture_estimate(target, s.target_dtype, s.target_layers, s.target_deepest, batch_tokens, s.max_length,
-                         s.shard_rows, "target", s.device),
-        cache_estimate(n_rows, s.expert_layers, expert.hidden, s.target_layers, target.hidden, s.cache_dtype, s.shard_rows),
-        pair_search_estimate(s.n_train, s.n_heldout, s.expert_layers, expert.hidden, s.target_layers, target.hidden,
-                             s.max_components, s.pairing_max_rows, s.top_k),
+        capture_estimate(
+            expert,
+            s.expert_dtype,
+            s.expert_layers,
+            s.expert_deepest,
+            batch_tokens,
+            s.max_length,
+            s.shard_rows,
+            "expert",
+            s.device,
+        ),
+        capture_estimate(
+            target,
+            s.target_dtype,
+            s.target_layers,
+            s.target_deepest,
+            batch_tokens,
+            s.max_length,
+            s.shard_rows,
+            "target",
+            s.device,
+        ),
+        cache_estimate(
+            n_rows, s.expert_layers, expert.hidden, s.target_layers, target.hidden, s.cache_dtype, s.shard_rows
+        ),
+        pair_search_estimate(
+            s.n_train,
+            s.n_heldout,
+            s.expert_layers,
+            expert.hidden,
+            s.target_layers,
+            target.hidden,
+            s.max_components,
+            s.pairing_max_rows,
+            s.top_k,
+        ),
         autoencoder_estimate(s.top_k, expert.hidden, target.hidden, s.batch_size, s.n_train, s.device),
-        rfm_estimate(s.n_train, max(expert.hidden, target.hidden), s.rfm_max_rows, device=s.device,
-                     inputs_bytes=steered_states),
+        rfm_estimate(
+            s.n_train, max(expert.hidden, target.hidden), s.rfm_max_rows, device=s.device, inputs_bytes=steered_states
+        ),
         evaluation_estimate(target, s.target_dtype, s.eval_batch, s.prompt_tokens, s.completion_tokens, s.device),
     ]

@@ -58,13 +58,21 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     layers = _first(text, ("num_hidden_layers", "n_layer", "num_layers"))
     heads = _first(text, ("num_attention_heads", "n_head"))
     if not all(isinstance(v, int) for v in (hidden, layers, heads)):
-        raise ValueError(f"Cannot read the width, depth and heads of {name!r} from its config ({type(config).__name__}).")
+        raise ValueError(
+            f"Cannot read the width, depth and heads of {name!r} from its config ({type(config).__name__})."
+        )
     model_type = getattr(text, "model_type", "")
     return ModelShape(
-        name=name, hidden=hidden, layers=layers, vocab=int(_first(text, ("vocab_size",), 0)),
-        intermediate=int(_first(text, ("intermediate_size", "n_inner", "ffn_dim"), 4 * hidden)), heads=heads,
-        kv_heads=int(_first(text, ("num_key_value_heads",), heads)), head_dim=int(_first(text, ("head_dim",), hidden // heads)),
-        gated_mlp=model_type not in NON_GATED, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        name=name,
+        hidden=hidden,
+        layers=layers,
+        vocab=int(_first(text, ("vocab_size",), 0)),
+        intermediate=int(_first(text, ("intermediate_size", "n_inner", "ffn_dim"), 4 * hidden)),
+        heads=heads,
+        kv_heads=int(_first(text, ("num_key_value_heads",), heads)),
+        head_dim=int(_first(text, ("head_dim",), hidden // heads)),
+        gated_mlp=model_type not in NON_GATED,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         positions=int(_first(text, ("n_positions",), 0)) if model_type == "gpt2" else 0,
     )
 

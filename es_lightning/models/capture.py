@@ -88,7 +88,9 @@ def capture_hidden_states(
     return torch.stack([captured[index] for index in layers], dim=1)
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> tuple[list[list[int]], int]:
+def tokenize_texts(
+    tokenizer, texts: Sequence[str], max_length: int, add_special_tokens: bool = True
+) -> tuple[list[list[int]], int]:
     """Token ids per text, truncated from the left to ``max_length``; also returns how many were truncated."""
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     truncated = sum(len(row) > max_length for row in ids)
@@ -96,7 +98,9 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int, add_special
     out = []
     for row in ids:
         if len(row) > max_length:  # keep a leading BOS: models such as Gemma depend on it
-            row = [row[0], *row[len(row) - max_length + 1 :]] if bos is not None and row[0] == bos else row[-max_length:]
+            row = (
+                [row[0], *row[len(row) - max_length + 1 :]] if bos is not None and row[0] == bos else row[-max_length:]
+            )
         out.append(row)
     return out, truncated
 
@@ -110,7 +114,11 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None 
     batches: list[list[int]] = []
     for i in order:  # ascending lengths: the newest row is the longest of its batch
         batch = batches[-1] if batches else None
-        if batch is None or len(batch) >= max_rows or (max_tokens is not None and (len(batch) + 1) * lengths[i] > max_tokens):
+        if (
+            batch is None
+            or len(batch) >= max_rows
+            or (max_tokens is not None and (len(batch) + 1) * lengths[i] > max_tokens)
+        ):
             batches.append([i])
         else:
             batch.append(i)

@@ -151,8 +151,10 @@ def _merge_shards(parts: tuple[Path, ...], target: Path) -> None:
     first = readers[0]
     architecture_field = first.get_field(gguf.Keys.General.ARCHITECTURE)
     if architecture_field is None:
-        raise ValueError(f"{str(parts[0])!r} has no {gguf.Keys.General.ARCHITECTURE} field, so it is not the first "
-                         f"shard of a gguf-split model. Fix: download every part of the model again.")
+        raise ValueError(
+            f"{str(parts[0])!r} has no {gguf.Keys.General.ARCHITECTURE} field, so it is not the first "
+            f"shard of a gguf-split model. Fix: download every part of the model again."
+        )
     architecture = architecture_field.contents()
     writer = gguf.GGUFWriter(target, architecture, endianess=first.endianess)
     alignment = first.get_field(gguf.Keys.General.ALIGNMENT)

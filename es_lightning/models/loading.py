@@ -207,7 +207,9 @@ def _convert_locked(gguf: GGUFModelFiles, folder: Path, origin: dict[str, str], 
     if _conversion_is_valid(folder, gguf, sha256):
         return folder
     label = origin.get("builtin") or gguf.display_name
-    log.info("Converting %s from GGUF to safetensors under %s (once; a 100 MB GGUF takes about a minute)", label, folder)
+    log.info(
+        "Converting %s from GGUF to safetensors under %s (once; a 100 MB GGUF takes about a minute)", label, folder
+    )
     start = time.time()
     stats = _part_stats(gguf)
     sha256 = sha256 or gguf_sha256(gguf)

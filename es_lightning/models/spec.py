@@ -55,4 +55,12 @@ def describe(spec: ModelSpec, cache_dir: str | Path | None = None, who: str = "m
     layers = validate_layers(list(range(depth)) if spec.layers is None else spec.layers, depth, who)
     if spec.max_length < 8:
         raise ValueError(f"{who} max_length={spec.max_length} is too small: use at least 8 tokens.")
-    return ModelInfo(spec.name, str(directory), fingerprint_model_dir(Path(directory)), config.model_type, depth, width, tuple(layers))
+    return ModelInfo(
+        spec.name,
+        str(directory),
+        fingerprint_model_dir(Path(directory)),
+        config.model_type,
+        depth,
+        width,
+        tuple(layers),
+    )

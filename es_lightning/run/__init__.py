@@ -4,4 +4,11 @@ with after ``test``."""
 from es_lightning.run.coefficients import ChosenCoefficients, resolve_coefficients
 from es_lightning.run.keys import STAGE_OPTIONS, changed_options, stage_key, stage_options
 
-__all__ = ["STAGE_OPTIONS", "ChosenCoefficients", "changed_options", "resolve_coefficients", "stage_key", "stage_options"]
+__all__ = [
+    "STAGE_OPTIONS",
+    "ChosenCoefficients",
+    "changed_options",
+    "resolve_coefficients",
+    "stage_key",
+    "stage_options",
+]

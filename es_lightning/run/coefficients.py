@@ -26,8 +26,9 @@ def report_json(report: str | Path) -> Path:
     return path if path.suffix == ".json" or path.is_file() else path / "report.json"
 
 
-def resolve_coefficients(report: str | Path, checkpoint_sha256: str | None = None,
-                         bundle_sha256: dict[str, str] | None = None) -> ChosenCoefficients:
+def resolve_coefficients(
+    report: str | Path, checkpoint_sha256: str | None = None, bundle_sha256: dict[str, str] | None = None
+) -> ChosenCoefficients:
     """The coefficients ``test`` chose, if ``report`` was made from the checkpoint with ``checkpoint_sha256`` (predict,
     the pipeline) or from the bundle files with ``bundle_sha256`` ``{method: sha256}`` (an export of a bundle)."""
     path = report_json(report)

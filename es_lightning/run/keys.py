@@ -21,42 +21,118 @@ from es_lightning.io import sha256_file, sha256_json
 Stage = Literal["fit", "report", "predictions"]
 
 # Options of the data the paired cache is built from: they change the fit and everything after it.
-_DATA = ("data.expert", "data.target", "data.data", "data.alignment_data", "data.pooling", "data.splits",
-         "data.cache_dtype")
+_DATA = (
+    "data.expert",
+    "data.target",
+    "data.data",
+    "data.alignment_data",
+    "data.pooling",
+    "data.splits",
+    "data.cache_dtype",
+)
 # Trainer options that change what training computes (the rest, e.g. the progress bar, change nothing).
-_TRAINING = tuple(f"trainer.{name}" for name in (
-    "accelerator", "strategy", "devices", "num_nodes", "precision", "callbacks", "fast_dev_run", "max_epochs",
-    "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches", "overfit_batches",
-    "val_check_interval", "check_val_every_n_epoch", "accumulate_grad_batches", "gradient_clip_val",
-    "gradient_clip_algorithm", "deterministic", "benchmark", "use_distributed_sampler", "plugins", "sync_batchnorm",
-    "reload_dataloaders_every_n_epochs"))
+_TRAINING = tuple(
+    f"trainer.{name}"
+    for name in (
+        "accelerator",
+        "strategy",
+        "devices",
+        "num_nodes",
+        "precision",
+        "callbacks",
+        "fast_dev_run",
+        "max_epochs",
+        "min_epochs",
+        "max_steps",
+        "min_steps",
+        "max_time",
+        "limit_train_batches",
+        "limit_val_batches",
+        "overfit_batches",
+        "val_check_interval",
+        "check_val_every_n_epoch",
+        "accumulate_grad_batches",
+        "gradient_clip_val",
+        "gradient_clip_algorithm",
+        "deterministic",
+        "benchmark",
+        "use_distributed_sampler",
+        "plugins",
+        "sync_batchnorm",
+        "reload_dataloaders_every_n_epochs",
+    )
+)
 # Step 2 and 3 options: the fit uses them for its pairs and bundles, and the nested test in every fold.
 _STEERING = ("model.objective", "model.pairing", "model.vectors")
 
 STAGE_OPTIONS: dict[Stage, tuple[str, ...]] = {
-    "fit": ("seed_everything", *_DATA, "data.batch_size", *_TRAINING, *_STEERING, "model.pair_weight", "model.layer_map",
-            "model.closed_form_init", "model.ridge", "model.optimizer", "model.scheduler"),
+    "fit": (
+        "seed_everything",
+        *_DATA,
+        "data.batch_size",
+        *_TRAINING,
+        *_STEERING,
+        "model.pair_weight",
+        "model.layer_map",
+        "model.closed_form_init",
+        "model.ridge",
+        "model.optimizer",
+        "model.scheduler",
+    ),
     "report": ("seed_everything", *_DATA, *_STEERING, "model.evaluation", "model.target_dtype"),
-    "predictions": ("data.target", "data.predict_data", "data.predict_batch_size", "model.generation", "model.predict",
-                    "model.target_dtype"),
+    "predictions": (
+        "data.target",
+        "data.predict_data",
+        "data.predict_batch_size",
+        "model.generation",
+        "model.predict",
+        "model.target_dtype",
+    ),
 }
 
 # Options that change no result: where outputs go, what is printed, how fast or on how many workers data loads.
 NO_RESULT: tuple[str, ...] = (
-    "config", "run_name", "output_dir", "ckpt_path", "quiet", "verbose", "checkpoint", "model.report_dir",
-    "data.cache_dir", "data.progress", "data.num_workers", "trainer.logger",
+    "config",
+    "run_name",
+    "output_dir",
+    "ckpt_path",
+    "quiet",
+    "verbose",
+    "checkpoint",
+    "model.report_dir",
+    "data.cache_dir",
+    "data.progress",
+    "data.num_workers",
+    "trainer.logger",
     # how the paired cache is extracted and stored; its own key (es_lightning.data.cache) leaves these out too
-    "data.shard_size", "data.extract_batch_size", "data.extract_batch_tokens",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-    "trainer.enable_checkpointing", "trainer.default_root_dir", "trainer.profiler", "trainer.detect_anomaly",
-    "trainer.barebones", "trainer.inference_mode", "trainer.num_sanity_val_steps", "trainer.limit_test_batches",
-    "trainer.limit_predict_batches", "trainer.enable_autolog_hparams", "trainer.model_registry",
+    "data.shard_size",
+    "data.extract_batch_size",
+    "data.extract_batch_tokens",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.enable_checkpointing",
+    "trainer.default_root_dir",
+    "trainer.profiler",
+    "trainer.detect_anomaly",
+    "trainer.barebones",
+    "trainer.inference_mode",
+    "trainer.num_sanity_val_steps",
+    "trainer.limit_test_batches",
+    "trainer.limit_predict_batches",
+    "trainer.enable_autolog_hparams",
+    "trainer.model_registry",
     "return_predictions",
 )
 
 # Options naming files whose contents a stage reads (hashed with the options, so an edited file is a change).
-_FILES = {"data.data.path", "data.alignment_data.path", "data.splits.val_path", "data.splits.test_path",
-          "data.predict_data.path"}
+_FILES = {
+    "data.data.path",
+    "data.alignment_data.path",
+    "data.splits.val_path",
+    "data.splits.test_path",
+    "data.predict_data.path",
+}
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,5 +205,7 @@ def changed_options(before: Mapping[str, Any], after: Mapping[str, Any]) -> list
         if isinstance(old, dict) and isinstance(new, dict) and set(old) == set(new) == {"sha256"}:
             lines.append(f"{path}: the file's contents changed")
         else:
-            lines.append(f"{path}: {'(unset)' if old is missing else old!r} -> {'(unset)' if new is missing else new!r}")
+            lines.append(
+                f"{path}: {'(unset)' if old is missing else old!r} -> {'(unset)' if new is missing else new!r}"
+            )
     return lines

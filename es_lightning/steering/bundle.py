@@ -6,7 +6,8 @@ hidden-state norms) and optionally ``mi`` ``[L_E, L_T]``; everything else is JSO
 metadata header. Several methods live side by side as ``{method}.safetensors`` files in one directory
 (:func:`save_bundles`; each file reads back with :meth:`SteeringBundle.load`).
 
-:meth:`SteeringBundle.export_gguf` writes a llama.cpp control vector. llama.cpp adds tensor
+:meth:`SteeringBundle.export_gguf` writes a llama.cpp control vector (:mod:`es_lightning.steering.control_vector`,
+which also reads one back: :func:`load_control_vector_gguf`). llama.cpp adds tensor
 ``direction.N`` to the output of block ``N`` counted from 0 (the same index as ``model.layers[N]`` in
 transformers and ``blk.N`` in GGUF), at every position; it rejects ``direction.0``, so block 0 cannot be
 exported. The 1-based part of llama.cpp's convention is only its in-memory buffer, which starts at layer 1.
@@ -17,17 +18,20 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 
 from es_lightning import __version__
 from es_lightning.io import atomic_write_with
 from es_lightning.models.loading import LoadedModel
+from es_lightning.steering.control_vector import ControlVector as ControlVector  # re-exported
+from es_lightning.steering.control_vector import export_control_vector
+from es_lightning.steering.control_vector import load_control_vector_gguf as load_control_vector_gguf  # re-exported
 
 FORMAT = "es_lightning.steering_bundle"
 FORMAT_VERSION = 1
@@ -44,11 +48,11 @@ class ModelIdentity:
     architecture: str = ""
 
     @classmethod
-    def of(cls, loaded: LoadedModel) -> "ModelIdentity":
+    def of(cls, loaded: LoadedModel) -> ModelIdentity:
         """The identity of a model returned by :func:`es_lightning.models.load_model`."""
         return cls(loaded.name, loaded.fingerprint, getattr(loaded.model.config, "model_type", ""))
 
-    def matches(self, other: "ModelIdentity") -> bool:
+    def matches(self, other: ModelIdentity) -> bool:
         """Same model: equal fingerprints when both have one, else equal names."""
         if self.fingerprint and other.fingerprint:
             return self.fingerprint == other.fingerprint
@@ -141,9 +145,13 @@ class SteeringBundle:
 
     @classmethod
     def from_directions(
-        cls, method: str, directions: Mapping[int, torch.Tensor], norms: Mapping[int, float], target: ModelIdentity,
+        cls,
+        method: str,
+        directions: Mapping[int, torch.Tensor],
+        norms: Mapping[int, float],
+        target: ModelIdentity,
         **fields: Any,
-    ) -> "SteeringBundle":
+    ) -> SteeringBundle:
         """A bundle from raw directions of any length: each is normalised to a unit vector."""
         vectors = {}
         for layer, direction in directions.items():
@@ -195,7 +203,7 @@ class SteeringBundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, expected_target: ModelIdentity | LoadedModel | None = None) -> "SteeringBundle":
+    def load(cls, path: str | Path, expected_target: ModelIdentity | LoadedModel | None = None) -> SteeringBundle:
         """Read and validate a bundle; with ``expected_target``, refuse a bundle made for another model."""
         header, tensors = _read_safetensors(Path(path))
         try:
@@ -247,67 +255,7 @@ class SteeringBundle:
         ``direction.j`` steers 0-based block ``j`` (llama.cpp ``--control-vector``); block 0 cannot be
         exported. ``model_hint`` defaults to the target's architecture (``config.model_type``).
         """
-        import gguf
-
-        if not math.isfinite(coefficient):
-            raise ValueError(f"The export coefficient must be a finite number, got {coefficient!r}.")
-        if 0 in self.vectors:
-            raise ValueError(
-                "This bundle steers block 0, which llama.cpp control vectors cannot address (it rejects "
-                "'direction.0'). Drop layer 0 from the bundle or steer with es-lightning's own hooks."
-            )
-        hint = model_hint or self.target.architecture
-        if not hint:
-            raise ValueError("No model_hint: the target identity has no architecture, so pass model_hint='llama' etc.")
-
-        def write(tmp: Path) -> None:
-            writer = gguf.GGUFWriter(tmp, "controlvector")
-            writer.add_string("controlvector.model_hint", hint)
-            writer.add_uint32("controlvector.layer_count", len(self.vectors))
-            for layer, vector in self.vectors.items():
-                direction = (vector.double() * (coefficient * self.norms[layer])).float().numpy()
-                writer.add_tensor(f"direction.{layer}", direction)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-
-        path = Path(path)
-        atomic_write_with(path, write)
-        return path
-
-
-@dataclass
-class ControlVector:
-    """A llama.cpp control vector read back from GGUF: ``directions[j]`` steers 0-based block ``j``."""
-
-    directions: dict[int, torch.Tensor]
-    model_hint: str
-    layer_count: int
-
-
-def load_control_vector_gguf(path: str | Path) -> ControlVector:
-    """Read a llama.cpp control-vector GGUF (as written by :meth:`SteeringBundle.export_gguf`)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    fields = reader.fields
-    if "general.architecture" not in fields or fields["general.architecture"].contents() != "controlvector":
-        raise ValueError(
-            f"{str(path)!r} is a GGUF file but not a control vector (general.architecture is not 'controlvector')."
-        )
-    directions = {}
-    for tensor in reader.tensors:
-        prefix, _, index = tensor.name.partition(".")
-        if prefix != "direction" or not index.isdigit():
-            raise ValueError(f"{str(path)!r} holds tensor {tensor.name!r}; a control vector has only 'direction.N'.")
-        directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    hint, count = fields.get("controlvector.model_hint"), fields.get("controlvector.layer_count")
-    return ControlVector(  # llama.cpp ignores both metadata keys, so files without them are accepted
-        directions=dict(sorted(directions.items())),
-        model_hint=hint.contents() if hint else "",
-        layer_count=int(count.contents()) if count else len(directions),
-    )
+        return export_control_vector(self, path, coefficient, model_hint)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import contextlib
 import hashlib
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence, cast
+from typing import ContextManager, cast
 
 import torch
 
@@ -65,10 +66,16 @@ class GenerationSettings:
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}.")
         if self.chat_template is not None and not isinstance(self.chat_template, bool):
-            raise ValueError(f"chat_template must be true, false or null (when the model has one), got {self.chat_template!r}.")
+            raise ValueError(
+                f"chat_template must be true, false or null (when the model has one), got {self.chat_template!r}."
+            )
         temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not math.isfinite(temperature) or temperature <= 0:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
             raise ValueError(
                 f"temperature must be a finite number > 0, got {temperature!r}. For greedy decoding set do_sample: "
                 f"false instead of temperature 0."
@@ -93,7 +100,7 @@ def uses_chat_template(settings: GenerationSettings, tokenizer) -> bool:
 
 def row_seed(seed: int, prompt: str) -> int:
     """The private RNG seed of one prompt: a hash of ``(seed, prompt)``, so it does not depend on batching."""
-    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
@@ -190,8 +197,6 @@ def generate_rendered(
     can carry many vectors and coefficients; ``context`` instead wraps every batch (e.g. :func:`steer`).
     ``seed_keys`` (default: the texts) seed each row's sampler when ``settings.do_sample``.
     """
-    from transformers import LogitsProcessorList
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an eos token, so prompts cannot be batched.")
@@ -209,23 +214,9 @@ def generate_rendered(
         for start in range(0, len(texts), settings.batch_size):
             check_stop()
             rows = order[start : start + settings.batch_size]
-            chunk = [texts[k] for k in rows]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
-                                add_special_tokens=add_special_tokens)
-            lengths_in = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
-            if (lengths_in == 0).any():
-                empty = rows[int((lengths_in == 0).nonzero()[0, 0])]
-                raise ValueError(f"Prompt {empty} tokenizes to no tokens; give it text the tokenizer knows.")
-            kwargs = {}
-            if settings.do_sample:
-                seeds = [row_seed(settings.seed, seed_keys[k]) for k in rows]
-                kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)])
-            if steering is not None:
-                scope: ContextManager = steer_rows(model, steering.subset(rows), positions=positions,  # type: ignore[arg-type]
-                                                   block_path=block_path)
-            else:
-                scope = context() if context is not None else contextlib.nullcontext()
-            with scope:
+            encoded = _encode_batch(tokenizer, [texts[k] for k in rows], rows, add_special_tokens)
+            kwargs = _sampling_kwargs(settings, [seed_keys[k] for k in rows])
+            with _batch_scope(model, rows, steering, positions, block_path, context):
                 sequences = model.generate(  # type: ignore[operator]  # nn.Module.__getattr__ hides generate()
                     input_ids=encoded["input_ids"].to(device),
                     attention_mask=encoded["attention_mask"].to(device),
@@ -236,14 +227,61 @@ def generate_rendered(
                     pad_token_id=pad_id,
                     **kwargs,
                 )
-            width = encoded["input_ids"].shape[1]
             for row, k in enumerate(rows):
-                new = sequences[row, width:].tolist()
-                end = next((i for i, token in enumerate(new) if token in stop), len(new))
-                prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
-                text = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
-                outputs[k] = Generated(tuple(prompt), tuple(new[:end]), text)
+                outputs[k] = _completion(tokenizer, encoded, sequences, row, stop)
     return outputs  # type: ignore[return-value]  # every slot was filled above
+
+
+def _encode_batch(tokenizer, chunk: list[str], rows: list[int], add_special_tokens: bool):
+    """Tokenize one batch of prompts, left-padded; a prompt (numbered by ``rows``) with no tokens is an error."""
+    encoded = tokenizer(
+        chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+    )
+    lengths_in = encoded["attention_mask"].sum(dim=1) if encoded["input_ids"].shape[1] else torch.zeros(len(chunk))
+    if (lengths_in == 0).any():
+        empty = rows[int((lengths_in == 0).nonzero()[0, 0])]
+        raise ValueError(f"Prompt {empty} tokenizes to no tokens; give it text the tokenizer knows.")
+    return encoded
+
+
+def _sampling_kwargs(settings: GenerationSettings, seed_keys: list[str]) -> dict:
+    """``model.generate`` keyword arguments for sampling: a :class:`SeededSampler` per batch when ``do_sample``."""
+    from transformers import LogitsProcessorList
+
+    kwargs = {}
+    if settings.do_sample:
+        seeds = [row_seed(settings.seed, key) for key in seed_keys]
+        kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, settings.temperature, settings.top_p)])
+    return kwargs
+
+
+def _batch_scope(
+    model: torch.nn.Module,
+    rows: list[int],
+    steering: RowSteering | None,
+    positions: str,
+    block_path: str | None,
+    context: Callable[[], ContextManager] | None,
+) -> ContextManager:
+    """The context one batch generates in: per-row steering of ``rows``, else ``context()``, else nothing."""
+    if steering is not None:
+        return steer_rows(
+            model,
+            steering.subset(rows),
+            positions=positions,  # type: ignore[arg-type]
+            block_path=block_path,
+        )
+    return context() if context is not None else contextlib.nullcontext()
+
+
+def _completion(tokenizer, encoded, sequences: torch.Tensor, row: int, stop: set[int]) -> Generated:
+    """Batch row ``row``'s completion: its prompt ids and new ids up to the first ``stop`` token, decoded."""
+    width = encoded["input_ids"].shape[1]
+    new = sequences[row, width:].tolist()
+    end = next((i for i, token in enumerate(new) if token in stop), len(new))
+    prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+    text = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+    return Generated(tuple(prompt), tuple(new[:end]), text)
 
 
 def generate(
@@ -285,8 +323,21 @@ def generate(
     texts = [render_prompt(tokenizer, prompt, chat) for prompt in prompts]
     context = None
     if steering is not None and coefficient != 0:
+
         def context() -> ContextManager:
-            return steer(model, **steering.steering_kwargs(float(coefficient)), positions=positions, block_path=block_path)
-    generated = generate_rendered(model, tokenizer, texts, settings, add_special_tokens=not chat,  # a chat template writes BOS
-                                  positions=positions, block_path=block_path, seed_keys=prompts, context=context)
+            return steer(
+                model, **steering.steering_kwargs(float(coefficient)), positions=positions, block_path=block_path
+            )
+
+    generated = generate_rendered(
+        model,
+        tokenizer,
+        texts,
+        settings,
+        add_special_tokens=not chat,  # a chat template writes BOS
+        positions=positions,
+        block_path=block_path,
+        seed_keys=prompts,
+        context=context,
+    )
     return [g.text for g in generated]

@@ -27,17 +27,16 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable, Sequence
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from es_lightning.steering.options import Positions
 from es_lightning.models.capture import block_output
 from es_lightning.models.layers import get_blocks, hidden_size
+from es_lightning.steering.options import Positions
 
 POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
 
@@ -248,8 +247,10 @@ def row_steering(
     if bad:
         raise ValueError(f"Variant indices {bad[:5]} are out of range for {len(variants)} variants.")
     n_blocks, width = len(get_blocks(model, block_path)), hidden_size(model)
-    per_variant = [_deltas(model, v.vectors, v.coefficient, v.norms, n_blocks) if v.vectors is not None and v.steers else {}
-                   for v in variants]
+    per_variant = [
+        _deltas(model, v.vectors, v.coefficient, v.norms, n_blocks) if v.vectors is not None and v.steers else {}
+        for v in variants
+    ]
     layers = sorted({layer for deltas in per_variant for layer in deltas})
     table = {layer: torch.zeros(len(variants), width) for layer in layers}
     for index, deltas in enumerate(per_variant):
@@ -286,8 +287,12 @@ def steer_rows(
     """
     _check_positions(positions, prompt_length)
     blocks = get_blocks(model, block_path)
-    state = RowState(positions=positions, prompt_length=prompt_length, explicit=prompt_length is not None,
-                     rows=torch.tensor(steering.variant_of, dtype=torch.long))
+    state = RowState(
+        positions=positions,
+        prompt_length=prompt_length,
+        explicit=prompt_length is not None,
+        rows=torch.tensor(steering.variant_of, dtype=torch.long),
+    )
     cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def delta_for(layer: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,9 @@ def _options(method: str, options: dict[str, Any]) -> MIOptions:
         )
     resolved = MIOptions(method=method, n_components=options.pop("n_components", DEFAULT_COMPONENTS[method]), **options)
     if not isinstance(resolved.n_components, int) or resolved.n_components < 1:
-        raise ValueError(f"n_components must be a positive integer, got {resolved.n_components!r}; pass e.g. n_components=8.")
+        raise ValueError(
+            f"n_components must be a positive integer, got {resolved.n_components!r}; pass e.g. n_components=8."
+        )
     if not isinstance(resolved.k, int) or resolved.k < 1:
         raise ValueError(f"k must be a positive integer, got {resolved.k!r}; pass e.g. k=3.")
     shrinkage = resolved.shrinkage
@@ -103,7 +105,9 @@ def _check_finite(x: np.ndarray, name: str) -> None:
 
 def _check_sizes(n_a: int, n_b: int, d_a: int, d_b: int, opts: MIOptions) -> None:
     if n_a != n_b:
-        raise ValueError(f"a and b must hold the same number of paired samples, got {n_a} and {n_b}; pass rows that pair up.")
+        raise ValueError(
+            f"a and b must hold the same number of paired samples, got {n_a} and {n_b}; pass rows that pair up."
+        )
     dims = min(opts.n_components, d_a) + min(opts.n_components, d_b)
     needed = dims + 2 if opts.method == "gaussian" else max(2 * opts.k + 2, dims + 2)
     if n_a < needed:
@@ -173,7 +177,9 @@ def _gaussian_mi(za: np.ndarray, zb: np.ndarray, shrinkage: str | float) -> floa
     return max(0.5 * (_logdet(cov[:ka, :ka]) + _logdet(cov[ka:, ka:]) - _logdet(cov)), 0.0)
 
 
-def _ksg_mi(za: np.ndarray, zb: np.ndarray, k: int, tree_a: cKDTree | None = None, tree_b: cKDTree | None = None) -> float:
+def _ksg_mi(
+    za: np.ndarray, zb: np.ndarray, k: int, tree_a: cKDTree | None = None, tree_b: cKDTree | None = None
+) -> float:
     n = za.shape[0]
     joint = np.concatenate([za, zb], axis=1)
     radius = cKDTree(joint).query(joint, k=k + 1, p=np.inf)[0][:, -1]
@@ -186,7 +192,9 @@ def _ksg_mi(za: np.ndarray, zb: np.ndarray, k: int, tree_a: cKDTree | None = Non
     return max(float(mi), 0.0)
 
 
-def mutual_information(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, method: str = "gaussian", **options: Any) -> float:
+def mutual_information(
+    a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, method: str = "gaussian", **options: Any
+) -> float:
     """Mutual information (nats) between paired samples ``a`` [n, d1] and ``b`` [n, d2].
 
     Options (all methods): ``n_components`` (PCA dimensions kept per side, capped by d; default 8 for

@@ -26,18 +26,17 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from es_lightning.alignment.autoencoder import Objective
 from es_lightning.memory import announce, pair_search_estimate
 from es_lightning.steering.mi import METHODS as MI_METHODS
 from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, symmetric_eigh, whitened
+from es_lightning.steering.pair_layers import _aucs, _full_width_map, _Layer, _reduce, _ridge_scale
 from es_lightning.steering.pairing import PairingRule, Rule, choose_pairs, depth_pairs, depth_partner
 from es_lightning.steering.rows import LayerStates, PairedRows
 from es_lightning.stopping import check_stop, stage
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -85,12 +84,16 @@ class PairSearchConfig:
         resolve_options(self.mi_method, self.mi_options)
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
-        if not self.ridges or any(not (isinstance(r, (int, float)) and r > 0 and math.isfinite(r)) for r in self.ridges):
+        if not self.ridges or any(
+            not (isinstance(r, (int, float)) and r > 0 and math.isfinite(r)) for r in self.ridges
+        ):
             raise ValueError(f"ridges must be a non-empty list of positive numbers, got {self.ridges!r}.")
         if self.ridge_folds < 2:
             raise ValueError(f"ridge_folds must be >= 2, got {self.ridge_folds}.")
         if self.max_components < 1 or (self.max_rows is not None and self.max_rows < 10):
-            raise ValueError(f"max_components must be >= 1 and max_rows >= 10 or null; got {self.max_components}, {self.max_rows}.")
+            raise ValueError(
+                f"max_components must be >= 1 and max_rows >= 10 or null; got {self.max_components}, {self.max_rows}."
+            )
 
     def min_heldout_rows(self) -> int:
         """The fewest held-out rows the MI estimator accepts."""
@@ -107,7 +110,9 @@ class PairSearchConfig:
                 "questions, a larger pairing.heldout_fraction, or a smaller pairing.mi_options.n_components."
             )
         if n_fit < 2 * self.ridge_folds:
-            raise ValueError(f"{where}: {n_fit} fit rows are too few for {self.ridge_folds}-fold ridge selection; use more questions.")
+            raise ValueError(
+                f"{where}: {n_fit} fit rows are too few for {self.ridge_folds}-fold ridge selection; use more questions."
+            )
 
 
 @dataclass
@@ -153,40 +158,9 @@ class SearchOutcome:
     linear: dict[int, torch.Tensor]
 
 
-@dataclass
-class _Layer:
-    """One layer standardised and reduced on the fit rows."""
-
-    basis: np.ndarray  # [d, p] principal directions
-    singular: np.ndarray  # [p]
-    fit: np.ndarray  # [n_fit, p] scores
-    heldout: np.ndarray  # [n_heldout, p] scores
-    total_ss: float  # total sum of squares of the standardised fit rows (all directions)
-    width: int
-
-
-def _reduce(fit: np.ndarray, heldout: np.ndarray, max_components: int) -> _Layer:
-    """Standardise and project one layer; only the top ``p`` directions are ever formed at full width (d x p)."""
-    mean = fit.mean(0)
-    centred = fit - mean
-    scale = math.sqrt(float((centred ** 2).sum(1).mean()) / fit.shape[1]) or 1.0
-    centred /= scale
-    n, d = centred.shape
-    values, vectors = symmetric_eigh(centred.T @ centred if d <= n else centred @ centred.T)  # d x d covariance or n x n Gram
-    order = np.argsort(values)[::-1]
-    s = np.sqrt(np.clip(values[order], 0.0, None))
-    keep = s > 1e-6 * max(float(s[0]), 1e-30)
-    p = min(int(keep.sum()), max_components)
-    top = vectors[:, order[:p]]  # a copy: the full eigenvector matrix is freed on return
-    basis = top if d <= n else centred.T @ top / np.where(s[:p] > 0, s[:p], 1.0)  # Gram: directions X^T u / s
-    return _Layer(basis, s[:p].copy(), centred @ basis, ((heldout - mean) / scale) @ basis, float((centred ** 2).sum()), d)
-
-
-def _ridge_scale(layer: _Layer, ridge: float) -> float:
-    return ridge * layer.total_ss / layer.width  # ridge x mean Gram diagonal, as in the auto-encoder's seed
-
-
-def _choose_ridge(experts: list[_Layer], targets_for: list[_Layer], groups: Sequence[Hashable], config: PairSearchConfig) -> tuple[float, dict[str, float]]:
+def _choose_ridge(
+    experts: list[_Layer], targets_for: list[_Layer], groups: Sequence[Hashable], config: PairSearchConfig
+) -> tuple[float, dict[str, float]]:
     """The ridge with the lowest grouped-CV squared error of the same-depth maps, averaged over expert layers."""
     if len(config.ridges) == 1:
         return float(config.ridges[0]), {}
@@ -202,48 +176,36 @@ def _choose_ridge(experts: list[_Layer], targets_for: list[_Layer], groups: Sequ
             x, y = expert.fit[train], target.fit[train]
             xm, ym = x.mean(0), y.mean(0)
             xc, yc = x - xm, y - ym
-            values, vectors = symmetric_eigh(xc.T @ xc)  # [p, p]: ridge solutions for every lambda from one factorisation
+            values, vectors = symmetric_eigh(
+                xc.T @ xc
+            )  # [p, p]: ridge solutions for every lambda from one factorisation
             projected = vectors.T @ (xc.T @ yc)
             for r in config.ridges:
-                lam = r * float((xc ** 2).sum()) / expert.width
+                lam = r * float((xc**2).sum()) / expert.width
                 w = vectors @ (projected / (np.clip(values, 0.0, None) + lam)[:, None])
                 residual = (expert.fit[test] - xm) @ w + ym - target.fit[test]
-                errors[float(r)] += float((residual ** 2).sum())
+                errors[float(r)] += float((residual**2).sum())
     best = min(errors, key=lambda r: (errors[r], r))
     n = len(experts) * len(groups)
     return best, {f"{r:g}": e / n for r, e in errors.items()}
 
 
-def _aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC of each column of ``scores`` [n, k] for 0/1 ``labels`` (Mann-Whitney U from average ranks)."""
-    positive = labels == 1
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    if n1 == 0 or n0 == 0:
-        return np.full(scores.shape[1], 0.5)
-    ranks = rankdata(scores, axis=0)
-    return (ranks[positive].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-def _full_width_map(expert: _Layer, target: _Layer, ridge: float | None, d_t: int) -> torch.Tensor:
-    """The ``[d_T, d_E]`` linear part of a map (ridge for ``paired``; ``ridge=None``: the top-``d_T`` PCA code)."""
-    if ridge is not None:
-        lam = _ridge_scale(expert, ridge)
-        w = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target.fit
-        return torch.from_numpy(target.basis @ w.T @ expert.basis.T).float()
-    basis = np.zeros((d_t, expert.basis.shape[0]))
-    rows = min(d_t, expert.basis.shape[1])
-    basis[:rows] = expert.basis[:, :rows].T
-    return torch.from_numpy(basis).float()
-
-
-def paired_maps(fit: PairedRows, expert_layers: Sequence[int], target_layers: Sequence[int], pairs: Sequence[tuple[int, int]],
-                ridge: float, max_components: int = 256) -> dict[int, torch.Tensor]:
+def paired_maps(
+    fit: PairedRows,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    pairs: Sequence[tuple[int, int]],
+    ridge: float,
+    max_components: int = 256,
+) -> dict[int, torch.Tensor]:
     """Closed-form ridge maps ``[d_T, d_E]`` of given pairs, fitted on ``fit`` rows (for measuring a fixed ridge)."""
     out = {}
     for i, j in pairs:
         e = fit.expert.layer(list(expert_layers).index(i)).double().numpy()
         t = fit.target.layer(list(target_layers).index(j)).double().numpy()
-        out[i] = _full_width_map(_reduce(e, e[:1], max_components), _reduce(t, t[:1], max_components), ridge, t.shape[1])
+        out[i] = _full_width_map(
+            _reduce(e, e[:1], max_components), _reduce(t, t[:1], max_components), ridge, t.shape[1]
+        )
     return out
 
 
@@ -263,48 +225,130 @@ def search_pairs(
     ``fit`` rows fit the maps (and choose the ridge); ``heldout`` rows, of other questions, score them. Labels
     of ``fit`` give the expert direction for the ``separability`` scores; labels of ``heldout`` score it.
     """
-    config.validate()
-    rule = config.pairing_rule
-    rule.check_fits(len(expert_layers), len(target_layers))
-    config.check_rows(len(fit), len(heldout), "Layer-pair search")
-    announce(pair_search_estimate(len(fit), len(heldout), len(expert_layers), fit.expert.width, len(target_layers),
-                                  fit.target.width, config.max_components, config.max_rows, config.top_k))
-    if objective not in ("paired", "reconstruction"):
-        raise ValueError(f"Unknown objective {objective!r}: use 'paired' or 'reconstruction'.")
-    overlap = set(fit.groups) & set(heldout.groups)
-    if overlap:
-        raise ValueError(f"The fit and held-out rows share questions {sorted(map(str, overlap))[:3]}; hold out whole questions.")
+    rule = _checked_rule(fit, heldout, len(expert_layers), len(target_layers), config, objective)
     if config.max_rows and len(fit) > config.max_rows:
         keep = np.sort(np.random.default_rng(config.seed).permutation(len(fit))[: config.max_rows])
         fit = fit.take(keep.tolist())
     baseline = depth_pairs(expert_layers, target_layers, expert_depth, target_depth, rule)
     d_t = fit.target.width
-
-    def reduce(fit_side: LayerStates, held_side: LayerStates, position: int) -> _Layer:  # one full-width layer at a time
-        check_stop()
-        return _reduce(fit_side.layer(position).double().numpy(), held_side.layer(position).double().numpy(), config.max_components)
-
-    experts = [reduce(fit.expert, heldout.expert, a) for a in range(len(expert_layers))]
-    targets = [reduce(fit.target, heldout.target, b) for b in range(len(target_layers))]
+    experts = _reduced(fit.expert, heldout.expert, len(expert_layers), config.max_components)
+    targets = _reduced(fit.target, heldout.target, len(target_layers), config.max_components)
     ridge: float | None = None
     ridge_scores: dict[str, float] = {}
     if objective == "paired":
-        same_depth = [targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))] for e in expert_layers]
+        same_depth = [
+            targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))]
+            for e in expert_layers
+        ]
         ridge, ridge_scores = _choose_ridge(experts, same_depth, fit.groups, config)
+    mi, auc = _score_matrices(experts, targets, fit, heldout, expert_layers, target_layers, config, objective, ridge)
 
+    pairs = choose_pairs(
+        rule,
+        expert_layers,
+        target_layers,
+        expert_depth,
+        target_depth,
+        mi=None if mi is None else torch.from_numpy(mi),
+        auc=None if auc is None else torch.from_numpy(auc),
+    )
+
+    linear = {
+        i: _full_width_map(experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)], ridge, d_t)
+        for i, j in pairs
+    }
+    result = PairSearch(
+        rule=config.rule,
+        objective=objective,
+        expert_layers=list(expert_layers),
+        target_layers=list(target_layers),
+        pairs=[(int(i), int(j)) for i, j in pairs],
+        mi=None if mi is None else mi.tolist(),
+        auc=None if auc is None else auc.tolist(),
+        depth_pairs=baseline,
+        ridge=ridge,
+        ridge_scores=ridge_scores,
+        mi_method=config.mi_method,
+        n_fit=len(fit),
+        n_heldout=len(heldout),
+        top_k=config.top_k,
+    )
+    return SearchOutcome(result, linear)
+
+
+def _checked_rule(
+    fit: PairedRows, heldout: PairedRows, n_expert: int, n_target: int, config: PairSearchConfig, objective: Objective
+) -> PairingRule:
+    """The pairing rule, once the settings, row counts, objective and question split are checked (and the memory
+    estimate announced)."""
+    config.validate()
+    rule = config.pairing_rule
+    rule.check_fits(n_expert, n_target)
+    config.check_rows(len(fit), len(heldout), "Layer-pair search")
+    announce(
+        pair_search_estimate(
+            len(fit),
+            len(heldout),
+            n_expert,
+            fit.expert.width,
+            n_target,
+            fit.target.width,
+            config.max_components,
+            config.max_rows,
+            config.top_k,
+        )
+    )
+    if objective not in ("paired", "reconstruction"):
+        raise ValueError(f"Unknown objective {objective!r}: use 'paired' or 'reconstruction'.")
+    overlap = set(fit.groups) & set(heldout.groups)
+    if overlap:
+        raise ValueError(
+            f"The fit and held-out rows share questions {sorted(map(str, overlap))[:3]}; hold out whole questions."
+        )
+    return rule
+
+
+def _reduced(fit_side: LayerStates, held_side: LayerStates, count: int, max_components: int) -> list[_Layer]:
+    """The first ``count`` layers of one side, each reduced on its fit rows (one full-width layer at a time)."""
+    layers = []
+    for position in range(count):
+        check_stop()
+        layers.append(
+            _reduce(
+                fit_side.layer(position).double().numpy(), held_side.layer(position).double().numpy(), max_components
+            )
+        )
+    return layers
+
+
+def _score_matrices(
+    experts: list[_Layer],
+    targets: list[_Layer],
+    fit: PairedRows,
+    heldout: PairedRows,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    config: PairSearchConfig,
+    objective: Objective,
+    ridge: float | None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Held-out MI ``[L_E, L_T]`` (None for the depth rule) and ROC AUC (None without two classes) of every pair."""
     labels_fit = None if fit.labels is None else fit.labels.numpy()
     labels_held = None if heldout.labels is None else heldout.labels.numpy()
     with_auc = labels_fit is not None and labels_held is not None and len(np.unique(labels_fit)) == 2
     opts = resolve_options(config.mi_method, dict(config.mi_options, seed=config.mi_options.get("seed", config.seed)))
     need_mi = config.rule != "depth"
-    target_components = [whitened(t.heldout, opts, 1, f"target layer {j}") for t, j in zip(targets, target_layers)] if need_mi else []
+    target_components = (
+        [whitened(t.heldout, opts, 1, f"target layer {j}") for t, j in zip(targets, target_layers)] if need_mi else []
+    )
     mi = np.zeros((len(experts), len(targets)))
     auc = np.full((len(experts), len(targets)), 0.5)
+    d_t = fit.target.width
     widths = [t.fit.shape[1] for t in targets]
     bounds = np.cumsum([0] + widths)
     target_fit = np.concatenate([t.fit for t in targets], axis=1)  # [n_fit, sum p_T]
     target_held = [t.heldout for t in targets]
-    raw_directions = np.zeros((d_t, len(experts)))  # reconstruction: each expert layer's direction, scored on raw target states
+    raw_directions = np.zeros((d_t, len(experts)))  # reconstruction: each expert's direction, on raw target states
     for a, expert in enumerate(experts):
         check_stop()
         direction = None
@@ -313,16 +357,21 @@ def search_pairs(
         if objective == "paired":
             assert ridge is not None  # chosen above for the paired objective
             lam = _ridge_scale(expert, ridge)
-            maps = ((expert.singular / (expert.singular ** 2 + lam))[:, None] * expert.fit.T) @ target_fit  # [p_E, sum p_T]
+            weights = (expert.singular / (expert.singular**2 + lam))[:, None]
+            maps = (weights * expert.fit.T) @ target_fit  # [p_E, sum p_T]
             mapped_all = expert.heldout @ maps
             if direction is not None:
                 mapped_direction = direction @ maps
-                scores = np.stack([target_held[b] @ mapped_direction[bounds[b]:bounds[b + 1]] for b in range(len(targets))], 1)
+                scores = np.stack(
+                    [target_held[b] @ mapped_direction[bounds[b] : bounds[b + 1]] for b in range(len(targets))], 1
+                )
                 auc[a] = _aucs(labels_held, scores)  # type: ignore[arg-type]  # with_auc: labels_held is set
             if need_mi:
+                name = f"mapped expert layer {expert_layers[a]}"
                 for b in range(len(targets)):
-                    mapped = whitened(mapped_all[:, bounds[b]:bounds[b + 1]], opts, 0, f"mapped expert layer {expert_layers[a]}")
-                    mi[a, b] = mi_of_components(mapped, target_components[b], opts)
+                    mi[a, b] = mi_of_components(
+                        whitened(mapped_all[:, bounds[b] : bounds[b + 1]], opts, 0, name), target_components[b], opts
+                    )
         else:
             code = expert.heldout[:, :d_t]
             if need_mi:
@@ -333,18 +382,5 @@ def search_pairs(
                 raw_directions[: min(d_t, len(direction)), a] = direction[:d_t]
     if objective == "reconstruction" and with_auc:
         for b in range(len(targets)):  # one raw held-out target layer at a time
-            auc[:, b] = _aucs(labels_held, heldout.target.layer(b).double().numpy() @ raw_directions)  # type: ignore[arg-type]  # with_auc
-
-    pairs = choose_pairs(rule, expert_layers, target_layers, expert_depth, target_depth,
-                         mi=torch.from_numpy(mi) if need_mi else None, auc=torch.from_numpy(auc) if with_auc else None)
-
-    linear = {i: _full_width_map(experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)], ridge, d_t)
-              for i, j in pairs}
-    result = PairSearch(
-        rule=config.rule, objective=objective, expert_layers=list(expert_layers), target_layers=list(target_layers),
-        pairs=[(int(i), int(j)) for i, j in pairs], mi=mi.tolist() if need_mi else None, auc=auc.tolist() if with_auc else None,
-        depth_pairs=baseline, ridge=ridge, ridge_scores=ridge_scores, mi_method=config.mi_method,
-        n_fit=len(fit), n_heldout=len(heldout), top_k=config.top_k,
-    )
-    return SearchOutcome(result, linear)
-
+            auc[:, b] = _aucs(labels_held, heldout.target.layer(b).double().numpy() @ raw_directions)  # type: ignore[arg-type]
+    return (mi if need_mi else None), (auc if with_auc else None)

@@ -42,7 +42,9 @@ class PairingRule:
         if self.depth_window is not None:
             low, high = self.depth_window
             if not 0 <= low <= high <= 1:
-                raise ValueError(f"depth_window {tuple(self.depth_window)} must satisfy 0 <= low <= high <= 1 (relative depths).")
+                raise ValueError(
+                    f"depth_window {tuple(self.depth_window)} must satisfy 0 <= low <= high <= 1 (relative depths)."
+                )
 
     def check_fits(self, n_expert: int, n_target: int) -> None:
         """Refuse ``top_k`` larger than the number of pairs the captured layers allow."""
@@ -66,8 +68,9 @@ def depth_partner(layer: int, expert_depth: int, target_layers: Sequence[int], t
     return min(target_layers, key=lambda t: (abs(t - wanted), t))
 
 
-def depth_pairs(expert_layers: Sequence[int], target_layers: Sequence[int], expert_depth: int, target_depth: int,
-                rule: PairingRule) -> list[tuple[int, int]]:
+def depth_pairs(
+    expert_layers: Sequence[int], target_layers: Sequence[int], expert_depth: int, target_depth: int, rule: PairingRule
+) -> list[tuple[int, int]]:
     """The ``depth`` rule: ``top_k`` expert layers evenly over the window, each with its same-depth target layer."""
     low, high = rule.depth_window or DEFAULT_DEPTH_WINDOW
     k = rule.top_k
@@ -86,7 +89,11 @@ def depth_pairs(expert_layers: Sequence[int], target_layers: Sequence[int], expe
 
 
 def select_pairs(
-    scores: torch.Tensor, expert_layers: Sequence[int], target_layers: Sequence[int], target_depth: int, rule: PairingRule,
+    scores: torch.Tensor,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    target_depth: int,
+    rule: PairingRule,
     highest: bool | None = None,
 ) -> list[tuple[int, int]]:
     """Pairs chosen greedily by ``scores`` [L_E, L_T], highest first (lowest first for the ``lowest`` rule, or as
@@ -94,13 +101,17 @@ def select_pairs(
     rule.validate()
     highest = rule.rule != "lowest" if highest is None else highest
     if tuple(scores.shape) != (len(expert_layers), len(target_layers)):
-        raise ValueError(f"Score matrix shape {tuple(scores.shape)} does not match {len(expert_layers)} expert x {len(target_layers)} target layers.")
+        raise ValueError(
+            f"Score matrix shape {tuple(scores.shape)} does not match {len(expert_layers)} expert x {len(target_layers)} target layers."
+        )
     allowed = list(range(len(target_layers)))
     if rule.depth_window is not None:
         low, high = rule.depth_window
         allowed = [k for k, layer in enumerate(target_layers) if low <= relative_depth(layer, target_depth) <= high]
         if not allowed:
-            raise ValueError(f"No captured target layer lies in depth_window {rule.depth_window}; widen it or capture more layers.")
+            raise ValueError(
+                f"No captured target layer lies in depth_window {rule.depth_window}; widen it or capture more layers."
+            )
     candidates = [(float(scores[i, k]), i, k) for i in range(len(expert_layers)) for k in allowed]
     candidates.sort(key=lambda c: (-c[0] if highest else c[0], c[1], c[2]))
     used_experts, used_targets, pairs = set(), set(), []
@@ -115,16 +126,25 @@ def select_pairs(
     return sorted(pairs, key=lambda p: p[1])
 
 
-def choose_pairs(rule: PairingRule, expert_layers: Sequence[int], target_layers: Sequence[int], expert_depth: int,
-                 target_depth: int, mi: torch.Tensor | None = None, auc: torch.Tensor | None = None) -> list[tuple[int, int]]:
+def choose_pairs(
+    rule: PairingRule,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    expert_depth: int,
+    target_depth: int,
+    mi: torch.Tensor | None = None,
+    auc: torch.Tensor | None = None,
+) -> list[tuple[int, int]]:
     """The one place a rule picks pairs, for the fit and every evaluation fold, either objective: ``depth`` from the
     layers alone, ``separability`` by held-out ROC AUC ``[L_E, L_T]``, ``highest``/``lowest`` by held-out MI."""
     if rule.rule == "depth":
         return depth_pairs(expert_layers, target_layers, expert_depth, target_depth, rule)
     scores = auc if rule.rule == "separability" else mi
     if scores is None and rule.rule == "separability":
-        raise ValueError("The separability rule needs 0/1 labels on the fit and held-out rows; use rule: highest for "
-                         "unlabelled data.")
+        raise ValueError(
+            "The separability rule needs 0/1 labels on the fit and held-out rows; use rule: highest for "
+            "unlabelled data."
+        )
     if scores is None:
         raise ValueError(f"The {rule.rule} rule needs held-out MI scores, and none were computed.")
     return select_pairs(scores, expert_layers, target_layers, target_depth, rule, highest=rule.rule != "lowest")

@@ -43,20 +43,27 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from xrfm.rfm_src import RFM
 
-log = logging.getLogger(__name__)
+from es_lightning.steering.rfm_kernel import _RFM, KERNEL, kernel_bytes
+from es_lightning.steering.rfm_kernel import _ridge_solve as _ridge_solve  # re-exported: tests import it from here
+from es_lightning.steering.rfm_rows import (
+    _check_class_counts,
+    _check_labels,
+    _grouped_split,
+    _Labels,
+    _stratified_split,
+    cap_rows,
+)
 
-KERNEL = "l2_high_dim"
-_MAX_RIDGE_RAISES = 6
-_RIDGE_FACTOR = 10.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,144 +88,6 @@ class RFMResult:
     fit_seconds: float = 0.0  # wall time of the whole fit_rfm call
 
 
-def _ridge_solve(kernel: torch.Tensor, targets: torch.Tensor, reg: float) -> tuple[torch.Tensor, float]:
-    """``(K + reg·I)⁻¹ targets`` by Cholesky, raising the ridge (with a warning) until the solve is sound.
-
-    ``kernel`` is overwritten. Returns the solution and the ridge actually used.
-    """
-    eps = torch.finfo(kernel.dtype).eps
-    scale = float(kernel.diagonal().abs().mean())
-    kernel.diagonal().add_(reg)
-    current = reg
-    for _ in range(_MAX_RIDGE_RAISES + 1):
-        factor, info = torch.linalg.cholesky_ex(kernel)
-        if int(info) == 0:
-            pivots = factor.diagonal()
-            if float((pivots.min() / pivots.max()) ** 2) > 100 * eps:
-                alpha = torch.cholesky_solve(targets, factor)
-                if torch.isfinite(alpha).all():
-                    return alpha, current
-        raised = max(current * _RIDGE_FACTOR, 1e-4 * scale)
-        warnings.warn(
-            f"Kernel ridge solve with reg={current:.3g} is ill-conditioned or failed (duplicate or near-duplicate "
-            f"rows in X?); retrying with reg={raised:.3g}. Pass larger values in regs to avoid this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        kernel.diagonal().add_(raised - current)
-        current = raised
-    raise RuntimeError(
-        f"Kernel ridge solve still fails with reg={current:.3g}; check X for NaN-like or constant rows, "
-        "or pass larger values in regs."
-    )
-
-
-class _RFM(RFM):
-    """xrfm's RFM whose direct solver is :func:`_ridge_solve` (warns and raises the ridge, never silent)."""
-
-    def fit_predictor_lstsq(self, centers: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        centers, targets = centers.to(self.device), targets.to(self.device)
-        alpha, self.reg = _ridge_solve(self.kernel(centers, centers), targets, self.reg)
-        return alpha
-
-
-@dataclass
-class _Labels:
-    targets: torch.Tensor  # [n, 1] (binary) or [n, c] (one-hot), float32
-    classes: np.ndarray  # [n] class index per row
-    positive: np.ndarray  # [n] float, 1 for the positive class
-    metric: str
-
-    def take(self, rows: np.ndarray) -> _Labels:
-        return _Labels(self.targets[torch.from_numpy(rows)], self.classes[rows], self.positive[rows], self.metric)
-
-
-def _check_labels(y: torch.Tensor | np.ndarray, n: int, positive_class: int) -> _Labels:
-    y_arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    if y_arr.ndim not in (1, 2) or y_arr.shape[0] != n:
-        raise ValueError(
-            f"y must have shape [n] (0/1 labels) or [n, c] (one-hot) with n={n} rows like X, got {tuple(y_arr.shape)}; "
-            "pass one label per row of X."
-        )
-    if not np.isin(y_arr, (0, 1)).all():
-        raise ValueError("y must hold 0/1 values (binary labels or a one-hot matrix); map the labels to 0/1 first.")
-    if y_arr.ndim == 2 and y_arr.shape[1] == 1:
-        y_arr = y_arr[:, 0]
-    if y_arr.ndim == 1:
-        classes = y_arr.astype(np.int64)
-        return _Labels(torch.from_numpy(classes[:, None]).float(), classes, classes.astype(np.float64), "auc")
-    if not (y_arr.sum(axis=1) == 1).all():
-        raise ValueError("A one-hot y must have exactly one 1 per row; pass integer 0/1 labels or fix the encoding.")
-    if not 0 <= positive_class < y_arr.shape[1]:
-        raise ValueError(f"positive_class={positive_class} is not a column of the one-hot y with {y_arr.shape[1]} columns.")
-    classes = y_arr.argmax(axis=1)
-    return _Labels(torch.from_numpy(y_arr.astype(np.float32)), classes, y_arr[:, positive_class].astype(np.float64), "accuracy")
-
-
-def _check_class_counts(classes: np.ndarray, n_classes: int) -> None:
-    counts = np.bincount(classes, minlength=n_classes)
-    if (counts > 0).sum() < 2:
-        raise ValueError("y holds a single class; RFM needs examples of at least two classes to learn a direction.")
-    if counts.min() < 2:
-        worst = int(counts.argmin())
-        raise ValueError(
-            f"Class {worst} has {counts[worst]} example(s), but the stratified validation split needs at least 2 per "
-            "class (one to train on, one to validate on); add examples of that class or drop the empty one-hot column."
-        )
-
-
-def _stratified_split(classes: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (rest, chosen): about ``fraction`` of every class is chosen, at least one and never all of it."""
-    rest, chosen = [], []
-    for label in np.unique(classes):
-        members = rng.permutation(np.flatnonzero(classes == label))
-        take = min(max(round(fraction * len(members)), 1), len(members) - 1)
-        chosen.append(members[:take])
-        rest.append(members[take:])
-    return np.sort(np.concatenate(rest)), np.sort(np.concatenate(chosen))
-
-
-def _grouped_split(classes: np.ndarray, groups: Sequence, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (rest, chosen): about ``fraction`` of the groups chosen, whole groups only (rows of one question never
-    fall on both sides), with both parts holding every class."""
-    keys = list(dict.fromkeys(groups))
-    if len(keys) < 2:
-        raise ValueError(f"The RFM's grouped validation split needs at least 2 groups (questions), got {len(keys)}.")
-    n_chosen = min(max(round(fraction * len(keys)), 1), len(keys) - 1)
-    for _ in range(20):
-        picked = {keys[k] for k in rng.permutation(len(keys))[:n_chosen]}
-        chosen = np.array([r for r, g in enumerate(groups) if g in picked])
-        rest = np.array([r for r, g in enumerate(groups) if g not in picked])
-        if set(classes[chosen]) == set(classes) == set(classes[rest]):
-            return rest, chosen
-    raise ValueError(
-        "No grouped validation split holds every class on both sides; give the RFM more groups (questions) with "
-        "rows of both labels, or pass groups=None for a stratified split of rows."
-    )
-
-
-def cap_rows(groups: Sequence, max_rows: int, seed: int) -> np.ndarray:
-    """Sorted row indices of a seeded subsample of whole groups holding at most ``max_rows`` rows (groups are taken
-    in a seeded random order; one that would overflow the cap is skipped)."""
-    members: dict = {}
-    for row, group in enumerate(groups):
-        members.setdefault(group, []).append(row)
-    keys = list(members)
-    chosen: list[int] = []
-    for k in np.random.default_rng([seed, 1]).permutation(len(keys)):  # its own stream: the split's draws are unchanged
-        rows = members[keys[k]]
-        if len(chosen) + len(rows) <= max_rows:
-            chosen.extend(rows)
-        if len(chosen) == max_rows:
-            break
-    return np.sort(np.array(chosen, dtype=np.int64))
-
-
-def kernel_bytes(n_train: int) -> int:
-    """Bytes of one n_train x n_train float32 kernel matrix."""
-    return 4 * n_train * n_train
-
-
 def _score(model: RFM, x_val: torch.Tensor, labels: _Labels, val_idx: np.ndarray) -> float:
     pred = model.predict(x_val).detach().cpu().double().numpy()
     if labels.metric == "auc":
@@ -236,16 +105,30 @@ def _fit_one(
     iters: int,
     device: torch.device,
 ) -> _RFM:
-    model = _RFM(kernel=KERNEL, bandwidth=bandwidth_scale, bandwidth_mode="adaptive", device=device, verbose=False, diag=False)
+    model = _RFM(
+        kernel=KERNEL, bandwidth=bandwidth_scale, bandwidth_mode="adaptive", device=device, verbose=False, diag=False
+    )
     model.fit(
-        (x_train, y_train), (x_val, y_val), iters=iters, method="lstsq", reg=reg, verbose=False,
-        early_stop_rfm=False, return_best_params=False, tuning_metric="mse",
+        (x_train, y_train),
+        (x_val, y_val),
+        iters=iters,
+        method="lstsq",
+        reg=reg,
+        verbose=False,
+        early_stop_rfm=False,
+        return_best_params=False,
+        tuning_metric="mse",
     )
     return model
 
 
 def _check_options(
-    x_shape: tuple[int, ...], iters: int, bandwidths: Sequence[float], regs: Sequence[float], val_fraction: float, grid_max_train: int
+    x_shape: tuple[int, ...],
+    iters: int,
+    bandwidths: Sequence[float],
+    regs: Sequence[float],
+    val_fraction: float,
+    grid_max_train: int,
 ) -> None:
     if len(x_shape) != 2 or x_shape[0] < 1 or x_shape[1] < 1:
         raise ValueError(f"X must have shape [n, d] with n, d >= 1, got {x_shape}; stack the examples as rows.")
@@ -277,7 +160,7 @@ def fit_rfm(
     groups: Sequence | None = None,
     max_rows: int | None = 10_000,
 ) -> RFMResult:
-    """Fit an RFM classifier on ``X`` [n, d] and labels ``y`` ([n] 0/1 or [n, c] one-hot); return its AGOP and direction.
+    """Fit an RFM classifier on ``X`` [n, d] and labels ``y`` ([n] 0/1 or [n, c] one-hot): its AGOP and direction.
 
     ``bandwidths`` are multiples of the median pairwise Mahalanobis distance of the training points
     (re-measured each round); ``regs`` are ridges λ (the Laplace kernel matrix has unit diagonal). Every
@@ -302,80 +185,161 @@ def fit_rfm(
         device = X.device if isinstance(X, torch.Tensor) else "cpu"
     x_np = X.detach().cpu().double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
     _check_options(x_np.shape, iters, bandwidths, regs, val_fraction, grid_max_train)
-    if max_rows is not None and max_rows < 10:
-        raise ValueError(f"max_rows must be at least 10 or None (no cap), got {max_rows!r}; the default is 10000.")
-    n_input, d = x_np.shape
-    if not np.isfinite(x_np).all():
-        raise ValueError("X contains NaN or Inf values; drop or impute those rows before fitting the RFM.")
-    labels = _check_labels(y, n_input, positive_class)
-    if groups is not None and len(groups) != n_input:
-        raise ValueError(f"groups must hold one key per row of X ({n_input}), got {len(groups)}.")
-    if max_rows is not None and n_input > max_rows:
-        kept = cap_rows(list(groups) if groups is not None else range(n_input), max_rows, seed)
-        if not len(kept):
-            raise ValueError(f"Every group has more than max_rows={max_rows} rows; raise max_rows.")
-        x_np, labels = x_np[kept], labels.take(kept)
-        groups = [groups[r] for r in kept] if groups is not None else None
-        n_train = len(kept) - round(val_fraction * len(kept))
-        log.info("RFM on a seeded %d of %d rows (whole %s; max_rows=%d): its n_train^2 float32 kernel takes %.2f GiB "
-                 "per matrix at n_train~%d, about 3 alive at once.", len(kept), n_input,
-                 "questions" if groups is not None else "rows", max_rows, kernel_bytes(n_train) / 2**30, n_train)
-    _check_class_counts(labels.classes, labels.targets.shape[1] if labels.metric == "accuracy" else 2)
-
-    mean = x_np.mean(axis=0)
-    std = x_np.std(axis=0) if standardize else np.ones(d)
-    std = np.where(std > 0, std, 1.0)
-    x_all = torch.from_numpy((x_np - mean) / std).float()
-
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        train_idx, val_idx = _grouped_split(labels.classes, list(groups), val_fraction, rng)
-    else:
-        train_idx, val_idx = _stratified_split(labels.classes, val_fraction, rng)
-    if len(train_idx) > grid_max_train:
-        grid_idx = train_idx[_stratified_split(labels.classes[train_idx], grid_max_train / len(train_idx), rng)[1]]
-    else:
-        grid_idx = train_idx
-    x_val, y_val = x_all[val_idx], labels.targets[val_idx]
-    device = torch.device(device)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        grid_scores, best, best_model = [], None, None
-        for bandwidth_scale in bandwidths:
-            for reg in regs:
-                model = _fit_one(x_all[grid_idx], labels.targets[grid_idx], x_val, y_val, bandwidth_scale, reg, iters, device)
-                score = _score(model, x_val, labels, val_idx)
-                grid_scores.append((float(bandwidth_scale), float(reg), score))
-                if best is None or score > best[2]:
-                    best, best_model = grid_scores[-1], model
-        if len(grid_idx) < len(train_idx):
-            best_model = _fit_one(x_all[train_idx], labels.targets[train_idx], x_val, y_val, best[0], best[1], iters, device)
-        x_train = x_all[train_idx].to(device)
-        agop_std = best_model.fit_M(x_train, best_model.n_classes, inplace=False).detach().cpu().double()
-
-    inv_std = torch.from_numpy(1.0 / std)
-    agop = agop_std * inv_std[:, None] * inv_std[None, :]
-    agop = agop / agop.abs().max()
-    eigenvalues, eigenvectors = torch.linalg.eigh(agop)
-    direction = eigenvectors[:, -1]
-    projection = x_np @ direction.numpy()
-    if np.corrcoef(projection, labels.positive)[0, 1] < 0:
-        direction = -direction
+    n_input = x_np.shape[0]
+    x_np, labels, groups = _checked_rows(x_np, y, positive_class, groups, max_rows, val_fraction, seed)
+    x_all, std = _standardised(x_np, standardize)
+    split = _split_rows(labels.classes, groups, val_fraction, grid_max_train, seed)
+    x_val = x_all[split.val]
+    grid_scores, best, best_model, agop_std = _fit_best(
+        x_all, labels, split, bandwidths, regs, iters, torch.device(device), seed
+    )
+    agop, eigenvalues, direction = _agop_direction(agop_std, std, x_np, labels.positive)
     return RFMResult(
         agop=agop.float(),
         direction=direction.float(),
         bandwidth=float(best_model.kernel_obj.bandwidth),
         bandwidth_scale=best[0],
         reg=float(best_model.reg),
-        val_score=_score(best_model, x_val, labels, val_idx),
+        val_score=_score(best_model, x_val, labels, split.val),
         metric=labels.metric,
         grid_scores=grid_scores,
         iters=iters,
         top_fraction=float(eigenvalues[-1] / eigenvalues.clamp(min=0).sum()),
-        n_train=len(train_idx),
-        n_val=len(val_idx),
-        n_grid_train=len(grid_idx),
+        n_train=len(split.train),
+        n_val=len(split.val),
+        n_grid_train=len(split.grid),
         n_input=n_input,
         fit_seconds=time.perf_counter() - start,
     )
+
+
+def _checked_rows(
+    x_np: np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    positive_class: int,
+    groups: Sequence | None,
+    max_rows: int | None,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, _Labels, Sequence | None]:
+    """The checked rows, labels and groups, capped at ``max_rows`` (see :func:`_capped`); clear errors for bad input."""
+    if max_rows is not None and max_rows < 10:
+        raise ValueError(f"max_rows must be at least 10 or None (no cap), got {max_rows!r}; the default is 10000.")
+    n_input = x_np.shape[0]
+    if not np.isfinite(x_np).all():
+        raise ValueError("X contains NaN or Inf values; drop or impute those rows before fitting the RFM.")
+    labels = _check_labels(y, n_input, positive_class)
+    if groups is not None and len(groups) != n_input:
+        raise ValueError(f"groups must hold one key per row of X ({n_input}), got {len(groups)}.")
+    if max_rows is not None and n_input > max_rows:
+        x_np, labels, groups = _capped(x_np, labels, groups, max_rows, val_fraction, seed)
+    _check_class_counts(labels.classes, labels.targets.shape[1] if labels.metric == "accuracy" else 2)
+    return x_np, labels, groups
+
+
+def _capped(
+    x_np: np.ndarray, labels: _Labels, groups: Sequence | None, max_rows: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, _Labels, list | None]:
+    """The rows of :func:`cap_rows`'s seeded subsample of whole groups (of rows without ``groups``), said at INFO."""
+    n_input = len(x_np)
+    kept = cap_rows(list(groups) if groups is not None else range(n_input), max_rows, seed)
+    if not len(kept):
+        raise ValueError(f"Every group has more than max_rows={max_rows} rows; raise max_rows.")
+    n_train = len(kept) - round(val_fraction * len(kept))
+    log.info(
+        "RFM on a seeded %d of %d rows (whole %s; max_rows=%d): its n_train^2 float32 kernel takes %.2f GiB "
+        "per matrix at n_train~%d, about 3 alive at once.",
+        len(kept),
+        n_input,
+        "questions" if groups is not None else "rows",
+        max_rows,
+        kernel_bytes(n_train) / 2**30,
+        n_train,
+    )
+    return x_np[kept], labels.take(kept), [groups[r] for r in kept] if groups is not None else None
+
+
+def _standardised(x_np: np.ndarray, standardize: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """``(x - mean) / std`` per feature as float32 (std 1 without ``standardize``, and for constant features), and
+    the std."""
+    mean = x_np.mean(axis=0)
+    std = x_np.std(axis=0) if standardize else np.ones(x_np.shape[1])
+    std = np.where(std > 0, std, 1.0)
+    return torch.from_numpy((x_np - mean) / std).float(), std
+
+
+class _Split(NamedTuple):
+    """Row indices: the training part, the validation part, and the training rows the grid search fits on."""
+
+    train: np.ndarray
+    val: np.ndarray
+    grid: np.ndarray
+
+
+def _split_rows(
+    classes: np.ndarray, groups: Sequence | None, val_fraction: float, grid_max_train: int, seed: int
+) -> _Split:
+    """The seeded validation split (by whole groups when given, else stratified by label), and a stratified
+    subsample of at most about ``grid_max_train`` training rows for the grid search."""
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        train_idx, val_idx = _grouped_split(classes, list(groups), val_fraction, rng)
+    else:
+        train_idx, val_idx = _stratified_split(classes, val_fraction, rng)
+    if len(train_idx) > grid_max_train:
+        grid_idx = train_idx[_stratified_split(classes[train_idx], grid_max_train / len(train_idx), rng)[1]]
+    else:
+        grid_idx = train_idx
+    return _Split(train_idx, val_idx, grid_idx)
+
+
+def _fit_best(
+    x_all: torch.Tensor,
+    labels: _Labels,
+    split: _Split,
+    bandwidths: Sequence[float],
+    regs: Sequence[float],
+    iters: int,
+    device: torch.device,
+    seed: int,
+) -> tuple[list[tuple[float, float, float]], tuple[float, float, float], _RFM, torch.Tensor]:
+    """The grid's scores, its best (bandwidth, reg, score), that model (refitted on the whole training part when the
+    grid used a subsample) and its AGOP in the standardised coordinates; seeded, the global torch RNG untouched."""
+    x_val, y_val = x_all[split.val], labels.targets[split.val]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grid_scores: list[tuple[float, float, float]] = []
+        best, best_model = None, None
+        for bandwidth_scale in bandwidths:
+            for reg in regs:
+                model = _fit_one(
+                    x_all[split.grid], labels.targets[split.grid], x_val, y_val, bandwidth_scale, reg, iters, device
+                )
+                score = _score(model, x_val, labels, split.val)
+                grid_scores.append((float(bandwidth_scale), float(reg), score))
+                if best is None or score > best[2]:
+                    best, best_model = grid_scores[-1], model
+        assert best is not None and best_model is not None  # _check_options: bandwidths and regs are non-empty
+        if len(split.grid) < len(split.train):
+            best_model = _fit_one(
+                x_all[split.train], labels.targets[split.train], x_val, y_val, best[0], best[1], iters, device
+            )
+        x_train = x_all[split.train].to(device)
+        agop_std = best_model.fit_M(x_train, best_model.n_classes, inplace=False).detach().cpu().double()
+    return grid_scores, best, best_model, agop_std
+
+
+def _agop_direction(
+    agop_std: torch.Tensor, std: np.ndarray, x_np: np.ndarray, positive: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The AGOP mapped back to the original coordinates and scaled to a largest entry of 1, its eigenvalues, and its
+    top eigenvector, signed so that ``x_np @ direction`` correlates positively with ``positive``."""
+    inv_std = torch.from_numpy(1.0 / std)
+    agop = agop_std * inv_std[:, None] * inv_std[None, :]
+    agop = agop / agop.abs().max()
+    eigenvalues, eigenvectors = torch.linalg.eigh(agop)
+    direction = eigenvectors[:, -1]
+    projection = x_np @ direction.numpy()
+    if np.corrcoef(projection, positive)[0, 1] < 0:
+        direction = -direction
+    return agop, eigenvalues, direction

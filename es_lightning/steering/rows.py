@@ -23,7 +23,7 @@ class LayerStates(Protocol):
 
     def layer(self, position: int) -> torch.Tensor: ...
 
-    def take(self, index: Sequence[int]) -> "LayerStates": ...
+    def take(self, index: Sequence[int]) -> LayerStates: ...
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TensorLayers:
     def layer(self, position: int) -> torch.Tensor:
         return self.states[:, position]
 
-    def take(self, index: Sequence[int]) -> "TensorLayers":
+    def take(self, index: Sequence[int]) -> TensorLayers:
         return TensorLayers(self.states[torch.as_tensor(list(index), dtype=torch.long)])
 
 
@@ -69,7 +69,7 @@ class PairedRows:
     def __len__(self) -> int:
         return len(self.expert)
 
-    def take(self, index: Sequence[int]) -> "PairedRows":
+    def take(self, index: Sequence[int]) -> PairedRows:
         index = list(index)
         labels = None if self.labels is None else self.labels[torch.as_tensor(index, dtype=torch.long)]
         return PairedRows(self.expert.take(index), self.target.take(index), labels, [self.groups[i] for i in index])

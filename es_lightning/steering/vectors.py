@@ -25,7 +25,6 @@ from es_lightning.steering.rfm import fit_rfm
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class VectorConfig:
     """Which steering-vector methods run and how: the one place for methods, RFM options and seed, read by the
@@ -59,7 +58,9 @@ class VectorInputs:
     rfm_options: RFMOptions = field(default_factory=RFMOptions)
     seed: int = 0
     groups: Sequence | None = None  # one key per row (the question): the RFM's validation split takes whole groups
-    device: str | torch.device = "cpu"  # where the RFM's kernels live (the trainer's root device); rfm_options.device overrides
+    device: str | torch.device = (
+        "cpu"  # where the RFM's kernels live (the trainer's root device); rfm_options.device overrides
+    )
 
     def __post_init__(self) -> None:
         self.rfm_options = RFMOptions.of(self.rfm_options)
@@ -68,8 +69,14 @@ class VectorInputs:
 def _rfm(states: torch.Tensor, inputs: VectorInputs):
     """One RFM fit of ``states`` [n, d] with the inputs' labels, groups, seed and options, on their device."""
     device = inputs.rfm_options.device or inputs.device
-    return fit_rfm(states, inputs.labels, seed=inputs.seed, groups=inputs.groups, device=device,
-                   **inputs.rfm_options.fit_arguments())
+    return fit_rfm(
+        states,
+        inputs.labels,
+        seed=inputs.seed,
+        groups=inputs.groups,
+        device=device,
+        **inputs.rfm_options.fit_arguments(),
+    )
 
 
 def _announce_rfm(inputs: VectorInputs, width: int) -> None:
@@ -107,14 +114,18 @@ def _target(inputs: VectorInputs, j: int) -> torch.Tensor:
 def expertsteer(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> MethodResult:
     """RFM direction on expert layer i, mapped by f_i's linear part into target layer j's space."""
     if inputs.encoder_linear is None:
-        raise ValueError("expertsteer needs the trained encoder (encoder_linear); fit the alignment auto-encoder first.")
+        raise ValueError(
+            "expertsteer needs the trained encoder (encoder_linear); fit the alignment auto-encoder first."
+        )
     out = MethodResult({})
     _announce_rfm(inputs, inputs.expert.shape[-1])
     for i, j in pairs:
         fit = _rfm(_expert(inputs, i), inputs)
         weight = inputs.encoder_linear(i)
         if weight.shape[1] != fit.direction.shape[0]:
-            raise ValueError(f"The encoder of expert layer {i} expects width {weight.shape[1]}, but its states have width {fit.direction.shape[0]}.")
+            raise ValueError(
+                f"The encoder of expert layer {i} expects width {weight.shape[1]}, but its states have width {fit.direction.shape[0]}."
+            )
         mapped = weight.float() @ fit.direction
         out.vectors[j] = _unit(mapped)
         out.diagnostics[j] = {"expert_layer": i, "rfm_val_score": fit.val_score, "rfm_top_fraction": fit.top_fraction}
@@ -173,7 +184,9 @@ def compute_vectors(method: str, pairs: Sequence[tuple[int, int]], inputs: Vecto
     for name, tensor in (("expert", inputs.expert), ("target", inputs.target)):
         bad = ~torch.isfinite(tensor).all(dim=(0, 2))
         if bad.any():
-            raise ValueError(f"The {name} hidden states hold NaN/Inf at cached layer positions {bad.nonzero().flatten().tolist()}; rebuild the cache in float32.")
+            raise ValueError(
+                f"The {name} hidden states hold NaN/Inf at cached layer positions {bad.nonzero().flatten().tolist()}; rebuild the cache in float32."
+            )
     return REGISTRY[method](pairs, inputs)
 
 

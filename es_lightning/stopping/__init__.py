@@ -25,5 +25,13 @@ from es_lightning.stopping.command import run_stoppable, stop_message
 from es_lightning.stopping.ranks import RankLost, on_every_rank, on_rank_zero
 from es_lightning.stopping.signals import StopRequested, check_stop, stage
 
-__all__ = ["RankLost", "StopRequested", "check_stop", "on_every_rank", "on_rank_zero", "run_stoppable", "stage",
-           "stop_message"]
+__all__ = [
+    "RankLost",
+    "StopRequested",
+    "check_stop",
+    "on_every_rank",
+    "on_rank_zero",
+    "run_stoppable",
+    "stage",
+    "stop_message",
+]

@@ -24,12 +24,19 @@ def stop_message(command: str, stop: StopRequested, resume: list[str], kept: Cal
     """The one line a stopped command prints: the signal, the step, what was kept and the command that resumes."""
     held = "; ".join(text for text in (stop.kept, describe(kept)) if text) or "nothing"
     where = f" during {stop.stage}" if stop.stage else ""
-    return (f"{command}: stopped by {stop.signal_name}{where}; kept {held}; nothing half-written is left. "
-            f"Resume with: {shlex.join(resume)}")
+    return (
+        f"{command}: stopped by {stop.signal_name}{where}; kept {held}; nothing half-written is left. "
+        f"Resume with: {shlex.join(resume)}"
+    )
 
 
-def run_stoppable(main: Callable[[], T], command: str, resume: Callable[[], list[str]],
-                  kept: Callable[[], str] | None = None, traceback: bool = True) -> T:
+def run_stoppable(
+    main: Callable[[], T],
+    command: str,
+    resume: Callable[[], list[str]],
+    kept: Callable[[], str] | None = None,
+    traceback: bool = True,
+) -> T:
     """Run a console command's ``main()`` with clean stops and shared failures; return what it returns.
 
     A stop prints :func:`stop_message` to stderr (on rank 0) and raises ``SystemExit(128 + signal)``: 143 for
@@ -62,8 +69,11 @@ def run_stoppable(main: Callable[[], T], command: str, resume: Callable[[], list
         failure = state.peer if state.peer is not None and state.peer is not error else error
         if not traceback and isinstance(failure, INPUT_ERRORS):
             if this_rank() == 0:
-                print(f"{command}: error: {failure}\n(run again with --verbose for the traceback)", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"{command}: error: {failure}\n(run again with --verbose for the traceback)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise SystemExit(2) from None
         if failure is not error:
             raise failure from error

@@ -54,8 +54,10 @@ class Ranks:
             except RankLost:
                 raise
             except (RuntimeError, OSError) as err:  # the store's own errors: its host, rank 0, is gone
-                raise RankLost(f"Lost contact with rank 0, which hosts the process group's store, while waiting for "
-                               f"{what}: it has probably failed or been killed. See its log.") from err
+                raise RankLost(
+                    f"Lost contact with rank 0, which hosts the process group's store, while waiting for "
+                    f"{what}: it has probably failed or been killed. See its log."
+                ) from err
             time.sleep(POLL_SECONDS)
 
     def check_alive(self, ranks: list[int], what: str) -> None:
@@ -268,6 +270,10 @@ class Watchdog(threading.Thread):
             return
         error = state.pending()
         code = error.exit_code if isinstance(error, StopRequested) else 1
-        print(f"{self.command}: rank {ranks.rank} ends now, {ABANDON_SECONDS:.0f} s after this stop without reaching a "
-              f"safe point (blocked in a collective?): {error}", file=sys.stderr, flush=True)
+        print(
+            f"{self.command}: rank {ranks.rank} ends now, {ABANDON_SECONDS:.0f} s after this stop without reaching a "
+            f"safe point (blocked in a collective?): {error}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(code)
