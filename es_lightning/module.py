@@ -36,6 +36,9 @@ class ExpertSteer(AlignmentAutoEncoder):
     cross-validated protocol (:mod:`es_lightning.evaluation.stage`: no fitted piece sees a fold's test questions)
     and writes its report to ``report_dir`` (default ``<run folder>/report``); ``predict`` generates with the
     fit's bundles (:mod:`es_lightning.prediction`).
+
+    Long because: Lightning drives fit, test and predict through one module, so its hooks for all three live here;
+    each stage's work is delegated (``evaluation/stage.py``, ``prediction.py``, the callbacks).
     """
 
     runtime_arguments = AlignmentAutoEncoder.runtime_arguments + (

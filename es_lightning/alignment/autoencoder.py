@@ -1,4 +1,6 @@
-"""Step 1 of ExpertSteer: per expert layer, an affine auto-encoder between expert and target widths."""
+"""Step 1 of ExpertSteer: per expert layer, an affine auto-encoder between expert and target widths.
+
+Long because: one LightningModule class (see its docstring for why it is long)."""
 
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ class AlignmentAutoEncoder(L.LightningModule):
         return xs, (target - self.target_mean[positions]) / self.target_scale[positions, None]
 
     def _target_positions(self, count: int) -> list[int]:
-        """Positions among the cached target layers of a target tensor with ``count`` layers (see :meth:`standardise`)."""
+        """Positions among the cached target layers of a target tensor with ``count`` layers (:meth:`standardise`)."""
         cached = list(self.built_layout.target.layers)
         if count == len(cached):
             return list(range(count))

@@ -6,6 +6,9 @@ The multiple-choice format (see :mod:`es_lightning.data.examples`) is
 
 ``adapt_rows(rows, "gsm8k_mc", seed=0, n_distractors=3)`` applies the adapter named in
 ``ADAPTERS``; ``adapt_rows(rows, None)`` returns the rows unchanged.
+
+Long because: one registry of independent, short adapters (GSM8K, PubMedQA, TruthfulQA's Hub rows), each with its
+checks; one file per data set would scatter a table users read as a whole.
 """
 
 from __future__ import annotations
@@ -307,7 +310,8 @@ def pubmedqa(rows: list[Row], *, seed: int = 0, max_context_chars: int | None = 
         not isinstance(max_context_chars, int) or isinstance(max_context_chars, bool) or max_context_chars < 1
     ):
         raise ValueError(
-            f"pubmedqa: max_context_chars must be an integer >= 1 or null, got {max_context_chars!r}. Fix adapter_options."
+            f"pubmedqa: max_context_chars must be an integer >= 1 or null, got {max_context_chars!r}. "
+            "Fix adapter_options."
         )
     out, trimmed = [], 0
     for index, row in enumerate(rows):
@@ -344,7 +348,7 @@ def adapter_options(adapter: str) -> list[str]:
 
 
 def adapt_rows(rows: list[Row], adapter: str | None, seed: int = 0, **options: Any) -> list[Row]:
-    """Apply the adapter named ``adapter`` (a key of :data:`ADAPTERS`) to ``rows``; ``None`` returns them as they are."""
+    """Apply the adapter named ``adapter`` (a key of :data:`ADAPTERS`) to ``rows``; ``None`` returns them as is."""
     if adapter is None:
         if options:
             raise ValueError(

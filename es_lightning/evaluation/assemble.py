@@ -9,7 +9,7 @@ import torch
 
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.damage import AnswerHealth, Damage
-from es_lightning.evaluation.protocol import DRAW, NONE, FoldPlan, TestRecord, VariantKey
+from es_lightning.evaluation.fold_plan import DRAW, NONE, FoldPlan, TestRecord, VariantKey
 from es_lightning.evaluation.report import (
     DatasetReport,
     FoldResult,

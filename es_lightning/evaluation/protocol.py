@@ -16,20 +16,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from es_lightning.data.examples import Question
-from es_lightning.data.folds import Fold, make_folds
+from es_lightning.data.folds import Fold
 from es_lightning.data.store import CacheStore, LayerRows
 from es_lightning.evaluation.answers import AnswerGenerator, AnswerRecord
-from es_lightning.evaluation.choice import CoefficientChoice, SweepPoint, choose, walked
+from es_lightning.evaluation.choice import SweepPoint, choose, walked
 from es_lightning.evaluation.config import EvaluationConfig
 from es_lightning.evaluation.damage import AnswerHealth, Damage
+from es_lightning.evaluation.fold_plan import (
+    DRAW,
+    NONE,
+    FoldPlan,
+    LayerInfo,
+    RenderedQuestions,
+    SharedAlignment,
+    TestRecord,
+    VariantKey,
+    plan_folds,
+    render_questions,
+)
 from es_lightning.evaluation.scoring import ChoiceScores, correctness, score_choices
-from es_lightning.models.prompting import render_prompt
 from es_lightning.steering.hooks import SteeringVariant, row_steering
 from es_lightning.steering.pair_search import Objective, PairSearchConfig, search_pairs
 from es_lightning.steering.rows import PairedRows, split_by_group
@@ -37,112 +46,20 @@ from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_ve
 
 log = logging.getLogger(__name__)
 
-NONE = "none"
-DRAW = "random draw "  # variant name prefix of the random control's draws: "random draw 3"
-VariantKey = tuple[str, float]  # (none | method | "random draw d", coefficient)
-
-
-@dataclass
-class SharedAlignment:
-    """The ``shared`` protocol's alignment: the checkpoint's pairs and auto-encoder maps, the same in every fold."""
-
-    pairs: list[tuple[int, int]]
-    encoder_linear: Callable[[int], torch.Tensor]
-
-
-@dataclass
-class LayerInfo:
-    """Captured layers of both models and their depths (for the pair search's depth baseline)."""
-
-    expert_layers: list[int]
-    target_layers: list[int]
-    expert_depth: int
-    target_depth: int
-
-
-@dataclass
-class FoldPlan:
-    """What a fold's train and val parts decided: pairs, vectors per method, random draws, each method's sweep
-    (coefficient -> val point; 0.0 is no steering) and coefficient choices."""
-
-    fold: Fold
-    pairs: list[tuple[int, int]]
-    vectors: dict[str, dict[int, torch.Tensor]]
-    draws: list[dict[int, torch.Tensor]]
-    norms: dict[int, float]
-    choices: dict[str, CoefficientChoice]
-    sweep: dict[str, dict[float, SweepPoint]]
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def chosen(self) -> dict[str, float]:
-        """Each method's tested coefficient: the constrained choice, 0 where none was within budget."""
-        return {method: choice.applied for method, choice in self.choices.items()}
-
-    def variant(self, key: VariantKey) -> SteeringVariant:
-        """The steering of a (variant, coefficient) key: no steering, a method's vectors or a random draw."""
-        name, coefficient = key
-        if name == NONE or coefficient == 0:
-            return SteeringVariant(name)
-        vectors = self.draws[int(name[len(DRAW) :])] if name.startswith(DRAW) else self.vectors[name]
-        return SteeringVariant(name, coefficient, vectors, self.norms)
-
-
-@dataclass(frozen=True)
-class TestRecord:
-    """One test question's results: per multiple-choice key its correctness under both scorings (``mean``,
-    ``sum``), per generation key its :class:`AnswerRecord`."""
-
-    choice: dict[VariantKey, dict[str, bool]]
-    generated: dict[VariantKey, AnswerRecord]
-
-
-@dataclass
-class RenderedQuestions:
-    """Prompts and choices as the target model sees them, plus answers and groups."""
-
-    prompts: list[str]
-    choices: list[list[str]]
-    answers: list[int]
-    groups: list[str]
-    ids: list[str]
-
-
-def render_questions(
-    tokenizer, questions: Sequence[Question], completion_template: str, chat_template: bool
-) -> RenderedQuestions:
-    """Render questions for scoring with the same templates that built the cached examples."""
-    prompts, choices = [], []
-    for q in questions:
-        prompts.append(render_prompt(tokenizer, q.prompt, chat_template))
-        rendered = [completion_template.format(choice=c) for c in q.choices]
-        choices.append([c.lstrip() for c in rendered] if chat_template else rendered)
-    return RenderedQuestions(
-        prompts, choices, [q.answer for q in questions], [q.group for q in questions], [q.id for q in questions]
-    )
-
-
-def plan_folds(
-    n_questions: int,
-    groups: Sequence[str],
-    config: EvaluationConfig,
-    seed: int,
-    split: dict[str, list[int]] | None = None,
-) -> list[Fold]:
-    """The folds: k-fold over questions, or one 'fold' from a given train/val/test split of question indices."""
-    if config.folds is None:
-        if split is None:
-            raise ValueError("folds: null needs the DataModule's train/val/test split of questions.")
-        return [Fold(0, tuple(split["train"]), tuple(split["val"]), tuple(split["test"]))]
-    ids = [f"q{i}" for i in range(n_questions)]
-    return make_folds(
-        ids,
-        k=config.folds,
-        mode=config.fold_mode,
-        seed=seed,
-        groups=list(groups) if config.fold_mode == "group" else None,
-        val_fraction=config.val_fraction,
-    )
+# the fold's typed values live in fold_plan.py; importers of this module still find them here
+__all__ = [
+    "DRAW",
+    "NONE",
+    "Evaluator",
+    "FoldPlan",
+    "LayerInfo",
+    "RenderedQuestions",
+    "SharedAlignment",
+    "TestRecord",
+    "VariantKey",
+    "plan_folds",
+    "render_questions",
+]
 
 
 class Evaluator:
@@ -152,6 +69,10 @@ class Evaluator:
     ``question_rows`` maps each question index to its example rows, so a fold's fitted pieces use only its train
     questions. The pair search reads one layer at a time; vectors read only the chosen pairs' layers. ``answers``
     generates and measures answers (damage and generation accuracy) when ``config.generation.enabled``.
+
+    Long because: one fold's life cycle (pieces fitted on its train questions, coefficients chosen on val, test
+    scored and answered) shares the model, the cached rows and the batched scoring; each step's own logic lives in
+    ``steering/`` (pairs, vectors), ``choice.py``, ``answers.py``, ``damage.py`` and ``scoring.py``.
     """
 
     def __init__(
@@ -225,7 +146,7 @@ class Evaluator:
 
     # ----------------------------------------------------------------------------- fitted pieces
     def rows_of(self, questions: Sequence[int]) -> PairedRows:
-        """The cached rows of these questions (read one layer at a time on demand), grouped by the question's group key."""
+        """The cached rows of these questions (read one layer at a time on demand), grouped by question."""
         rows = [(r, q) for q in questions for r in self.question_rows[q]]
         index = [r for r, _ in rows]
         expert, target = LayerRows(self.store, "expert", index), LayerRows(self.store, "target", index)

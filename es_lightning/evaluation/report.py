@@ -3,6 +3,9 @@ results, tests and verdicts.
 
 :func:`es_lightning.evaluation.report_markdown.write_report` writes ``report.json`` (loadable again with
 :func:`load_report`) and ``report.md`` (tables for people), both atomically.
+
+Long because: it is the report's schema, each record with its JSON round trip, versioned together by
+``REPORT_FORMAT``; the markdown lives in ``report_markdown.py``, the assembly from folds in ``assemble.py``.
 """
 
 from __future__ import annotations
