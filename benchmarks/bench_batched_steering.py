@@ -63,7 +63,8 @@ def main() -> None:
     ]
     chat = [render_prompt(tokenizer, p, True) for p in prompts] if tokenizer.chat_template else prompts
     print(
-        f"{args.model}: {depth} blocks, hidden {width}; torch threads {torch.get_num_threads()}; {len(rows)} questions x "
+        f"{args.model}: {depth} blocks, hidden {width}; torch threads {torch.get_num_threads()}; "
+        f"{len(rows)} questions x "
         f"{len(variants)} variants; {args.new_tokens} new tokens; {args.rounds} rounds"
     )
 

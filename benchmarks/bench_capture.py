@@ -85,7 +85,8 @@ def main() -> None:
     cap, ful = statistics.median(times["capture"]), statistics.median(times["full"])
     depth = len(model.model.layers)
     print(
-        f"model={args.model} blocks={depth} layers={layers} batch={args.batch} tokens={args.tokens} repeats={args.repeats} threads={torch.get_num_threads()}"
+        f"model={args.model} blocks={depth} layers={layers} batch={args.batch} tokens={args.tokens} "
+        f"repeats={args.repeats} threads={torch.get_num_threads()}"
     )
     print("| method | median s | peak RSS increase (MiB) |")
     print("|---|---|---|")

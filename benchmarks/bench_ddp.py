@@ -102,7 +102,8 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
         results[name] = json.loads(out.read_text())
     print(
-        f"rows={args.rows * 2} epochs={args.epochs} global batch={args.batch} expert d={args.hidden + 64} target d={args.hidden} cpus={os.cpu_count()}"
+        f"rows={args.rows * 2} epochs={args.epochs} global batch={args.batch} expert d={args.hidden + 64} "
+        f"target d={args.hidden} cpus={os.cpu_count()}"
     )
     print("| run | examples/s |")
     print("|---|---|")

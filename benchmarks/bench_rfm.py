@@ -71,7 +71,10 @@ def main() -> None:
         return
 
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    header = f"{'d':>5} {'n':>6} {'grid n':>7} {'seconds':>8} {'peak RSS delta MiB':>19} {'val AUC':>8} {'cos(v,u)':>9} {'bw':>4} {'reg':>6}"
+    header = (
+        f"{'d':>5} {'n':>6} {'grid n':>7} {'seconds':>8} {'peak RSS delta MiB':>19} {'val AUC':>8} "
+        f"{'cos(v,u)':>9} {'bw':>4} {'reg':>6}"
+    )
     print(header)
     print("-" * len(header))
     for d in args.ds:

@@ -453,7 +453,8 @@ def main() -> None:
     if len(ns) >= 2:
         print(f"\ngrowth in n (log-log least squares over n = {ns}) and extrapolation to n = 10,000")
         print(
-            f"  {'stage':<20} {'time exp':>9} {'s @10k':>9} {'peak exp':>9} {'peak MiB @10k':>14} {'rise exp':>9} {'rise MiB @10k':>14}"
+            f"  {'stage':<20} {'time exp':>9} {'s @10k':>9} {'peak exp':>9} {'peak MiB @10k':>14} "
+            f"{'rise exp':>9} {'rise MiB @10k':>14}"
         )
         for stage in [r["stage"] for r in results[0]["stages"] if not r["stage"].startswith("startup")]:
             rows = [next(r for r in res["stages"] if r["stage"] == stage) for res in results]

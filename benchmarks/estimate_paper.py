@@ -16,7 +16,8 @@ import argparse
 from es_lightning.memory import ModelShape, RunSettings, estimate_stages
 from es_lightning.memory.estimate import gib
 
-# config.json of each Hub model (hidden_size, num_hidden_layers, vocab_size, intermediate_size, heads, kv heads, head_dim)
+# config.json of each Hub model (hidden_size, num_hidden_layers, vocab_size, intermediate_size, heads, kv heads,
+# head_dim)
 LLAMA_31_8B = ModelShape("meta-llama/Llama-3.1-8B-Instruct", 4096, 32, 128256, 14336, 32, 8, 128)
 OPENBIO_8B = ModelShape("aaditya/Llama3-OpenBioLLM-8B", 4096, 32, 128256, 14336, 32, 8, 128)
 QWEN_MATH_7B = ModelShape("Qwen/Qwen2.5-Math-7B-Instruct", 3584, 28, 152064, 18944, 28, 4, 128)

@@ -192,9 +192,9 @@ class _Announcements(logging.Handler):
 
 
 class MemoryProbe(L.Callback):
-    """Splits a stage into parts and records each part's wall time, peak GPU memory (``torch.cuda.max_memory_allocated``,
-    reset at each part), peak RSS (``VmHWM``, reset likewise) and estimate (host, device GiB); at teardown rank r
-    writes them to ``$GPU_CHECK_PROBE/rank<r>.jsonl``.
+    """Splits a stage into parts and records each part's wall time, peak GPU memory
+    (``torch.cuda.max_memory_allocated``, reset at each part), peak RSS (``VmHWM``, reset likewise) and estimate
+    (host, device GiB); at teardown rank r writes them to ``$GPU_CHECK_PROBE/rank<r>.jsonl``.
 
     A part starts at each of the product's memory announcements and is named after it; ``setup`` comes before the
     first, and ``test questions`` starts at the first test batch (after every fold's plan; the estimate in force is

@@ -7,8 +7,9 @@ train split and scores every pair on the val split; reported are the pairs it pi
 float32's), the held-out (val) MI at those pairs, and the held-out *test* ROC AUC with which the target's test
 states at layer j, projected on the expert's RFM direction (train split) mapped by the search's map, separate
 correct from wrong answers. Both are also reported at float32's pairs (maps refitted on the rounded states), which
-separates the effect of storage from that of a changed choice, with the largest change of any pair's MI. The cache is read directly from its shards (format 1: ``expert``/``target``/``label``
-per shard, or format 2: one file per side), so it works on caches written before the cache format changed.
+separates the effect of storage from that of a changed choice, with the largest change of any pair's MI. The
+cache is read directly from its shards (format 1: ``expert``/``target``/``label`` per shard, or format 2: one file
+per side), so it works on caches written before the cache format changed.
 
     OMP_NUM_THREADS=1 python benchmarks/measure_cache_precision.py --cache /tmp/freshcache/paired/<key> \
         --config configs/default.yaml --cache_dir /tmp/freshcache
@@ -168,19 +169,24 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
     print(
-        f"\nfloat32 held-out MI: the lowest chosen pair scores {margin[0]:.4f} nats, the highest pair not chosen {margin[1]:.4f}"
+        f"\nfloat32 held-out MI: the lowest chosen pair scores {margin[0]:.4f} nats, "
+        f"the highest pair not chosen {margin[1]:.4f}"
     )
     print(
-        "\n| storage | pairs (expert, target) | same pairs | held-out MI at its pairs (mean) | at float32's pairs | MI change over "
-        "all pairs: mean abs, max abs (at expert, target) | test AUC of mapped direction, its pairs (mean) | at float32's pairs | max relative rounding error |"
+        "\n| storage | pairs (expert, target) | same pairs | held-out MI at its pairs (mean) | at float32's pairs "
+        "| MI change over all pairs: mean abs, max abs (at expert, target) "
+        "| test AUC of mapped direction, its pairs (mean) | at float32's pairs | max relative rounding error |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['storage']} | {', '.join(f'({i}, {j})' for i, j in r['pairs'])} | {'yes' if r['same_pairs_as_float32'] else 'no'} | "
-            f"{r['mean_heldout_mi']:.4f} | {r['mean_heldout_mi_at_float32_pairs']:.4f} | {r['mean_abs_mi_change']:.4f}, "
+            f"| {r['storage']} | {', '.join(f'({i}, {j})' for i, j in r['pairs'])} | "
+            f"{'yes' if r['same_pairs_as_float32'] else 'no'} | "
+            f"{r['mean_heldout_mi']:.4f} | {r['mean_heldout_mi_at_float32_pairs']:.4f} | "
+            f"{r['mean_abs_mi_change']:.4f}, "
             f"{r['max_abs_mi_change']:.4f} ({r['max_abs_mi_change_at'][0]}, {r['max_abs_mi_change_at'][1]}) | "
-            f"{' / '.join(f'{a:.3f}' for a in r['test_auc'])} ({r['mean_test_auc']:.4f}) | {r['mean_test_auc_at_float32_pairs']:.4f} | "
+            f"{' / '.join(f'{a:.3f}' for a in r['test_auc'])} ({r['mean_test_auc']:.4f}) | "
+            f"{r['mean_test_auc_at_float32_pairs']:.4f} | "
             f"{r['max_relative_rounding_error']:.1e} |"
         )
     if args.out:

@@ -68,8 +68,10 @@ def main() -> None:
     test = split["test"]
     e_index, t_index = layout.expert_layers.index, layout.target_layers.index
     print(
-        f"expert {layout.expert.name} ({len(layout.expert_layers)} layers), target {layout.target.name} ({len(layout.target_layers)}); "
-        f"rows: train {len(split['train']['label'])}, val {len(split['val']['label'])}, test {len(split['test']['label'])}",
+        f"expert {layout.expert.name} ({len(layout.expert_layers)} layers), "
+        f"target {layout.target.name} ({len(layout.target_layers)}); "
+        f"rows: train {len(split['train']['label'])}, val {len(split['val']['label'])}, "
+        f"test {len(split['test']['label'])}",
         flush=True,
     )
     rfm_cache: dict[tuple, torch.Tensor] = {}

@@ -49,7 +49,8 @@ class ESLightningCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse ``args`` (``build_cli`` always passes them, from ``sys.argv`` or the pipeline), then set up the console."""
+        """Parse ``args`` (``build_cli`` always passes them, from ``sys.argv`` or the pipeline), then set up the
+        console."""
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(cast(list[str], args))
         configure(verbosity_from_flags(bool(self.config.get("quiet")), bool(self.config.get("verbose"))))
 

@@ -99,7 +99,8 @@ def ensure_writable_dir(path: str | os.PathLike, min_free_bytes: int = 0, what: 
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise OSError(
-                f"The {what} directory {str(path)!r} is on a full disk. Free some space or point the config at another disk."
+                f"The {what} directory {str(path)!r} is on a full disk. "
+                "Free some space or point the config at another disk."
             ) from err
         raise PermissionError(
             f"The {what} directory {str(path)!r} is not writable ({err.strerror}). "

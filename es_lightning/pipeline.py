@@ -8,7 +8,8 @@ content key (:mod:`es_lightning.run.keys`) hashes the options it depends on, the
 artifacts. A fit is kept if ``last.ckpt`` records the same fit key (an unfinished one resumes; one fitted under
 other options is moved to ``<run>/superseded/`` and the fit starts again, saying which options changed); a report
 is kept if this pipeline made it under the same report key (``<report_dir>/pipeline.json``); prediction rows
-already written under the same key are reused by the prediction writer. The predictions are also written side by side to ``<run>/predictions.md``.
+already written under the same key are reused by the prediction writer. The predictions are also written side by
+side to ``<run>/predictions.md``.
 SIGTERM or SIGINT stops it within seconds with one line saying what was kept and the command that resumes (the
 same one); see :mod:`es_lightning.stopping`.
 """
@@ -20,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from es_lightning.callbacks.prediction_writer import find_prediction_writer
@@ -119,72 +121,82 @@ def _fit_is_current(ckpt: Path, config) -> bool:
     return record is not None and record.complete
 
 
-def _run(argv: list[str]) -> None:
-    """The three stages (see :func:`main`)."""
-    args, flags, common, stage_extra = _arguments(argv)
-    start = time.time()
-    config = _parsed_config([*flags, *common])
-    run_dir = Path(config.trainer.default_root_dir)
-    report_dir = Path(config.model.report_dir) if config.model.report_dir else run_dir / "report"
-    ckpt = run_dir / "last.ckpt"
-    outputs: list[Path] = []
+@dataclass(frozen=True)
+class _Stages:
+    """How the pipeline calls each stage's CLI: the loudness flags, the options every stage gets (``--config`` and
+    the rest), and the options only the stages' Trainers get."""
 
-    def stage(title: str, subcommand: str, *more: str) -> ESLightningCLI:
+    flags: list[str]
+    common: list[str]
+    extra: list[str]
+
+    def run(self, title: str, subcommand: str, *more: str) -> ESLightningCLI:
+        """Run ``subcommand`` with ``more`` options under a ``=== title ===`` heading, saying how long it took."""
         log.info("\n=== %s ===", title)
         began = time.time()
         with stopping_stage(subcommand):
-            cli = build_cli([*flags, subcommand, *common, *stage_extra, *more])
+            cli = build_cli([*self.flags, subcommand, *self.common, *self.extra, *more])
         log.info("%s: done in %.1f s", subcommand, time.time() - began)
         return cli
 
-    if "fit" not in args.skip:
-        if _fit_is_current(ckpt, config):
-            log.info("\n=== 1/3 fit ===\nfit already complete with these options: %s holds pairs and bundles", ckpt)
-        else:
-            stage(
-                "1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors",
-                "fit",
-                *(["--ckpt_path", "last"] if ckpt.exists() else []),
-            )
-    if not ckpt.exists():
-        raise FileNotFoundError(f"No checkpoint at {ckpt}: run the fit stage first.")
 
-    if "test" not in args.skip:
-        key = stage_key(stage_options(config, "report"), {"checkpoint": sha256_file(ckpt)})
-        if _report_matches(report_dir, key):
-            log.info(
-                "\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
-                "(delete it to re-evaluate)",
-                report_dir / "report.json",
-            )
-        else:
-            stage(
-                "2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)",
-                "test",
-                "--ckpt_path",
-                str(ckpt),
-                "--verbose",
-                "false",
-            )
-            atomic_write_json(
-                report_dir / REPORT_KEY_FILE, {"key": key, "report_sha256": sha256_file(report_dir / "report.json")}
-            )
-        print((report_dir / "report.md").read_text(), flush=True)
+def _fit(stages: _Stages, ckpt: Path, config) -> None:
+    """Stage 1, unless ``ckpt`` already holds a finished fit under this configuration (an unfinished one resumes)."""
+    if _fit_is_current(ckpt, config):
+        log.info("\n=== 1/3 fit ===\nfit already complete with these options: %s holds pairs and bundles", ckpt)
+    else:
+        stages.run(
+            "1/3 fit: paired cache -> auto-encoders -> layer pairs -> steering vectors",
+            "fit",
+            *(["--ckpt_path", "last"] if ckpt.exists() else []),
+        )
 
-    if "predict" not in args.skip:
-        predict_args = ["--data.predict_data.path", args.prompts] if args.prompts else []
-        cli = stage("3/3 predict: unsteered vs steered generations", "predict", *predict_args, "--ckpt_path", str(ckpt))
-        writer = find_prediction_writer(cli.trainer)
-        if writer is None:
-            raise ValueError(
-                "The pipeline's predict stage needs es_lightning.callbacks.SteeredPredictionWriter in "
-                "trainer.callbacks (see configs/default.yaml)."
-            )
-        markdown = run_dir / "predictions.md"
-        atomic_write_text(markdown, predictions_markdown(writer.output_path))
-        print(side_by_side(writer.output_path), flush=True)
-        outputs += [writer.output_path, markdown]
 
+def _test(stages: _Stages, ckpt: Path, config, report_dir: Path) -> None:
+    """Stage 2, unless this pipeline already made the report from ``ckpt`` under the same evaluation options;
+    prints the report either way."""
+    key = stage_key(stage_options(config, "report"), {"checkpoint": sha256_file(ckpt)})
+    if _report_matches(report_dir, key):
+        log.info(
+            "\n=== 2/3 test ===\nreport already made from this checkpoint with these evaluation options: %s "
+            "(delete it to re-evaluate)",
+            report_dir / "report.json",
+        )
+    else:
+        stages.run(
+            "2/3 test: cross-validated evaluation (multiple choice, generated answers, damage)",
+            "test",
+            "--ckpt_path",
+            str(ckpt),
+            "--verbose",
+            "false",
+        )
+        atomic_write_json(
+            report_dir / REPORT_KEY_FILE, {"key": key, "report_sha256": sha256_file(report_dir / "report.json")}
+        )
+    print((report_dir / "report.md").read_text(), flush=True)
+
+
+def _predict(stages: _Stages, ckpt: Path, run_dir: Path, prompts: str | None) -> list[Path]:
+    """Stage 3: writes ``<run>/predictions.md`` and prints the outputs side by side; returns the files written."""
+    predict_args = ["--data.predict_data.path", prompts] if prompts else []
+    cli = stages.run(
+        "3/3 predict: unsteered vs steered generations", "predict", *predict_args, "--ckpt_path", str(ckpt)
+    )
+    writer = find_prediction_writer(cli.trainer)
+    if writer is None:
+        raise ValueError(
+            "The pipeline's predict stage needs es_lightning.callbacks.SteeredPredictionWriter in "
+            "trainer.callbacks (see configs/default.yaml)."
+        )
+    markdown = run_dir / "predictions.md"
+    atomic_write_text(markdown, predictions_markdown(writer.output_path))
+    print(side_by_side(writer.output_path), flush=True)
+    return [writer.output_path, markdown]
+
+
+def _print_outputs(start: float, run_dir: Path, report_dir: Path, outputs: list[Path]) -> None:
+    """The closing lines: the time taken and every file the stages left that exists."""
     print(f"\ndone in {(time.time() - start) / 60:.1f} min\nrun folder: {run_dir}")
     for path in (
         [run_dir / name for name in ("last.ckpt", "pairing.json", "mi_heatmap.png", "bundles")]
@@ -193,6 +205,27 @@ def _run(argv: list[str]) -> None:
     ):
         if path.exists():
             print(f"  {path}")
+
+
+def _run(argv: list[str]) -> None:
+    """The three stages (see :func:`main`)."""
+    args, flags, common, stage_extra = _arguments(argv)
+    start = time.time()
+    config = _parsed_config([*flags, *common])
+    run_dir = Path(config.trainer.default_root_dir)
+    report_dir = Path(config.model.report_dir) if config.model.report_dir else run_dir / "report"
+    ckpt = run_dir / "last.ckpt"
+    stages = _Stages(flags, common, stage_extra)
+    outputs: list[Path] = []
+    if "fit" not in args.skip:
+        _fit(stages, ckpt, config)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"No checkpoint at {ckpt}: run the fit stage first.")
+    if "test" not in args.skip:
+        _test(stages, ckpt, config, report_dir)
+    if "predict" not in args.skip:
+        outputs += _predict(stages, ckpt, run_dir, args.prompts)
+    _print_outputs(start, run_dir, report_dir, outputs)
 
 
 def _supersede(ckpt: Path, record: FitRecord, options: dict) -> None:

@@ -61,7 +61,8 @@ def make_tiny_llama(folder: Path, hidden: int = 32, layers: int = 4, seed: int =
 
 
 def make_tiny_gpt2(folder: Path, hidden: int = 48, layers: int = 3, seed: int = 1) -> Path:
-    """A random-init tiny GPT-2 (hidden 48, 3 blocks) with its own word-level vocabulary order, saved under ``folder``."""
+    """A random-init tiny GPT-2 (hidden 48, 3 blocks) with its own word-level vocabulary order, saved under
+    ``folder``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = make_tokenizer(folder, list(reversed(WORDS)))

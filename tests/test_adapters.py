@@ -18,7 +18,8 @@ SHARED = Path("/work/shared/data")
 GSM = [
     {
         "question": "Natalia sold clips to 48 friends in April and half as many in May. How many in total?",
-        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72",
     },
     {
         "question": "Weng earns $12 an hour. She babysat 50 minutes. How much did she earn?",

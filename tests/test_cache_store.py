@@ -140,9 +140,11 @@ def test_half_precision_cache_round_trips_and_is_half_the_size(
         exact, rounded = full_read(built, side), half.store.read(side, None, half.store.layers(side))
         assert rounded.dtype == torch.float32
         assert ((rounded - exact).abs() <= tolerance * exact.abs() + 1e-6).all()
-    size = lambda dm: sum(
-        p.stat().st_size for p in (Path(dm.cache_dir) / "paired" / dm.cache_keys["data"]).glob("*.target.safetensors")
-    )  # noqa: E731
+
+    def size(dm) -> int:
+        folder = Path(dm.cache_dir) / "paired" / dm.cache_keys["data"]
+        return sum(p.stat().st_size for p in folder.glob("*.target.safetensors"))
+
     assert size(half) < 0.6 * size(built)
     assert (
         json.loads((Path(half.cache_dir) / "paired" / half.cache_keys["data"] / "meta.json").read_text())["cache_dtype"]
@@ -158,7 +160,8 @@ def test_a_cache_read_in_another_precision_is_refused_naming_the_fix(
     (folder / "meta.json").write_text(json.dumps(dict(meta, cache_dtype="bfloat16")))
     with pytest.raises(
         CacheDtypeError,
-        match="stores hidden states in bfloat16, but this run reads the cache as float32.*Fix: set data.cache_dtype: bfloat16",
+        match="stores hidden states in bfloat16, but this run reads the cache as float32"
+        ".*Fix: set data.cache_dtype: bfloat16",
     ):
         make_dm(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, built.cache_dir).setup("fit")
     (folder / "meta.json").write_text(json.dumps(meta))

@@ -41,11 +41,11 @@ def test_quiet_and_verbose_levels(capsys):
 
 def test_known_notices_are_silenced_and_other_warnings_are_shown(capsys):
     console.configure("default")
-    warnings.warn("Checkpoint directory /x/runs/default exists and is not empty.", UserWarning)
-    warnings.warn("Starting from v1.9.0, `tensorboardX` has been removed as a dependency", UserWarning)
-    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning)
-    warnings.warn("some API is deprecated", DeprecationWarning)
-    warnings.warn("a real problem", UserWarning)
+    warnings.warn("Checkpoint directory /x/runs/default exists and is not empty.", UserWarning, stacklevel=1)
+    warnings.warn("Starting from v1.9.0, `tensorboardX` has been removed as a dependency", UserWarning, stacklevel=1)
+    warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning, stacklevel=1)
+    warnings.warn("some API is deprecated", DeprecationWarning, stacklevel=1)
+    warnings.warn("a real problem", UserWarning, stacklevel=1)
     out = capsys.readouterr().out
     assert "a real problem" in out and out.count("WARNING py.warnings") == 1
 

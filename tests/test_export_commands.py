@@ -214,7 +214,10 @@ def test_every_export_command_runs_and_lm_eval_gives_the_reports_accuracies(
     entries = {entry.method: entry for entry in report.datasets[0].methods}
     method, none = entries[export[export.index("--method") + 1]].folds[0], entries["none"].folds[0]
     assert report.fold_mode == "split" and n_steered == runs[True, "hf"][2] == method.n_test == none.n_test
-    correct = lambda accuracy: round(accuracy * n_steered)
+
+    def correct(accuracy: float) -> int:
+        return round(accuracy * n_steered)
+
     assert correct(steered["acc,none"]) == correct(method.accuracy_sum)
     assert correct(runs[True, "hf"][1]["acc,none"]) == correct(none.accuracy_sum)
     assert correct(method.accuracy_sum) != correct(none.accuracy_sum)  # steering moved the figure: they are told apart

@@ -100,7 +100,8 @@ def test_fold_errors(kwargs, message):
 
 
 def pairs(wins: int, losses: int, ties: int) -> tuple[list[bool], list[bool]]:
-    """Correctness arrays with the given numbers of wins, losses and ties (ties split between both-right and both-wrong)."""
+    """Correctness arrays with the given numbers of wins, losses and ties (ties split between both-right and
+    both-wrong)."""
     a = [True] * wins + [False] * losses + [True] * (ties // 2) + [False] * (ties - ties // 2)
     b = [False] * wins + [True] * losses + [True] * (ties // 2) + [False] * (ties - ties // 2)
     return a, b

@@ -115,7 +115,8 @@ def test_layer_norms_are_mean_state_norms():
 
 
 def test_expertsteer_applies_an_equal_width_map_untransposed():
-    """With d_E == d_T a transposed map has the right shape, so only the values can tell: mapping @ u, not mapping.T @ u."""
+    """With d_E == d_T a transposed map has the right shape, so only the values can tell: mapping @ u, not
+    mapping.T @ u."""
     g = torch.Generator().manual_seed(3)
     n, d = 600, 12
     u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)

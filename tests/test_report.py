@@ -150,7 +150,8 @@ def test_markdown_table_rows():
     assert summary == [
         "| truthfulqa | none | 40.0 ± 14.1 | – | – | – | – | – | – | – |",
         "| truthfulqa | random | 45.0 ± 7.1 | – | – | – | – | 4, 2 | – | – |",
-        "| truthfulqa | expertsteer | 80.0 ± 14.1 | 40.0 ± 14.1 (bleu_acc) | 0.2 | 0.4 | 5% | 4, 2 / 8, 8 | gain | gain |",
+        "| truthfulqa | expertsteer | 80.0 ± 14.1 | 40.0 ± 14.1 (bleu_acc) | 0.2 | 0.4 | 5% | 4, 2 / 8, 8 "
+        "| gain | gain |",
         "| pubmedqa | none | 55.0 ± 7.1 | – | – | – | – | – | – | – |",
         "| pubmedqa | expertsteer | 55.0 ± 7.1 | – | – | – | – | no coefficient within budget, 1 | no gain | – |",
     ]

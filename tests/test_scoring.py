@@ -29,7 +29,9 @@ def naive_scores(model, tokenizer, prompts, choices) -> list[list[float]]:
     return result
 
 
-WORDS = "the a is not yes no cat dog fish tree water sky sun red blue big small eat run see good bad one two of in and or".split()
+WORDS = (
+    "the a is not yes no cat dog fish tree water sky sun red blue big small eat run see good bad one two of in and or"
+).split()
 
 
 @contextlib.contextmanager

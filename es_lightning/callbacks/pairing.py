@@ -142,7 +142,8 @@ class LayerPairingCallback(WhenTrainingEnds):
         )
         if config.rule == "separability":
             raise ValueError(
-                "The separability rule needs the paired objective; use rule: highest or lowest with objective: reconstruction."
+                "The separability rule needs the paired objective; "
+                "use rule: highest or lowest with objective: reconstruction."
             )
         mi = (
             None

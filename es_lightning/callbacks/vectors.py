@@ -11,15 +11,15 @@ from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave
 from es_lightning.callbacks.steps import StepsModule, paired_data, steps_module
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, save_bundles
+from es_lightning.steering.pair_search import PairSearch
 from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vector_set
 
 log = logging.getLogger(__name__)
 
 
-def bundles_for(
-    module: StepsModule, datamodule: PairedHiddenStatesDataModule, config: VectorConfig
-) -> list[SteeringBundle]:
-    """One bundle per method of ``config`` for the pairs :class:`LayerPairingCallback` recorded in ``module``."""
+def _recorded_pairing(module: StepsModule) -> tuple[PairSearch, list[tuple[int, int]]]:
+    """The pairing :class:`LayerPairingCallback` recorded in ``module`` and its (expert, target) pairs, checked
+    against the cached layers."""
     pairing = module.pairing_result
     if pairing is None or not pairing.pairs:
         raise RuntimeError(
@@ -30,9 +30,16 @@ def bundles_for(
     for i, j in pairs:
         if i not in layout.expert_layers or j not in layout.target_layers:
             raise ValueError(f"Pair {(i, j)} is not among the cached layers; the pairing and the cache disagree.")
+    return pairing, pairs
+
+
+def _vector_inputs(
+    module: StepsModule, datamodule: PairedHiddenStatesDataModule, config: VectorConfig, pairs: list[tuple[int, int]]
+) -> VectorInputs:
+    """The training split's states for only the layers in ``pairs``, with the encoder and the RFM settings."""
     expert_layers, target_layers = list(dict.fromkeys(i for i, _ in pairs)), list(dict.fromkeys(j for _, j in pairs))
     states = datamodule.states("train", expert_layers, target_layers)  # only the chosen pairs' layers
-    inputs = VectorInputs(
+    return VectorInputs(
         expert=states["expert"],
         target=states["target"],
         labels=states["label"],
@@ -44,7 +51,23 @@ def bundles_for(
         groups=datamodule.split_groups("train"),
         device=module.device,
     )
-    computed = compute_vector_set(config.methods, pairs, inputs)
+
+
+def _mi_table(pairing: PairSearch) -> torch.Tensor:
+    """The pairing's mutual-information table, or zeros of its shape when none was recorded."""
+    return (
+        torch.tensor(pairing.mi)
+        if pairing.mi is not None
+        else torch.zeros(len(pairing.expert_layers), len(pairing.target_layers))
+    )
+
+
+def bundles_for(
+    module: StepsModule, datamodule: PairedHiddenStatesDataModule, config: VectorConfig
+) -> list[SteeringBundle]:
+    """One bundle per method of ``config`` for the pairs :class:`LayerPairingCallback` recorded in ``module``."""
+    pairing, pairs = _recorded_pairing(module)
+    computed = compute_vector_set(config.methods, pairs, _vector_inputs(module, datamodule, config, pairs))
     for method in config.methods:
         log.info(
             "Steering vectors: %s for target layers %s (%.1f s)",
@@ -52,13 +75,10 @@ def bundles_for(
             sorted(computed.vectors[method]),
             computed.seconds[method],
         )
+    layout = module.built_layout
     target = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)
     expert = ModelIdentity(layout.expert.name, layout.expert.fingerprint, layout.expert.model_type)
-    mi = (
-        torch.tensor(pairing.mi)
-        if pairing.mi is not None
-        else torch.zeros(len(pairing.expert_layers), len(pairing.target_layers))
-    )
+    mi = _mi_table(pairing)
     return [
         SteeringBundle(
             method=method,

@@ -77,7 +77,8 @@ class Extraction:
         still = cache.missing_shards()
         if still:
             raise RuntimeError(
-                f"Cache shards {still} are still missing after extraction in {cache.directory}; check the logs of every rank."
+                f"Cache shards {still} are still missing after extraction in {cache.directory}; "
+                "check the logs of every rank."
             )
         return CacheStore(cache)
 

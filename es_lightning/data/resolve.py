@@ -49,7 +49,8 @@ def truthfulqa_mc1_rows(hf_rows: Iterable[dict[str, Any]], seed: int | None = No
         targets = row.get("mc1_targets") if isinstance(row, dict) else None
         if not isinstance(targets, dict) or "choices" not in targets or "labels" not in targets:
             raise ValueError(
-                f"{where}: no 'mc1_targets' with 'choices' and 'labels'. Use the 'multiple_choice' config of truthfulqa/truthful_qa."
+                f"{where}: no 'mc1_targets' with 'choices' and 'labels'. "
+                "Use the 'multiple_choice' config of truthfulqa/truthful_qa."
             )
         choices, labels = list(targets["choices"]), [int(x) for x in targets["labels"]]
         if len(choices) != len(labels) or len(choices) < 2 or labels.count(1) != 1:

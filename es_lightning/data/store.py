@@ -66,7 +66,8 @@ class CacheStore:
         return [cached.index(layer) for layer in layers]
 
     def read(self, side: str, rows: Sequence[int] | None, layers: Sequence[int]) -> torch.Tensor:
-        """States ``[len(rows), len(layers), d]`` (float32) of the given rows (None: all) and block indices, in order."""
+        """States ``[len(rows), len(layers), d]`` (float32) of the given rows (None: all) and block indices, in
+        order."""
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
         index = torch.arange(len(self)) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)

@@ -132,7 +132,8 @@ class EvaluationConfig:
             )
         if self.stop_after_falls < 1 or self.permutations < 100:
             raise ValueError(
-                f"stop_after_falls must be >= 1 and permutations >= 100; got {self.stop_after_falls}, {self.permutations}."
+                f"stop_after_falls must be >= 1 and permutations >= 100; "
+                f"got {self.stop_after_falls}, {self.permutations}."
             )
         if self.folds is not None and self.folds < 2:
             raise ValueError(f"folds must be >= 2 (or null for the DataModule's split), got {self.folds}.")
@@ -142,7 +143,8 @@ class EvaluationConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}.")
         if self.max_questions is not None and self.max_questions < 2 * (self.folds or 2):
             raise ValueError(
-                f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; use at least {2 * (self.folds or 2)} or null."
+                f"max_questions={self.max_questions} is too few for {self.folds or 'a'} folds; "
+                f"use at least {2 * (self.folds or 2)} or null."
             )
         if self.max_val_questions is not None and self.max_val_questions < 1:
             raise ValueError(f"max_val_questions must be >= 1 or null, got {self.max_val_questions}.")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from es_lightning.steering.hooks import Positions, RowState, RowSteering, steer_rows
 from es_lightning.stopping import check_stop
 
-ContextFactory = Callable[[], ContextManager]
+ContextFactory = Callable[[], AbstractContextManager]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,44 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _left_padded_prompts(
+    prompt_ids: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts left-padded to one width: (tokens, attention mask, each prompt's length), on ``device``."""
+    n_questions = len(prompt_ids)
+    prompt_len = torch.tensor([len(ids) for ids in prompt_ids], device=device)
+    width = int(prompt_len.max())
+    tokens = torch.full((n_questions, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n_questions, width), dtype=torch.long, device=device)
+    for q, ids in enumerate(prompt_ids):
+        tokens[q, width - len(ids) :] = torch.tensor(ids, device=device)
+        mask[q, width - len(ids) :] = 1
+    return tokens, mask, prompt_len
+
+
+def _right_padded_choices(
+    flat: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All choices' token ids right-padded to the longest: (targets, boolean mask of real tokens), on ``device``."""
+    length = max(len(ids) for ids in flat)
+    targets = torch.full((len(flat), length), pad_id, dtype=torch.long, device=device)
+    target_mask = torch.zeros((len(flat), length), dtype=torch.bool, device=device)
+    for r, ids in enumerate(flat):
+        targets[r, : len(ids)] = torch.tensor(ids, device=device)
+        target_mask[r, : len(ids)] = True
+    return targets, target_mask
+
+
+def _per_question(sums: list[float], choice_ids: list[list[list[int]]]) -> list[tuple[list[float], list[int]]]:
+    """The flat per-choice sums regrouped by question, each with its choices' token counts."""
+    results: list[tuple[list[float], list[int]]] = []
+    start = 0
+    for row in choice_ids:
+        results.append((sums[start : start + len(row)], [len(ids) for ids in row]))
+        start += len(row)
+    return results
+
+
 def _score_group(
     model: torch.nn.Module,
     pad_id: int,
@@ -102,14 +140,7 @@ def _score_group(
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    n_questions = len(prompt_ids)
-    prompt_len = torch.tensor([len(ids) for ids in prompt_ids], device=device)
-    width = int(prompt_len.max())
-    tokens = torch.full((n_questions, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((n_questions, width), dtype=torch.long, device=device)
-    for q, ids in enumerate(prompt_ids):
-        tokens[q, width - len(ids) :] = torch.tensor(ids, device=device)
-        mask[q, width - len(ids) :] = 1
+    tokens, mask, prompt_len = _left_padded_prompts(prompt_ids, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module types .config as Tensor | Module
     cache_arg = _cache_argument(model)
@@ -125,12 +156,8 @@ def _score_group(
 
     flat = [ids for row in choice_ids for ids in row]
     row_question = torch.tensor([q for q, row in enumerate(choice_ids) for _ in row], device=device)
-    length = max(len(ids) for ids in flat)
-    targets = torch.full((len(flat), length), pad_id, dtype=torch.long, device=device)
-    target_mask = torch.zeros((len(flat), length), dtype=torch.bool, device=device)
-    for r, ids in enumerate(flat):
-        targets[r, : len(ids)] = torch.tensor(ids, device=device)
-        target_mask[r, : len(ids)] = True
+    targets, target_mask = _right_padded_choices(flat, pad_id, device)
+    length = targets.shape[1]
     logprobs = torch.zeros((len(flat), length), device=device)
     logprobs[:, 0] = _token_logprobs(last_logits[row_question], targets[:, 0])
     if length > 1:
@@ -150,12 +177,7 @@ def _score_group(
         )
         logprobs[:, 1:] = _token_logprobs(out.logits, targets[:, 1:])
     sums = logprobs.masked_fill(~target_mask, 0.0).sum(-1).tolist()
-    results: list[tuple[list[float], list[int]]] = []
-    start = 0
-    for row in choice_ids:
-        results.append((sums[start : start + len(row)], [len(ids) for ids in row]))
-        start += len(row)
-    return results
+    return _per_question(sums, choice_ids)
 
 
 def _group_context(
@@ -165,7 +187,7 @@ def _group_context(
     group: list[int],
     positions: Positions,
     block_path: str | None,
-) -> ContextManager:
+) -> AbstractContextManager:
     """The context a group's passes run in: the caller's factory, per-row steering of the group, or nothing."""
     if steering is not None:
         return steer_rows(model, steering.subset(group), positions=positions, block_path=block_path)

@@ -106,8 +106,7 @@ class CrossValidatedTest:
     ) -> Any:
         """Plan all folds, spread over the ranks; returns the loaded target (the caller drops it when done)."""
         datamodule = trainer.datamodule
-        fmt = datamodule.source.format
-        if fmt.kind != "multiple_choice":
+        if datamodule.source.format.kind != "multiple_choice":
             raise ValueError(
                 "`test` scores multiple-choice questions; this data source is not in the multiple_choice format."
             )
@@ -115,27 +114,34 @@ class CrossValidatedTest:
         check_folds(folds, datamodule, self.evaluation, self.pairing)
         with stage("loading the target model", kept=lambda: TEST_KEPT):
             target = load_target()
+        self.evaluator = self._evaluator(trainer, target, layout, objective, pairing_result, encoder_linear)
+        with stage("fold planning", kept=lambda: TEST_KEPT):
+            parts = on_every_rank(lambda: self._plan_own_folds(trainer, folds), "the fold plans")
+        self.plans = sorted((plan for part in parts for plan in part), key=lambda plan: plan.fold.index)
+        self.fold_of = {q: plan.fold.index for plan in self.plans for q in plan.fold.test}
+        self.results = []
+        return target
+
+    def _evaluator(
+        self,
+        trainer,
+        target,
+        layout,
+        objective: Objective,
+        pairing_result: PairSearch,
+        encoder_linear: Callable[[int], torch.Tensor],
+    ) -> Evaluator:
+        """The :class:`Evaluator` of the loaded ``target`` over the data module's rendered questions."""
+        datamodule = trainer.datamodule
         spec = datamodule.target_spec
         rendered = render_questions(
-            target.tokenizer, datamodule.all_questions, fmt.completion_template, spec.chat_template
+            target.tokenizer, datamodule.all_questions, datamodule.source.format.completion_template, spec.chat_template
         )
         shared = SharedAlignment([(i, j) for i, j in pairing_result.pairs], encoder_linear)
         layers = LayerInfo(
             list(layout.expert_layers), list(layout.target_layers), layout.expert.num_layers, layout.target.num_layers
         )
-        answers = (
-            AnswerGenerator(
-                target.model,
-                target.tokenizer,
-                datamodule.all_questions,
-                self.evaluation.generation,
-                self.evaluation.positions,
-                spec.block_path,
-            )
-            if self.evaluation.generation.enabled
-            else None
-        )
-        self.evaluator = Evaluator(
+        return Evaluator(
             target.model,
             target.tokenizer,
             rendered,
@@ -150,36 +156,43 @@ class CrossValidatedTest:
             progress=trainer.is_global_zero,
             add_special_tokens=not spec.chat_template,
             block_path=spec.block_path,
-            answers=answers,
+            answers=self._answer_generator(target, datamodule),
         )
 
-        def plan_mine() -> list[FoldPlan]:
-            plans = []
-            for fold in folds[trainer.global_rank :: trainer.world_size]:
-                check_stop()
-                start = time.perf_counter()
-                plans.append(on_cpu(self.evaluator.plan(fold)))
-                chosen = {m: (c.constrained, c.unconstrained) for m, c in plans[-1].choices.items()}
-                log.info(
-                    "Fold %d/%d (%s protocol): pairs %s, coefficients (constrained, unconstrained) %s "
-                    "(%d train, %d val questions; %.0f s)",
-                    fold.index + 1,
-                    len(folds),
-                    self.evaluation.protocol,
-                    plans[-1].pairs,
-                    chosen,
-                    len(fold.train),
-                    len(fold.val),
-                    time.perf_counter() - start,
-                )
-            return plans
+    def _answer_generator(self, target, datamodule) -> AnswerGenerator | None:
+        """The generator of free-form answers, when the generation metrics are on."""
+        if not self.evaluation.generation.enabled:
+            return None
+        return AnswerGenerator(
+            target.model,
+            target.tokenizer,
+            datamodule.all_questions,
+            self.evaluation.generation,
+            self.evaluation.positions,
+            datamodule.target_spec.block_path,
+        )
 
-        with stage("fold planning", kept=lambda: TEST_KEPT):
-            parts = on_every_rank(plan_mine, "the fold plans")
-        self.plans = sorted((plan for part in parts for plan in part), key=lambda plan: plan.fold.index)
-        self.fold_of = {q: plan.fold.index for plan in self.plans for q in plan.fold.test}
-        self.results = []
-        return target
+    def _plan_own_folds(self, trainer, folds: list[Fold]) -> list[FoldPlan]:
+        """Plan this rank's folds (fold k on rank k mod world), each plan moved to the CPU, with a log line each."""
+        plans = []
+        for fold in folds[trainer.global_rank :: trainer.world_size]:
+            check_stop()
+            start = time.perf_counter()
+            plans.append(on_cpu(self.evaluator.plan(fold)))
+            chosen = {m: (c.constrained, c.unconstrained) for m, c in plans[-1].choices.items()}
+            log.info(
+                "Fold %d/%d (%s protocol): pairs %s, coefficients (constrained, unconstrained) %s "
+                "(%d train, %d val questions; %.0f s)",
+                fold.index + 1,
+                len(folds),
+                self.evaluation.protocol,
+                plans[-1].pairs,
+                chosen,
+                len(fold.train),
+                len(fold.val),
+                time.perf_counter() - start,
+            )
+        return plans
 
     def step(self, questions: list[int]) -> None:
         """Score the test variants of these questions (each in its own fold)."""

@@ -165,7 +165,8 @@ def significantly_better(test: SignTest, alpha: float) -> bool:
 
 def verdict(vs_none: SignTest, vs_random: RandomControl, alpha: float = 0.05) -> Verdict:
     """``"gain"`` only if the method beats both no steering (sign test) and the distribution of random vectors at the
-    same coefficient (permutation test). ``"worse"`` if it is significantly worse than no steering; else ``"no gain"``."""
+    same coefficient (permutation test). ``"worse"`` if it is significantly worse than no steering; else
+    ``"no gain"``."""
     if not 0 < alpha < 1:
         raise ValueError(f"The significance level alpha must be between 0 and 1, got {alpha}.")
     if significantly_better(vs_none, alpha) and vs_random.better and vs_random.p_value < alpha:

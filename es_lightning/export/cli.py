@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> str:
     check_output(args.output, args.overwrite, directory=args.format == "hf")
     source = load_source(args.source, args.method, args.coefficient, args.report)
     head = (
-        f"{source.method} x {source.coefficient:g} ({'given' if source.coefficient_origin == 'given' else 'from ' + source.coefficient_origin}), "
+        f"{source.method} x {source.coefficient:g} "
+        f"({'given' if source.coefficient_origin == 'given' else 'from ' + source.coefficient_origin}), "
         f"blocks {source.bundle.layers}, target {source.bundle.target.name}"
     )
     if args.format == "gguf":

@@ -106,7 +106,8 @@ def check_weights_fit(
         return
     half = f"{option}: bfloat16 (half the bytes), or " if dtype == "float32" else ""
     raise MemoryError(
-        f"{shape.name} has {shape.parameters / 1e9:.2f}B parameters: {gib(needed)} in {dtype}, but {torch.device(device)} "
+        f"{shape.name} has {shape.parameters / 1e9:.2f}B parameters: {gib(needed)} in {dtype}, "
+        f"but {torch.device(device)} "
         f"has {gib(free)} free. Fix: {half}a smaller model, or a device with more memory."
     )
 

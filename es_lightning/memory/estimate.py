@@ -50,7 +50,10 @@ class StageEstimate:
     def format(self) -> str:
         """One line, e.g. ``rfm: host 0.41 GiB, device 0.00 GiB (dominant: ...)``."""
         disk = f", disk {gib(self.disk_bytes)}" if self.disk_bytes else ""
-        return f"{self.stage}: host {gib(self.host_bytes)}, device {gib(self.device_bytes)}{disk} (dominant: {self.dominant})"
+        return (
+            f"{self.stage}: host {gib(self.host_bytes)}, device {gib(self.device_bytes)}{disk} "
+            f"(dominant: {self.dominant})"
+        )
 
     __str__ = format
 
@@ -202,7 +205,8 @@ def autoencoder_estimate(
     weights (2 x k x d_T x d_E float32) and the closed-form seed of one pair at a time (its standardised train rows,
     and per ridge solve the Gram, identity, regularised copy and factor, d x d each, beside the d_E x d_T right-hand
     side, solution and kept encoder). Training, on the trainer's device: the weights with gradients, AdamW's two
-    moments and its step's temporaries (about one more copy), and a batch. On cpu the larger phase is the peak. The cached rows are counted by :func:`cache_estimate`."""
+    moments and its step's temporaries (about one more copy), and a batch. On cpu the larger phase is the peak. The
+    cached rows are counted by :func:`cache_estimate`."""
     weights = pairs * (2.0 * expert_hidden * target_hidden + expert_hidden + target_hidden) * 4
     widest = max(expert_hidden, target_hidden)
     setup = {

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Architectures whose MLP is up -> act -> down (two matrices); the rest (Llama, Qwen, Mistral, Gemma, ...) are gated (three).
+# Architectures whose MLP is up -> act -> down (two matrices); the rest (Llama, Qwen, Mistral, Gemma, ...) are gated
+# (three).
 NON_GATED = frozenset({"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "starcoder2"})
 
 
 def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of a concrete dtype name (``auto`` must be resolved first, see ``models.loading.dtype_name``)."""
+    """Bytes per element of a concrete dtype name (``auto`` must be resolved first, see
+    ``models.loading.dtype_name``)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"Unknown dtype {dtype!r} for a memory estimate: use one of {sorted(DTYPE_BYTES)}.")
     return DTYPE_BYTES[dtype]

@@ -24,8 +24,9 @@ import hashlib
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager, cast
+from typing import cast
 
 import torch
 
@@ -189,7 +190,7 @@ def generate_rendered(
     positions: str = "all",
     block_path: str | None = None,
     seed_keys: Sequence[str] | None = None,
-    context: Callable[[], ContextManager] | None = None,
+    context: Callable[[], AbstractContextManager] | None = None,
 ) -> list[Generated]:
     """Generate from already rendered prompt ``texts``, batched by ``settings.batch_size``, keeping token ids.
 
@@ -261,8 +262,8 @@ def _batch_scope(
     steering: RowSteering | None,
     positions: str,
     block_path: str | None,
-    context: Callable[[], ContextManager] | None,
-) -> ContextManager:
+    context: Callable[[], AbstractContextManager] | None,
+) -> AbstractContextManager:
     """The context one batch generates in: per-row steering of ``rows``, else ``context()``, else nothing."""
     if steering is not None:
         return steer_rows(
@@ -324,7 +325,7 @@ def generate(
     context = None
     if steering is not None and coefficient != 0:
 
-        def context() -> ContextManager:
+        def context() -> AbstractContextManager:
             return steer(
                 model, **steering.steering_kwargs(float(coefficient)), positions=positions, block_path=block_path
             )

@@ -73,7 +73,8 @@ def _options(method: str, options: dict[str, Any]) -> MIOptions:
     shrinkage = resolved.shrinkage
     if shrinkage != "ledoit_wolf" and not (isinstance(shrinkage, (int, float)) and 0.0 <= shrinkage < 1.0):
         raise ValueError(
-            f"shrinkage must be 'ledoit_wolf' or a number in [0, 1), got {shrinkage!r}; pass shrinkage=0.0 to disable it."
+            f"shrinkage must be 'ledoit_wolf' or a number in [0, 1), got {shrinkage!r}; "
+            "pass shrinkage=0.0 to disable it."
         )
     return resolved
 
@@ -112,7 +113,8 @@ def _check_sizes(n_a: int, n_b: int, d_a: int, d_b: int, opts: MIOptions) -> Non
     needed = dims + 2 if opts.method == "gaussian" else max(2 * opts.k + 2, dims + 2)
     if n_a < needed:
         raise ValueError(
-            f"{opts.method} MI with n_components={opts.n_components} (k={opts.k}) needs at least {needed} paired samples, "
+            f"{opts.method} MI with n_components={opts.n_components} (k={opts.k}) needs at least {needed} "
+            "paired samples, "
             f"got {n_a}; pass more samples or a smaller n_components" + (" / k." if opts.method == "ksg" else ".")
         )
 

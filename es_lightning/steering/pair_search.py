@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -30,8 +30,9 @@ import torch
 from es_lightning.alignment.autoencoder import Objective
 from es_lightning.memory import announce, pair_search_estimate
 from es_lightning.steering.mi import METHODS as MI_METHODS
-from es_lightning.steering.mi import mi_of_components, min_rows, resolve_options, symmetric_eigh, whitened
-from es_lightning.steering.pair_layers import _aucs, _full_width_map, _Layer, _reduce, _ridge_scale
+from es_lightning.steering.mi import min_rows, resolve_options
+from es_lightning.steering.pair_layers import _full_width_map, _Layer, _reduce
+from es_lightning.steering.pair_scores import _choose_ridge, _score_matrices
 from es_lightning.steering.pairing import PairingRule, Rule, choose_pairs, depth_pairs, depth_partner
 from es_lightning.steering.rows import LayerStates, PairedRows
 from es_lightning.stopping import check_stop, stage
@@ -106,12 +107,14 @@ class PairSearchConfig:
         need = self.min_heldout_rows()
         if n_heldout < need:
             raise ValueError(
-                f"{where}: {n_heldout} held-out rows, but {self.mi_method} MI with these options needs at least {need}. Use more "
-                "questions, a larger pairing.heldout_fraction, or a smaller pairing.mi_options.n_components."
+                f"{where}: {n_heldout} held-out rows, but {self.mi_method} MI with these options needs at least "
+                f"{need}. Use more questions, a larger pairing.heldout_fraction, or a smaller "
+                "pairing.mi_options.n_components."
             )
         if n_fit < 2 * self.ridge_folds:
             raise ValueError(
-                f"{where}: {n_fit} fit rows are too few for {self.ridge_folds}-fold ridge selection; use more questions."
+                f"{where}: {n_fit} fit rows are too few for {self.ridge_folds}-fold ridge selection; "
+                "use more questions."
             )
 
 
@@ -158,38 +161,6 @@ class SearchOutcome:
     linear: dict[int, torch.Tensor]
 
 
-def _choose_ridge(
-    experts: list[_Layer], targets_for: list[_Layer], groups: Sequence[Hashable], config: PairSearchConfig
-) -> tuple[float, dict[str, float]]:
-    """The ridge with the lowest grouped-CV squared error of the same-depth maps, averaged over expert layers."""
-    if len(config.ridges) == 1:
-        return float(config.ridges[0]), {}
-    unique = list(dict.fromkeys(groups))
-    folds = min(config.ridge_folds, len(unique))
-    order = np.random.default_rng(config.seed + 1).permutation(len(unique))
-    fold_of = {unique[k]: n % folds for n, k in enumerate(order)}
-    row_fold = np.array([fold_of[g] for g in groups])
-    errors = {float(r): 0.0 for r in config.ridges}
-    for expert, target in zip(experts, targets_for):
-        for f in range(folds):
-            train, test = row_fold != f, row_fold == f
-            x, y = expert.fit[train], target.fit[train]
-            xm, ym = x.mean(0), y.mean(0)
-            xc, yc = x - xm, y - ym
-            values, vectors = symmetric_eigh(
-                xc.T @ xc
-            )  # [p, p]: ridge solutions for every lambda from one factorisation
-            projected = vectors.T @ (xc.T @ yc)
-            for r in config.ridges:
-                lam = r * float((xc**2).sum()) / expert.width
-                w = vectors @ (projected / (np.clip(values, 0.0, None) + lam)[:, None])
-                residual = (expert.fit[test] - xm) @ w + ym - target.fit[test]
-                errors[float(r)] += float((residual**2).sum())
-    best = min(errors, key=lambda r: (errors[r], r))
-    n = len(experts) * len(groups)
-    return best, {f"{r:g}": e / n for r, e in errors.items()}
-
-
 def paired_maps(
     fit: PairedRows,
     expert_layers: Sequence[int],
@@ -209,6 +180,33 @@ def paired_maps(
     return out
 
 
+def _subsampled(fit: PairedRows, config: PairSearchConfig) -> PairedRows:
+    """A seeded subsample of ``config.max_rows`` fit rows (in their order), or all of them."""
+    if config.max_rows and len(fit) > config.max_rows:
+        keep = np.sort(np.random.default_rng(config.seed).permutation(len(fit))[: config.max_rows])
+        fit = fit.take(keep.tolist())
+    return fit
+
+
+def _same_depth_ridge(
+    experts: list[_Layer],
+    targets: list[_Layer],
+    fit: PairedRows,
+    expert_layers: Sequence[int],
+    target_layers: Sequence[int],
+    expert_depth: int,
+    target_depth: int,
+    config: PairSearchConfig,
+) -> tuple[float, dict[str, float]]:
+    """The ridge of the paired maps, chosen on each expert layer's map onto its same-depth target layer, and the
+    cross-validated error of every ridge tried."""
+    same_depth = [
+        targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))]
+        for e in expert_layers
+    ]
+    return _choose_ridge(experts, same_depth, fit.groups, config)
+
+
 @stage("layer-pair search")
 def search_pairs(
     fit: PairedRows,
@@ -226,9 +224,7 @@ def search_pairs(
     of ``fit`` give the expert direction for the ``separability`` scores; labels of ``heldout`` score it.
     """
     rule = _checked_rule(fit, heldout, len(expert_layers), len(target_layers), config, objective)
-    if config.max_rows and len(fit) > config.max_rows:
-        keep = np.sort(np.random.default_rng(config.seed).permutation(len(fit))[: config.max_rows])
-        fit = fit.take(keep.tolist())
+    fit = _subsampled(fit, config)
     baseline = depth_pairs(expert_layers, target_layers, expert_depth, target_depth, rule)
     d_t = fit.target.width
     experts = _reduced(fit.expert, heldout.expert, len(expert_layers), config.max_components)
@@ -236,13 +232,10 @@ def search_pairs(
     ridge: float | None = None
     ridge_scores: dict[str, float] = {}
     if objective == "paired":
-        same_depth = [
-            targets[list(target_layers).index(depth_partner(e, expert_depth, target_layers, target_depth))]
-            for e in expert_layers
-        ]
-        ridge, ridge_scores = _choose_ridge(experts, same_depth, fit.groups, config)
+        ridge, ridge_scores = _same_depth_ridge(
+            experts, targets, fit, expert_layers, target_layers, expert_depth, target_depth, config
+        )
     mi, auc = _score_matrices(experts, targets, fit, heldout, expert_layers, target_layers, config, objective, ridge)
-
     pairs = choose_pairs(
         rule,
         expert_layers,
@@ -252,7 +245,6 @@ def search_pairs(
         mi=None if mi is None else torch.from_numpy(mi),
         auc=None if auc is None else torch.from_numpy(auc),
     )
-
     linear = {
         i: _full_width_map(experts[list(expert_layers).index(i)], targets[list(target_layers).index(j)], ridge, d_t)
         for i, j in pairs
@@ -319,68 +311,3 @@ def _reduced(fit_side: LayerStates, held_side: LayerStates, count: int, max_comp
             )
         )
     return layers
-
-
-def _score_matrices(
-    experts: list[_Layer],
-    targets: list[_Layer],
-    fit: PairedRows,
-    heldout: PairedRows,
-    expert_layers: Sequence[int],
-    target_layers: Sequence[int],
-    config: PairSearchConfig,
-    objective: Objective,
-    ridge: float | None,
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Held-out MI ``[L_E, L_T]`` (None for the depth rule) and ROC AUC (None without two classes) of every pair."""
-    labels_fit = None if fit.labels is None else fit.labels.numpy()
-    labels_held = None if heldout.labels is None else heldout.labels.numpy()
-    with_auc = labels_fit is not None and labels_held is not None and len(np.unique(labels_fit)) == 2
-    opts = resolve_options(config.mi_method, dict(config.mi_options, seed=config.mi_options.get("seed", config.seed)))
-    need_mi = config.rule != "depth"
-    target_components = (
-        [whitened(t.heldout, opts, 1, f"target layer {j}") for t, j in zip(targets, target_layers)] if need_mi else []
-    )
-    mi = np.zeros((len(experts), len(targets)))
-    auc = np.full((len(experts), len(targets)), 0.5)
-    d_t = fit.target.width
-    widths = [t.fit.shape[1] for t in targets]
-    bounds = np.cumsum([0] + widths)
-    target_fit = np.concatenate([t.fit for t in targets], axis=1)  # [n_fit, sum p_T]
-    target_held = [t.heldout for t in targets]
-    raw_directions = np.zeros((d_t, len(experts)))  # reconstruction: each expert's direction, on raw target states
-    for a, expert in enumerate(experts):
-        check_stop()
-        direction = None
-        if with_auc:
-            direction = expert.fit[labels_fit == 1].mean(0) - expert.fit[labels_fit == 0].mean(0)  # [p_E]
-        if objective == "paired":
-            assert ridge is not None  # chosen above for the paired objective
-            lam = _ridge_scale(expert, ridge)
-            weights = (expert.singular / (expert.singular**2 + lam))[:, None]
-            maps = (weights * expert.fit.T) @ target_fit  # [p_E, sum p_T]
-            mapped_all = expert.heldout @ maps
-            if direction is not None:
-                mapped_direction = direction @ maps
-                scores = np.stack(
-                    [target_held[b] @ mapped_direction[bounds[b] : bounds[b + 1]] for b in range(len(targets))], 1
-                )
-                auc[a] = _aucs(labels_held, scores)  # type: ignore[arg-type]  # with_auc: labels_held is set
-            if need_mi:
-                name = f"mapped expert layer {expert_layers[a]}"
-                for b in range(len(targets)):
-                    mi[a, b] = mi_of_components(
-                        whitened(mapped_all[:, bounds[b] : bounds[b + 1]], opts, 0, name), target_components[b], opts
-                    )
-        else:
-            code = expert.heldout[:, :d_t]
-            if need_mi:
-                mapped = whitened(code, opts, 0, f"encoded expert layer {expert_layers[a]}")
-                for b in range(len(targets)):
-                    mi[a, b] = mi_of_components(mapped, target_components[b], opts)
-            if direction is not None:
-                raw_directions[: min(d_t, len(direction)), a] = direction[:d_t]
-    if objective == "reconstruction" and with_auc:
-        for b in range(len(targets)):  # one raw held-out target layer at a time
-            auc[:, b] = _aucs(labels_held, heldout.target.layer(b).double().numpy() @ raw_directions)  # type: ignore[arg-type]
-    return (mi if need_mi else None), (auc if with_auc else None)

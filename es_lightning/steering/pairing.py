@@ -51,8 +51,9 @@ class PairingRule:
         possible = min(n_target, n_expert if self.one_target_per_expert else n_target)
         if self.top_k > possible:
             raise ValueError(
-                f"top_k={self.top_k} but only {possible} distinct pairs exist with {n_expert} expert and {n_target} target "
-                f"layers captured{' (one target per expert layer)' if self.one_target_per_expert else ''}. Lower top_k or "
+                f"top_k={self.top_k} but only {possible} distinct pairs exist with {n_expert} expert and "
+                f"{n_target} target layers captured"
+                f"{' (one target per expert layer)' if self.one_target_per_expert else ''}. Lower top_k or "
                 "capture more layers."
             )
 
@@ -102,7 +103,8 @@ def select_pairs(
     highest = rule.rule != "lowest" if highest is None else highest
     if tuple(scores.shape) != (len(expert_layers), len(target_layers)):
         raise ValueError(
-            f"Score matrix shape {tuple(scores.shape)} does not match {len(expert_layers)} expert x {len(target_layers)} target layers."
+            f"Score matrix shape {tuple(scores.shape)} does not match "
+            f"{len(expert_layers)} expert x {len(target_layers)} target layers."
         )
     allowed = list(range(len(target_layers)))
     if rule.depth_window is not None:

@@ -54,14 +54,7 @@ from xrfm.rfm_src import RFM
 
 from es_lightning.steering.rfm_kernel import _RFM, KERNEL, kernel_bytes
 from es_lightning.steering.rfm_kernel import _ridge_solve as _ridge_solve  # re-exported: tests import it from here
-from es_lightning.steering.rfm_rows import (
-    _check_class_counts,
-    _check_labels,
-    _grouped_split,
-    _Labels,
-    _stratified_split,
-    cap_rows,
-)
+from es_lightning.steering.rfm_rows import _check_class_counts, _check_labels, _Labels, _Split, _split_rows, cap_rows
 
 log = logging.getLogger(__name__)
 
@@ -190,19 +183,33 @@ def fit_rfm(
     x_all, std = _standardised(x_np, standardize)
     split = _split_rows(labels.classes, groups, val_fraction, grid_max_train, seed)
     x_val = x_all[split.val]
-    grid_scores, best, best_model, agop_std = _fit_best(
-        x_all, labels, split, bandwidths, regs, iters, torch.device(device), seed
-    )
-    agop, eigenvalues, direction = _agop_direction(agop_std, std, x_np, labels.positive)
+    fitted = _fit_best(x_all, labels, split, bandwidths, regs, iters, torch.device(device), seed)
+    return _result(fitted, std, x_np, labels, split, x_val, iters, n_input, start)
+
+
+def _result(
+    fitted: _GridFit,
+    std: np.ndarray,
+    x_np: np.ndarray,
+    labels: _Labels,
+    split: _Split,
+    x_val: torch.Tensor,
+    iters: int,
+    n_input: int,
+    start: float,
+) -> RFMResult:
+    """The chosen model's AGOP and direction in the original coordinates of ``x_np``, its held-out score, how it
+    was chosen, and the time since ``start``."""
+    agop, eigenvalues, direction = _agop_direction(fitted.agop_std, std, x_np, labels.positive)
     return RFMResult(
         agop=agop.float(),
         direction=direction.float(),
-        bandwidth=float(best_model.kernel_obj.bandwidth),
-        bandwidth_scale=best[0],
-        reg=float(best_model.reg),
-        val_score=_score(best_model, x_val, labels, split.val),
+        bandwidth=float(fitted.model.kernel_obj.bandwidth),
+        bandwidth_scale=fitted.best[0],
+        reg=float(fitted.model.reg),
+        val_score=_score(fitted.model, x_val, labels, split.val),
         metric=labels.metric,
-        grid_scores=grid_scores,
+        grid_scores=fitted.scores,
         iters=iters,
         top_fraction=float(eigenvalues[-1] / eigenvalues.clamp(min=0).sum()),
         n_train=len(split.train),
@@ -268,29 +275,14 @@ def _standardised(x_np: np.ndarray, standardize: bool) -> tuple[torch.Tensor, np
     return torch.from_numpy((x_np - mean) / std).float(), std
 
 
-class _Split(NamedTuple):
-    """Row indices: the training part, the validation part, and the training rows the grid search fits on."""
+class _GridFit(NamedTuple):
+    """What the grid search chose: every grid point's (bandwidth, reg, score), the best of them, its model, and
+    that model's AGOP in the standardised coordinates."""
 
-    train: np.ndarray
-    val: np.ndarray
-    grid: np.ndarray
-
-
-def _split_rows(
-    classes: np.ndarray, groups: Sequence | None, val_fraction: float, grid_max_train: int, seed: int
-) -> _Split:
-    """The seeded validation split (by whole groups when given, else stratified by label), and a stratified
-    subsample of at most about ``grid_max_train`` training rows for the grid search."""
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        train_idx, val_idx = _grouped_split(classes, list(groups), val_fraction, rng)
-    else:
-        train_idx, val_idx = _stratified_split(classes, val_fraction, rng)
-    if len(train_idx) > grid_max_train:
-        grid_idx = train_idx[_stratified_split(classes[train_idx], grid_max_train / len(train_idx), rng)[1]]
-    else:
-        grid_idx = train_idx
-    return _Split(train_idx, val_idx, grid_idx)
+    scores: list[tuple[float, float, float]]
+    best: tuple[float, float, float]
+    model: _RFM
+    agop_std: torch.Tensor
 
 
 def _fit_best(
@@ -302,7 +294,7 @@ def _fit_best(
     iters: int,
     device: torch.device,
     seed: int,
-) -> tuple[list[tuple[float, float, float]], tuple[float, float, float], _RFM, torch.Tensor]:
+) -> _GridFit:
     """The grid's scores, its best (bandwidth, reg, score), that model (refitted on the whole training part when the
     grid used a subsample) and its AGOP in the standardised coordinates; seeded, the global torch RNG untouched."""
     x_val, y_val = x_all[split.val], labels.targets[split.val]
@@ -326,7 +318,7 @@ def _fit_best(
             )
         x_train = x_all[split.train].to(device)
         agop_std = best_model.fit_M(x_train, best_model.n_classes, inplace=False).detach().cpu().double()
-    return grid_scores, best, best_model, agop_std
+    return _GridFit(grid_scores, best, best_model, agop_std)
 
 
 def _agop_direction(

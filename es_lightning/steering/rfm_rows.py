@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -105,3 +106,28 @@ def cap_rows(groups: Sequence, max_rows: int, seed: int) -> np.ndarray:
         if len(chosen) == max_rows:
             break
     return np.sort(np.array(chosen, dtype=np.int64))
+
+
+class _Split(NamedTuple):
+    """Row indices: the training part, the validation part, and the training rows the grid search fits on."""
+
+    train: np.ndarray
+    val: np.ndarray
+    grid: np.ndarray
+
+
+def _split_rows(
+    classes: np.ndarray, groups: Sequence | None, val_fraction: float, grid_max_train: int, seed: int
+) -> _Split:
+    """The seeded validation split (by whole groups when given, else stratified by label), and a stratified
+    subsample of at most about ``grid_max_train`` training rows for the grid search."""
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        train_idx, val_idx = _grouped_split(classes, list(groups), val_fraction, rng)
+    else:
+        train_idx, val_idx = _stratified_split(classes, val_fraction, rng)
+    if len(train_idx) > grid_max_train:
+        grid_idx = train_idx[_stratified_split(classes[train_idx], grid_max_train / len(train_idx), rng)[1]]
+    else:
+        grid_idx = train_idx
+    return _Split(train_idx, val_idx, grid_idx)

@@ -124,7 +124,8 @@ def expertsteer(pairs: Sequence[tuple[int, int]], inputs: VectorInputs) -> Metho
         weight = inputs.encoder_linear(i)
         if weight.shape[1] != fit.direction.shape[0]:
             raise ValueError(
-                f"The encoder of expert layer {i} expects width {weight.shape[1]}, but its states have width {fit.direction.shape[0]}."
+                f"The encoder of expert layer {i} expects width {weight.shape[1]}, "
+                f"but its states have width {fit.direction.shape[0]}."
             )
         mapped = weight.float() @ fit.direction
         out.vectors[j] = _unit(mapped)
@@ -185,7 +186,8 @@ def compute_vectors(method: str, pairs: Sequence[tuple[int, int]], inputs: Vecto
         bad = ~torch.isfinite(tensor).all(dim=(0, 2))
         if bad.any():
             raise ValueError(
-                f"The {name} hidden states hold NaN/Inf at cached layer positions {bad.nonzero().flatten().tolist()}; rebuild the cache in float32."
+                f"The {name} hidden states hold NaN/Inf at cached layer positions "
+                f"{bad.nonzero().flatten().tolist()}; rebuild the cache in float32."
             )
     return REGISTRY[method](pairs, inputs)
 
