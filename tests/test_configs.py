@@ -10,6 +10,7 @@ from conftest import write_mc_jsonl
 
 from es_lightning.cli import ESLightningCLI
 from es_lightning.data import PairedHiddenStatesDataModule
+from es_lightning.data.question_table import read_source
 from es_lightning.module import ExpertSteer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     shared.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp_path / "checkout").mkdir()
     monkeypatch.chdir(tmp_path / "checkout")
-    _, questions = cli.datamodule._read(cli.datamodule.source)
+    _, questions = read_source(cli.datamodule.source, cli.datamodule.cache_dir)
     template = cli.datamodule.source.format.prompt_template
     assert [q.prompt for q in questions] == [template.format(**row) for row in rows]
     assert [q.choices[q.answer] for q in questions] == [correct_choice(row) for row in rows]
