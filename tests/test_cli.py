@@ -243,3 +243,25 @@ def test_quiet_and_verbose_go_before_the_subcommand(run_args, tmp_path, capsys):
         ]
     )  # the subcommand's own --verbose (Lightning's results table) is untouched
     assert "Test metric" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("program", "change", "expected"),
+    [
+        ("pipeline", ["--data.data.path", "no/such/file.jsonl"], "No data file 'file.jsonl' found"),
+        ("cli", ["--data.target.name", "no-such-model-xyz"], "no-such-model-xyz"),
+    ],
+)
+def test_input_errors_are_one_line_without_a_traceback(run_args, capsys, program, change, expected):
+    from es_lightning import cli, pipeline
+
+    main = pipeline.main if program == "pipeline" else cli.main
+    command = [*run_args, *change] if program == "pipeline" else ["fit", *run_args, *change]
+    with pytest.raises(SystemExit) as ended:
+        main(command)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err
+    assert any(
+        line.startswith(("es-lightning: error: ", "es-lightning-pipeline: error: ")) for line in err.splitlines()
+    )
+    assert expected in err and "(run again with --verbose for the traceback)" in err

@@ -240,25 +240,30 @@ def _no_model_loads(monkeypatch):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
 
 
-def test_more_devices_than_gpus_fails_before_any_model_loads(monkeypatch, run_args, tmp_path):
+def one_line_error(command: list[str], capsys) -> str:
+    """What ``es-lightning`` prints for an input error: one line naming the problem and its fix, exit status 2."""
     from es_lightning.cli import main
 
+    with pytest.raises(SystemExit) as ended:
+        main(command)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err
+    return err
+
+
+def test_more_devices_than_gpus_fails_before_any_model_loads(monkeypatch, run_args, tmp_path, capsys):
     _no_model_loads(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with pytest.raises(ValueError, match=r"trainer\.devices=2 asks for 2 gpu device\(s\), but 0 are visible"):
-        main(["fit", *run_args, "--trainer.accelerator", "gpu", "--trainer.devices", "2"])
+    err = one_line_error(["fit", *run_args, "--trainer.accelerator", "gpu", "--trainer.devices", "2"], capsys)
+    assert "es-lightning: error: trainer.devices=2 asks for 2 gpu device(s), but 0 are visible" in err
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_model_too_large_for_free_memory_fails_before_loading(monkeypatch, run_args, tmp_path):
-    from es_lightning.cli import main
-
+def test_a_model_too_large_for_free_memory_fails_before_loading(monkeypatch, run_args, tmp_path, capsys):
     _no_model_loads(monkeypatch)
     monkeypatch.setattr(check, "device_available_bytes", lambda device: 1000)
-    with pytest.raises(
-        MemoryError, match=r"in float32, but cpu has 0\.00 GiB free\. Fix: data\.expert\.dtype: bfloat16"
-    ):
-        main(["fit", *run_args])
+    err = one_line_error(["fit", *run_args], capsys)
+    assert "in float32, but cpu has 0.00 GiB free. Fix: data.expert.dtype: bfloat16" in err
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
