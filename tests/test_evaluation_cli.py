@@ -351,7 +351,9 @@ def test_predict_again_with_the_same_configuration_reuses_the_rows(fitted, tmp_p
     from es_lightning import prediction
 
     calls = []
-    monkeypatch.setattr(prediction, "generate", lambda model, tok, texts, *a, **k: calls.append(1) or ["x"] * len(texts))
+    monkeypatch.setattr(
+        prediction, "generate", lambda model, tok, texts, *a, **k: calls.append(1) or ["x"] * len(texts)
+    )
     build_cli(command)
     assert calls == [] and (out / "predictions.jsonl").read_bytes() == first
     build_cli([*command[:-2], "--model.predict.coefficients", "[0.25]", *command[-2:]])  # another configuration
