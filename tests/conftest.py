@@ -189,6 +189,17 @@ class DieAtStep(Callback):
 TINY_CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
+def tiny_job(root: Path, expert: Path, target: Path, n_questions: int = 24) -> tuple[list[str], Path]:
+    """Pipeline arguments for a tiny job under ``root`` (two prompts, ``n_questions`` two-choice questions, its own
+    cache; the output folder left to the caller) and the prompts file."""
+    data = write_two_choice_jsonl(root / "two.jsonl", n_questions)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "what is the cat ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
+    args = ["--config", str(TINY_CONF), "--prompts", str(prompts), "--data.expert.name", str(expert)]
+    args += ["--data.target.name", str(target), "--data.data.path", str(data), "--data.cache_dir", str(root / "cache")]
+    return args, prompts
+
+
 @pytest.fixture()
 def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     """CLI arguments for a tiny run: tiny models, 20 two-choice questions, everything under tmp_path."""

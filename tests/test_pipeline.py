@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_two_choice_jsonl
+from conftest import tiny_job
 
 from es_lightning.evaluation.report import chosen_coefficients, load_report
 from es_lightning.pipeline import main
@@ -14,25 +14,8 @@ CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 @pytest.fixture()
 def job(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
-    data = write_two_choice_jsonl(tmp_path / "two.jsonl", 24)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "what is the cat ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
-    args = [
-        "--config",
-        str(CONF),
-        "--prompts",
-        str(prompts),
-        "--data.expert.name",
-        str(tiny_gpt2_dir),
-        "--data.target.name",
-        str(tiny_llama_dir),
-        "--data.data.path",
-        str(data),
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--output_dir",
-        str(tmp_path / "runs"),
-    ]
+    args, prompts = tiny_job(tmp_path, tiny_gpt2_dir, tiny_llama_dir)
+    args += ["--output_dir", str(tmp_path / "runs")]
     return args, tmp_path / "runs" / "default", prompts
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_two_choice_jsonl
+from conftest import tiny_job, write_two_choice_jsonl
 
 from es_lightning.evaluation.report import chosen_coefficients, load_report
 from es_lightning.pipeline import _parsed_config, main
@@ -54,25 +54,8 @@ def stages_run(out: str) -> set[str]:
 def finished(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
     """One finished tiny pipeline run: its arguments (output folder left out) and its folder."""
     root = tmp_path_factory.mktemp("reuse")
-    data = write_two_choice_jsonl(root / "two.jsonl", 24)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "what is the cat ?"}\n{"id": "b", "prompt": "where is the sun ?"}\n')
-    args = [
-        "--config",
-        str(CONF),
-        "--prompts",
-        str(prompts),
-        "--data.expert.name",
-        str(tiny_gpt2_dir),
-        "--data.target.name",
-        str(tiny_llama_dir),
-        "--data.data.path",
-        str(data),
-        "--data.cache_dir",
-        str(root / "cache"),
-        "--model.evaluation.budget.max_kl",
-        "null",
-    ]
+    args, _ = tiny_job(root, tiny_gpt2_dir, tiny_llama_dir)
+    args += ["--model.evaluation.budget.max_kl", "null"]
     main([*args, "--output_dir", str(root / "runs")])
     return args, root
 
