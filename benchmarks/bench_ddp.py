@@ -1,6 +1,6 @@
 """Benchmark: auto-encoder training throughput (examples/s), 1 process vs 2-process DDP (gloo) on this machine.
 
-Both runs train the same AlignmentAutoEncoder on the same paired cache (built once beforehand, so
+Both runs train the same alignment auto-encoders on the same paired cache (built once beforehand, so
 extraction is excluded) with the same global batch, through the real `es-lightning fit` CLI. Timing is
 taken by a callback from the first to the last training batch of rank 0.
 

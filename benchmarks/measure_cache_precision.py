@@ -78,7 +78,7 @@ def main() -> None:
     dm, model = cli.datamodule, cli.model
     layout = dm.prepare_layout()  # examples and split; no model weights, no extraction
     stored = read_cache(Path(args.cache))
-    labels = torch.tensor([e.label for e in dm.examples])
+    labels = torch.tensor([e.label for e in dm.question_table.examples])
     if len(stored["label"]) != len(labels) or not torch.equal(stored["label"].long(), labels):
         raise SystemExit(
             f"{args.cache} does not hold this config's examples ({len(stored['label'])} rows, {len(labels)} examples)."
@@ -87,7 +87,7 @@ def main() -> None:
         raise SystemExit(
             f"{args.cache} holds expert states of shape {tuple(stored['expert'].shape[1:])}, not this config's layers."
         )
-    index = {name: torch.tensor(dm.split_indices[name]) for name in ("train", "val", "test")}
+    index = {name: torch.tensor(dm.question_table.split_indices[name]) for name in ("train", "val", "test")}
     groups = {name: dm.split_groups(name) for name in index}
     t_pos, e_pos = layout.target_layers.index, layout.expert_layers.index
     config = model.pairing

@@ -29,7 +29,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from es_lightning.alignment import AlignmentAutoEncoder
+from es_lightning.alignment import AlignmentMaps
 from es_lightning.cli import ESLightningCLI
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_write_json
@@ -156,19 +156,17 @@ def main() -> None:
     results["ridge"] = {"pairs": [list(p) for p in pairs], "cv_mse": paired.ridge_scores, "rows": ridge_rows}
 
     # 3. epochs: the auto-encoder's closed-form seed against the same auto-encoder after training
-    def autoencoder() -> AlignmentAutoEncoder:
-        module = AlignmentAutoEncoder(
-            objective="paired", ridge=paired.ridge, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.0)
-        )
-        module.plan_layers(dict(pairs), paired.ridge)
-        return module
-
-    seeded = autoencoder()
+    seeded = AlignmentMaps(objective="paired")
     seeded.build(layout, dict(pairs))
     alignment = dm.states("alignment", layout.expert_layers, layout.target_layers)
-    seeded.fit_statistics_and_init(alignment["expert"], alignment["target"])
+    seeded.fit_statistics_and_init(alignment["expert"], alignment["target"], paired.ridge)
     start = time.perf_counter()
-    trained = autoencoder()
+    trained = ExpertSteer(
+        objective="paired",
+        layer_map=dict(pairs),
+        ridge=paired.ridge,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.0),
+    )
     L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
@@ -183,7 +181,7 @@ def main() -> None:
         "epochs": args.epochs,
         "train_seconds": round(time.perf_counter() - start, 1),
         "closed_form_auc": mapped_auc(pairs, seeded.encoder_linear),
-        "trained_auc": mapped_auc(pairs, lambda i: trained.encoder_linear(i).cpu()),
+        "trained_auc": mapped_auc(pairs, lambda i: trained.alignment.encoder_linear(i).cpu()),
     }
     print(results["epochs"], flush=True)
     # 4. RFM options

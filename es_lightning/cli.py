@@ -23,7 +23,7 @@ from es_lightning.io import atomic_checkpoint_io, ensure_writable_dir
 from es_lightning.memory import check_devices
 from es_lightning.module import ExpertSteer
 from es_lightning.run.keys import stage_options
-from es_lightning.run.record import FitRecorder, read_fit_record
+from es_lightning.run.record import FitRecorder, read_run_record
 from es_lightning.stopping import run_stoppable, stage
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -109,10 +109,10 @@ class ESLightningCLI(LightningCLI):
 def check_resumable(run_dir: Path, ckpt_path: str, options: dict) -> None:
     """Refuse to resume a fit from a checkpoint made under other fit options (``--ckpt_path last`` or a path)."""
     path = run_dir / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    record = read_fit_record(path)
-    if record is None or not record.key:  # no file (Lightning says so), or a checkpoint older than fit records
+    record = read_run_record(path)
+    if record is None or record.fit is None:  # no file (Lightning says so), or a checkpoint older than fit records
         return
-    changes = record.changes_to(options)
+    changes = record.fit.changes_to(options)
     if changes:
         raise ValueError(
             f"{path} was fitted with other options ({'; '.join(changes[:6])}), so resuming it would mix two "

@@ -28,8 +28,9 @@ from es_lightning.callbacks.prediction_writer import find_prediction_writer
 from es_lightning.cli import ESLightningCLI, build_cli, kept_in_run_folder
 from es_lightning.console import configure, verbosity_from_flags
 from es_lightning.io import atomic_write_json, atomic_write_text, sha256_file
+from es_lightning.models.loading import default_cache_dir, fingerprint_model_dir, resolve_model_dir
 from es_lightning.run.keys import stage_key, stage_options
-from es_lightning.run.record import FitRecord, read_fit_record
+from es_lightning.run.record import RunRecord, read_run_record
 from es_lightning.stopping import run_stoppable
 from es_lightning.stopping import stage as stopping_stage
 
@@ -111,14 +112,34 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str
 
 
 def _fit_is_current(ckpt: Path, config) -> bool:
-    """True if ``ckpt`` holds a finished fit under this configuration's fit key. A checkpoint fitted under other
-    options is moved aside first (see :func:`_supersede`); an unfinished one under the same key is resumed."""
+    """True if ``ckpt`` holds a finished fit under this configuration's fit key and of the same models' weights. A
+    checkpoint fitted under other options or weights is moved aside first (see :func:`_supersede`); an unfinished one
+    under the same key is resumed."""
     options = stage_options(config, "fit")
-    record = read_fit_record(ckpt)
-    if record is not None and record.key != stage_key(options):
-        _supersede(ckpt, record, options)
+    record = read_run_record(ckpt)
+    if record is None:
         return False
-    return record is not None and record.complete
+    if record.fit is None:
+        changes = ["it was written before checkpoints recorded their options"]
+    else:
+        changes = record.fit.changes_to(options) + _changed_models(record, config)
+    if changes:
+        _supersede(ckpt, record, changes)
+        return False
+    return record.complete
+
+
+def _changed_models(record: RunRecord, config) -> list[str]:
+    """The models whose weights are not the ones ``record`` was fitted on: the same ``data.expert.name`` or
+    ``data.target.name`` can name other weights (an overwritten local folder, a new revision of a Hub id)."""
+    cache_dir = config.data.cache_dir or default_cache_dir()
+    changed = []
+    for side in ("expert", "target"):
+        fitted = getattr(record.layout, side)
+        now = fingerprint_model_dir(resolve_model_dir(getattr(config.data, side).name, cache_dir))
+        if now != fitted.fingerprint:
+            changed.append(f"data.{side}: the weights of {fitted.name} (fingerprint {fitted.fingerprint} -> {now})")
+    return changed
 
 
 @dataclass(frozen=True)
@@ -228,15 +249,18 @@ def _run(argv: list[str]) -> None:
     _print_outputs(start, run_dir, report_dir, outputs)
 
 
-def _supersede(ckpt: Path, record: FitRecord, options: dict) -> None:
-    """Move a checkpoint fitted under other options out of the way (to ``<run>/superseded/``), saying what changed;
-    the fit then starts afresh."""
-    changes = record.changes_to(options) if record.key else ["it was written before checkpoints recorded their options"]
-    kept = ckpt.parent / "superseded" / f"last-{record.key[:12] or 'unrecorded'}.ckpt"
+def _supersede(ckpt: Path, record: RunRecord, changes: list[str]) -> None:
+    """Move a checkpoint fitted under other options or models out of the way (to ``<run>/superseded/``), saying what
+    changed; the fit then starts afresh."""
+    key = record.fit.key[:12] if record.fit else "unrecorded"
+    models = (
+        "".join(info.fingerprint[:6] for info in (record.layout.expert, record.layout.target)) if record.layout else ""
+    )
+    kept = ckpt.parent / "superseded" / f"last-{key}-{models}.ckpt"
     kept.parent.mkdir(parents=True, exist_ok=True)
     ckpt.replace(kept)
     shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-    log.info("\n%s was fitted with other options (%s): moved to %s, fitting again.", ckpt, shown, kept)
+    log.info("\n%s was fitted with other options or weights (%s): moved to %s, fitting again.", ckpt, shown, kept)
 
 
 def _report_matches(report_dir: Path, key: str) -> bool:

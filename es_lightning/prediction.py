@@ -88,7 +88,7 @@ class SteeredPrediction:
         return chosen.values
 
     def resume(self, trainer: L.Trainer, datamodule: PairedHiddenStatesDataModule, target_dtype: str | None) -> None:
-        """Tell the prediction writer what makes the rows (its key) and leave out of ``datamodule.prompts`` those
+        """Tell the prediction writer what makes the rows (its key) and leave out of the data module's prompts those
         already written; with nothing left, Lightning's predict loop is skipped (see :meth:`restore`)."""
         writer = find_prediction_writer(trainer)
         if writer is None:
@@ -115,7 +115,7 @@ class SteeredPrediction:
             )
         elif done:
             log.info("Resuming predictions: %d of %d prompts already written.", len(done), len(prompts))
-            datamodule.prompts = prompts = prompts.without(done)
+            prompts = datamodule.skip_prompts(done)
         if done is None or not len(prompts):  # nothing to generate: Lightning skips the loop, the writer keeps
             self._limit = trainer.limit_predict_batches  # (or merges) the file
             trainer.limit_predict_batches = 0

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from es_lightning.alignment import AlignmentAutoEncoder
+from es_lightning.alignment import AlignmentMaps
 from es_lightning.alignment.layer_map import proportional_layer_map, validate_layer_map
 from es_lightning.data.cache import PairedLayout
 from es_lightning.models.spec import ModelInfo
+from es_lightning.module import ExpertSteer
 
 
 def layout(d_e=12, d_t=8, expert_layers=(0, 2, 3), target_layers=(1, 5)):
@@ -28,8 +29,8 @@ def paired_data(n=400, d_e=12, d_t=8, seed=0):
     return expert, target
 
 
-def built(objective="paired", **kwargs):
-    module = AlignmentAutoEncoder(objective=objective, **kwargs)
+def built(objective="paired"):
+    module = AlignmentMaps(objective=objective)
     lay = layout()
     module.build(lay, {0: 1, 2: 5, 3: 5})
     return module
@@ -53,13 +54,13 @@ def test_layer_map_errors_name_the_fix():
 
 def test_unknown_objective():
     with pytest.raises(ValueError, match="Unknown objective"):
-        AlignmentAutoEncoder(objective="contrastive")
+        AlignmentMaps(objective="contrastive")
 
 
 def test_closed_form_paired_init_recovers_the_linear_map():
-    module = built(ridge=1e-6)
+    module = built()
     expert, target = paired_data()
-    module.fit_statistics_and_init(expert, target)
+    module.fit_statistics_and_init(expert, target, ridge=1e-6)
     out = module.losses({"expert": expert, "target": target})
     assert out["pair"][0] < 1e-3  # expert layer 0 -> target layer 1 is exactly linear in the data
     assert out["recon"].max() < 0.36  # isotropic 12-d input through an 8-d code loses at most 4/12 of the variance
@@ -68,11 +69,11 @@ def test_closed_form_paired_init_recovers_the_linear_map():
 
 
 def test_reconstruction_init_is_pca():
-    module = built(objective="reconstruction", ridge=1e-7)
+    module = built(objective="reconstruction")
     g = torch.Generator().manual_seed(1)
     low_rank = torch.randn(300, 3, 6, generator=g) @ torch.randn(6, 12, generator=g)
     target = torch.randn(300, 2, 8, generator=g)
-    module.fit_statistics_and_init(low_rank, target)
+    module.fit_statistics_and_init(low_rank, target, ridge=1e-7)
     out = module.losses({"expert": low_rank, "target": target})
     assert "pair" not in out and out["recon"].max() < 1e-4  # rank 6 < d_T = 8: PCA reconstructs exactly
 
@@ -114,19 +115,30 @@ def test_statistics_are_scalar_per_layer_so_directions_survive():
     assert not torch.allclose(module.encoder_linear(2), module.encoder_linear(3))
 
 
-def test_checkpoint_round_trip_without_trainer(tmp_path):
-    module = built()
+def steering_module(lay: PairedLayout, layer_map: dict[int, int]) -> ExpertSteer:
+    module = ExpertSteer()
+    module.alignment.build(lay, layer_map)
+    module.record = module.record.built(lay, layer_map, {"data": "k"})  # what setup records in a fit
+    return module
+
+
+@pytest.mark.parametrize("unprefixed", [False, True], ids=["current", "written-before-composition"])
+def test_checkpoint_round_trip_without_trainer(unprefixed):
+    module = steering_module(layout(), {0: 1, 2: 5, 3: 5})
     expert, target = paired_data()
-    module.fit_statistics_and_init(expert, target)
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.alignment.fit_statistics_and_init(expert, target)
+    state = module.state_dict()
+    assert state and all(name.startswith("alignment.") for name in state)  # the module holds the maps
+    if unprefixed:  # a checkpoint of the module that inherited the auto-encoders: the same tensors at the top level
+        state = {name.removeprefix("alignment."): value for name, value in state.items()}
+    checkpoint = {"state_dict": state, "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
-    fresh = AlignmentAutoEncoder()
+    fresh = ExpertSteer()
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
-    assert fresh.layer_map == {0: 1, 2: 5, 3: 5}
-    torch.testing.assert_close(fresh.encoder_linear(0), module.encoder_linear(0))
-    other = AlignmentAutoEncoder()
-    other.build(layout(expert_layers=(0, 1, 3)), {0: 1, 1: 1, 3: 5})
+    assert fresh.alignment.layer_map == {0: 1, 2: 5, 3: 5} and fresh.cache_keys == {"data": "k"}
+    torch.testing.assert_close(fresh.alignment.encoder_linear(0), module.alignment.encoder_linear(0))
+    other = steering_module(layout(expert_layers=(0, 1, 3)), {0: 1, 1: 1, 3: 5})
     with pytest.raises(ValueError, match="Fix: resume with the checkpoint's config"):
         other.on_load_checkpoint(checkpoint)
 

@@ -14,6 +14,7 @@ from es_lightning.data.cache import CacheDtypeError
 from es_lightning.data.datamodule import DataSource, PairedHiddenStatesDataModule
 from es_lightning.models import loading
 from es_lightning.models.spec import ModelSpec
+from es_lightning.steering.mi import MISettings
 from es_lightning.steering.pair_search import PairSearchConfig, search_pairs
 from es_lightning.steering.rows import PairedRows
 
@@ -72,7 +73,7 @@ def test_the_expert_is_freed_before_the_target_is_loaded(
 def test_reads_return_exactly_the_requested_layers_and_equal_the_full_read(built):
     dm = built
     expert, target = full_read(dm, "expert"), full_read(dm, "target")
-    rows = dm.split_indices["val"]
+    rows = dm.question_table.split_indices["val"]
     out = dm.states("val", expert_layers=[2, 0], target_layers=[3])
     assert (
         set(out) == {"expert", "target", "label"}
@@ -82,7 +83,7 @@ def test_reads_return_exactly_the_requested_layers_and_equal_the_full_read(built
     assert out["expert"].dtype == torch.float32
     torch.testing.assert_close(out["expert"], expert[rows][:, [2, 0]], rtol=0, atol=0)
     torch.testing.assert_close(out["target"], target[rows][:, [1]], rtol=0, atol=0)
-    assert torch.equal(out["label"], torch.tensor([dm.examples[i].label for i in rows]))
+    assert torch.equal(out["label"], torch.tensor([dm.question_table.examples[i].label for i in rows]))
     assert set(dm.states("train", target_layers=[1])) == {"target", "label"}
     scattered = [70, 3, 40, 41, 17]  # across shards, out of order
     torch.testing.assert_close(
@@ -96,7 +97,7 @@ def test_reads_return_exactly_the_requested_layers_and_equal_the_full_read(built
 
 def test_pair_search_on_the_store_reads_each_layer_once_and_equals_the_in_memory_search(built, monkeypatch):
     dm = built
-    config = PairSearchConfig(rule="highest", top_k=2, max_components=16, mi_options={"n_components": 2})
+    config = PairSearchConfig(rule="highest", top_k=2, max_components=16, mi_options=MISettings(n_components=2))
     layout = dm.layout
     args = (layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, config)
     full = dm.states
@@ -222,14 +223,12 @@ loaded_model = loading.load_model
 def test_training_reads_only_the_trained_layers_and_learns_what_full_batches_learn(built, monkeypatch, objective):
     import lightning as L
 
-    from es_lightning.alignment import AlignmentAutoEncoder
+    from es_lightning.module import ExpertSteer
 
     def fit(serve_all: bool):
         if serve_all:
-            monkeypatch.setattr(AlignmentAutoEncoder, "batch_layers", property(lambda self: None))
-        module = AlignmentAutoEncoder(
-            objective=objective, layer_map={1: 3}, optimizer=lambda p: torch.optim.SGD(p, lr=0.05)
-        )
+            monkeypatch.setattr(ExpertSteer, "batch_layers", property(lambda self: None))
+        module = ExpertSteer(objective=objective, layer_map={1: 3}, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
         reads = []
         real = type(built.store).read
         monkeypatch.setattr(
@@ -258,4 +257,4 @@ def test_training_reads_only_the_trained_layers_and_learns_what_full_batches_lea
     assert {layers for side, _, layers in subset_reads if side == "target"} <= {(3,), ()}
     assert {layers for _, _, layers in full_reads} == {(0, 1, 2), (1, 3)}
     for name in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
-        torch.testing.assert_close(getattr(subset, name), getattr(full, name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(subset.alignment, name), getattr(full.alignment, name), rtol=1e-5, atol=1e-6)

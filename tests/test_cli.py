@@ -30,7 +30,7 @@ def test_fit_writes_last_checkpoint_with_everything_later_steps_need(run_args, t
     # the pair search ran before training (3 expert x 2 target layers scored) and only its 2 pairs were trained
     pairing = meta["pairing"]
     assert len(pairing["pairs"]) == 2 and len(pairing["mi"]) == 3 and len(pairing["mi"][0]) == 2
-    assert ckpt["state_dict"]["expert_mean"].shape == (2, 48)
+    assert ckpt["state_dict"]["alignment.expert_mean"].shape == (2, 48)
     assert {int(i): j for i, j in meta["layer_map"].items()} == {i: j for i, j in pairing["pairs"]}
     assert json.loads((run_dir / "pairing.json").read_text())["pairs"] == pairing["pairs"]
     assert (run_dir / "mi_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,7 +58,7 @@ def test_validate_reports_metrics(run_args, tmp_path):
         ["validate", *run_args, "--run_name", "r2", "--ckpt_path", str(tmp_path / "runs" / "r2" / "last.ckpt")]
     )
     metrics = cli.trainer.callback_metrics
-    trained = sorted(cli.model.layer_map)
+    trained = sorted(cli.model.alignment.layer_map)
     for name in ("val/loss", "val/mse", "val/explained_variance", "val/pair_cosine", f"val/mse/layer{trained[0]}"):
         assert name in metrics
     assert metrics["val/explained_variance"] > 0.5
@@ -165,7 +165,7 @@ def test_two_process_ddp_matches_one_process_and_extracts_once(run_args, tmp_pat
     assert sorted(shards) == sorted(set(shards)) and {entry["rank"] for entry in log} == {0, 1}
     a, b = load_ckpt(tmp_path / "runs" / "one" / "last.ckpt"), load_ckpt(tmp_path / "runs" / "two" / "last.ckpt")
     assert a["global_step"] == b["global_step"]
-    for key in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
+    for key in ("alignment.enc_weight", "alignment.enc_bias", "alignment.dec_weight", "alignment.dec_bias"):
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
 
 

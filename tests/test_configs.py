@@ -93,6 +93,7 @@ RENAMED = {
     "predict": "predict_config",
     "expert": "expert_spec",
     "target": "target_spec",
+    "pair_weight": "alignment.pair_weight",
     "data": "source",
     "alignment_data": "alignment_source",
     "splits": "split_config",
@@ -115,7 +116,9 @@ def assert_carries(obj, section: dict, where: str, renamed: dict[str, str] = REN
     for key, value in section.items():
         if key in FACTORIES:
             continue
-        held = getattr(obj, renamed.get(key, key))
+        held = obj
+        for name in renamed.get(key, key).split("."):  # a dotted rename: a value the object holds in a part
+            held = getattr(held, name)
         if isinstance(value, dict) and not isinstance(held, dict):
             assert_carries(held, value, f"{where}.{key}", {})
         else:

@@ -41,15 +41,16 @@ def test_batches_pair_two_models_of_different_widths_and_tokenizers(tiny_gpt2_di
     assert batch["expert"].dtype == torch.float32 and batch["label"].shape == (8,)
     assert dm.layout.expert.hidden_size == 48 and dm.layout.target_layers == [1, 3]
     # no question's rows in two splits
-    groups = {name: {dm.examples[i].group for i in idx} for name, idx in dm.split_indices.items()}
+    table = dm.question_table
+    groups = {name: {table.examples[i].group for i in idx} for name, idx in table.split_indices.items()}
     assert (
         not groups["train"] & groups["val"]
         and not groups["train"] & groups["test"]
         and not groups["val"] & groups["test"]
     )
-    assert sum(len(v) for v in dm.split_indices.values()) == len(dm.examples)
+    assert sum(len(v) for v in table.split_indices.values()) == len(table.examples)
     # each question yields one positive and (choices - 1) negatives
-    assert sum(e.label for e in dm.examples) == 24
+    assert sum(e.label for e in table.examples) == 24
 
 
 def test_cache_round_trip_equals_fresh_extraction(tiny_gpt2_dir, tiny_llama_dir, mc_jsonl, tmp_path):
@@ -59,7 +60,7 @@ def test_cache_round_trip_equals_fresh_extraction(tiny_gpt2_dir, tiny_llama_dir,
     again.setup("fit")
     assert again.cache_keys == dm.cache_keys and len(build_log(again)) == 5  # reused: nothing rebuilt
     loaded = load_model(str(tiny_llama_dir))
-    texts = [e.prompt + e.completion for e in dm.examples[:10]]
+    texts = [e.prompt + e.completion for e in dm.question_table.examples[:10]]
     fresh, _ = capture_texts(loaded.model, loaded.tokenizer, texts, [1, 3], "last", batch_size=4)
     torch.testing.assert_close(everything(again, "target")[:10], fresh, rtol=1e-5, atol=1e-5)
 
@@ -184,7 +185,10 @@ def test_split_from_files(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
     )
     dm = make_dm(tiny_gpt2_dir, tiny_llama_dir, train, tmp_path, splits=SplitConfig(val_path=str(val)))
     dm.setup("fit")
-    assert len(dm.questions["train"]) == 10 and len(dm.questions["val"]) == 4 and dm.split_indices["test"] == []
+    table = dm.question_table
+    assert (
+        len(table.questions["train"]) == 10 and len(table.questions["val"]) == 4 and table.split_indices["test"] == []
+    )
 
 
 @pytest.mark.parametrize(

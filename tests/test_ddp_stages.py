@@ -134,7 +134,7 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     pairing_one, pairing_two = (json.loads((run / "pairing.json").read_text()) for run in (one, two))
     assert pairing_one["pairs"] == pairing_two["pairs"] and len(pairing_one["pairs"]) == 2
     torch.testing.assert_close(torch.tensor(pairing_one["mi"]), torch.tensor(pairing_two["mi"]), rtol=1e-4, atol=1e-5)
-    for key in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
+    for key in ("alignment.enc_weight", "alignment.enc_bias", "alignment.dec_weight", "alignment.dec_bias"):
         torch.testing.assert_close(ckpt_one["state_dict"][key], ckpt_two["state_dict"][key], rtol=1e-5, atol=1e-6)
     # vectors within tolerance, every method, same layers
     bundles_one, bundles_two = bundles_in(one / "bundles"), bundles_in(two / "bundles")

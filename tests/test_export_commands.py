@@ -235,7 +235,7 @@ def test_the_tasks_splits_are_the_data_modules(tmp_path, tiny_gpt2_dir, tiny_lla
     module.prepare_layout()  # reads the questions and the models' configs, no weights
     for split in ("train", "val", "test"):
         ours = [row["id"] for row in split_rows(data, split, val_fraction=0.2, test_fraction=0.3, seed=3)]
-        assert ours == [q.id for q in module.questions[split]]
+        assert ours == [q.id for q in module.question_table.questions[split]]
     assert len(split_rows(data)) == N_QUESTIONS
     with pytest.raises(ValueError, match="split must be"):
         split_rows(data, "dev")

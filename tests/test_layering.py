@@ -19,6 +19,7 @@ LAYERS = [
     "run",
     "export",
     "prediction",
+    "preflight",
     "module",
     "console",
     "cli",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from es_lightning.steering.mi import MISettings
 from es_lightning.steering.pair_search import PairSearch, PairSearchConfig, search_pairs
 from es_lightning.steering.pairing import PairingRule, depth_pairs
 from es_lightning.steering.rows import PairedRows, split_by_group
@@ -133,6 +134,8 @@ def test_depth_rule_spreads_expert_layers_over_the_middle():
         ({"top_k": 9}, "top_k=9"),
         ({"heldout_fraction": 1.5}, "heldout_fraction"),
         ({"ridges": []}, "ridges"),
+        ({"mi_options": MISettings(k=5)}, r"Unknown option\(s\) \['k'\] for method='gaussian'"),
+        ({"mi_options": MISettings(n_components=0)}, "n_components must be a positive integer"),
     ],
 )
 def test_bad_settings_are_refused_with_the_fix(options, message):

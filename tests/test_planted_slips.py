@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from es_lightning.alignment import AlignmentAutoEncoder
+from es_lightning.alignment import AlignmentMaps
 from es_lightning.data.cache import PairedLayout
 from es_lightning.data.examples import Question
 from es_lightning.data.folds import Fold
@@ -239,7 +239,7 @@ def _datamodule(n: int = 40) -> SimpleNamespace:
     questions = [Question(f"q{q}", f"prompt {q}", ["a", "b"], 0, f"topic{q % 7}") for q in range(n)]
     order = random.Random(11).sample(range(n), n)
     split = {"train": sorted(order[:24]), "val": sorted(order[24:32]), "test": sorted(order[32:])}
-    return SimpleNamespace(all_questions=questions, question_split=split)
+    return SimpleNamespace(all_questions=questions, question_split=split)  # a QuestionTable's two fields used here
 
 
 def test_folds_of_a_question_subset_index_the_full_question_list():
@@ -303,10 +303,10 @@ def test_expertsteer_maps_the_rfm_direction_by_the_encoder_without_its_bias():
         ModelInfo("t", "/t", "ft", "llama", 4, D_TARGET, (1, 2)),
         "last",
     )
-    module = AlignmentAutoEncoder(objective="paired", ridge=1e-3)
+    module = AlignmentMaps(objective="paired")
     module.build(layout, {1: 1, 2: 2})
     expert, target, labels = _states()
-    module.init_from_layers(lambda i: expert[:, i], lambda j: target[:, j])
+    module.init_from_layers(lambda i: expert[:, i], lambda j: target[:, j], ridge=1e-3)
     module.enc_bias.data = 5.0 * torch.randn(module.enc_bias.shape, generator=torch.Generator().manual_seed(7))
     inputs = VectorInputs(
         expert[:, 1:3],

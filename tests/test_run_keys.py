@@ -3,6 +3,7 @@ one option reruns exactly those stages (checked by running the pipeline on tiny 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,33 @@ def test_fit_refuses_to_resume_a_checkpoint_of_other_options_in_one_message(fini
         ValueError, match=r"fitted with other options"
     ):  # --verbose: the error itself, traceback and all
         cli_main(["--verbose", *fit])
+
+
+def test_other_weights_under_the_same_model_name_are_refused_by_test_and_refitted_by_the_pipeline(
+    tmp_path, tiny_gpt2_dir, tiny_llama_dir, capsys
+):
+    """A fit is keyed on its models' weights, not only on their names: an overwritten model folder."""
+    from safetensors.torch import load_file, save_file
+
+    from es_lightning.cli import main as cli_main
+
+    expert = tmp_path / "expert"
+    shutil.copytree(tiny_gpt2_dir, expert)
+    args, _ = tiny_job(tmp_path, expert, tiny_llama_dir)
+    args += ["--output_dir", str(tmp_path / "runs"), "--skip", "predict"]
+    main(args)
+    weights = next(expert.glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({name: tensor * 1.5 for name, tensor in state.items()}, weights, metadata={"format": "pt"})
+    capsys.readouterr()
+    ckpt = tmp_path / "runs" / "default" / "last.ckpt"
+    test_args = [a for a in args[: args.index("--skip")] if a != "--prompts" and not a.endswith("prompts.jsonl")]
+    with pytest.raises(SystemExit) as ended:
+        cli_main(["test", *test_args, "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "trained on a different paired cache (other models or weights" in err
+    then, now = re.findall(r"expert \S+ \(weights (\w+)\)", err)  # the checkpoint's, then this run's
+    assert then != now
+    main(args)
+    out = capsys.readouterr().out
+    assert "data.expert: the weights of" in out and "fitting again" in out and stages_run(out) >= {"fit", "report"}

@@ -1,5 +1,6 @@
-"""Step 1 of ExpertSteer: auto-encoders that carry expert states into the target's width."""
+"""Step 1 of ExpertSteer: auto-encoders that carry expert states into the target's width (``maps.py``), and their
+training around the paired cache (``fitting.py``)."""
 
-from es_lightning.alignment.autoencoder import AlignmentAutoEncoder
+from es_lightning.alignment.maps import AlignmentMaps
 
-__all__ = ["AlignmentAutoEncoder"]
+__all__ = ["AlignmentMaps"]

@@ -31,7 +31,7 @@ class AlignmentMetrics(nn.Module):
         return cast(Metric, getattr(self, name)[layer])
 
     def update(self, out: dict[str, torch.Tensor], rows: int) -> None:
-        """Add one batch's outputs of :meth:`AlignmentAutoEncoder.losses` (``rows`` rows)."""
+        """Add one batch's outputs of :meth:`AlignmentMaps.losses` (``rows`` rows)."""
         self.loss.update(out["total"], weight=rows)
         for k in range(out["xs"].shape[1]):
             recon, original = out["recon_x"][:, k].contiguous(), out["xs"][:, k].contiguous()

@@ -13,7 +13,7 @@ from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave
 from es_lightning.callbacks.steps import StepsModule, paired_data, steps_module
 from es_lightning.data import PairedHiddenStatesDataModule
 from es_lightning.io import atomic_write_json, atomic_write_with
-from es_lightning.steering.mi import mi_matrix
+from es_lightning.steering.mi import mi_matrix_of
 from es_lightning.steering.pair_search import PairSearch, search_pairs
 from es_lightning.steering.pairing import choose_pairs, depth_pairs
 from es_lightning.steering.rows import PairedRows
@@ -85,7 +85,12 @@ class LayerPairingCallback(WhenTrainingEnds):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = steps_module(pl_module)
-        if stage != "fit" or module.is_built or module.objective != "paired" or module.declared_layer_map is not None:
+        if (
+            stage != "fit"
+            or module.alignment.is_built
+            or module.objective != "paired"
+            or module.declared_layer_map is not None
+        ):
             return
         datamodule = paired_data(trainer)
         layout = datamodule.built_layout
@@ -128,37 +133,40 @@ class LayerPairingCallback(WhenTrainingEnds):
 
     @torch.no_grad()
     def _reconstruction_pairs(self, module: StepsModule, datamodule: PairedHiddenStatesDataModule) -> dict:
-        layout, config = module.built_layout, module.pairing
+        layout, config = module.alignment.built_layout, module.pairing
         val = datamodule.states(
-            "val", module.trained_layers, layout.target_layers
+            "val", module.alignment.trained_layers, layout.target_layers
         )  # every trained x target pair is scored
         config.check_rows(len(val["label"]), len(val["label"]), "Layer pairing on the val split")
-        xs, ys = module.standardise(val["expert"].to(module.device), val["target"].to(module.device))
+        xs, ys = module.alignment.standardise(val["expert"].to(module.device), val["target"].to(module.device))
         assert ys is not None  # target states were given
-        encoded = module.encode(xs).cpu()
+        encoded = module.alignment.encode(xs).cpu()
         rule = config.pairing_rule
         baseline = depth_pairs(
-            module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, rule
+            module.alignment.trained_layers,
+            layout.target_layers,
+            layout.expert.num_layers,
+            layout.target.num_layers,
+            rule,
         )
         if config.rule == "separability":
             raise ValueError(
                 "The separability rule needs the paired objective; "
                 "use rule: highest or lowest with objective: reconstruction."
             )
-        mi = (
-            None
-            if config.rule == "depth"
-            else mi_matrix(
-                encoded, ys.cpu(), method=config.mi_method, **{"seed": config.seed, **config.mi_options}
-            ).float()
-        )
+        mi = None if config.rule == "depth" else mi_matrix_of(encoded, ys.cpu(), config.mi_estimator()).float()
         pairs = choose_pairs(
-            rule, module.trained_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers, mi=mi
+            rule,
+            module.alignment.trained_layers,
+            layout.target_layers,
+            layout.expert.num_layers,
+            layout.target.num_layers,
+            mi=mi,
         )
         return PairSearch(
             rule=config.rule,
             objective="reconstruction",
-            expert_layers=list(module.trained_layers),
+            expert_layers=list(module.alignment.trained_layers),
             target_layers=list(layout.target_layers),
             pairs=pairs,
             mi=None if mi is None else mi.tolist(),
@@ -181,8 +189,8 @@ class LayerPairingCallback(WhenTrainingEnds):
             datamodule = paired_data(trainer)
             result = PairSearch.from_dict(on_rank_zero(trainer, lambda: self._reconstruction_pairs(module, datamodule)))
         else:  # a declared layer_map: its pairs are the intervention pairs
-            layout = module.built_layout
-            pairs = sorted(module.layer_map.items(), key=lambda p: p[1])
+            layout = module.alignment.built_layout
+            pairs = sorted(module.alignment.layer_map.items(), key=lambda p: p[1])
             result = PairSearch(
                 "declared",
                 "paired",

@@ -8,43 +8,32 @@ from typing import Protocol, cast
 import lightning as L
 import torch
 
+from es_lightning.alignment.maps import AlignmentMaps
 from es_lightning.data import PairedHiddenStatesDataModule
-from es_lightning.data.cache import PairedLayout
 from es_lightning.steering.pair_search import PairSearch, PairSearchConfig
 from es_lightning.steering.vectors import VectorConfig
 
 
 class StepsModule(Protocol):
-    """The module's side of steps 2 and 3: its settings, its trained auto-encoders, and where results go
-    (:meth:`record_pairing`, :meth:`record_bundles`; callbacks never set its attributes)."""
+    """The module's side of steps 2 and 3: its settings, the auto-encoders it holds (:attr:`alignment`), what is
+    recorded so far, and where results go (:meth:`record_pairing`, :meth:`record_bundles`; callbacks never set its
+    attributes)."""
 
     objective: str
     pairing: PairSearchConfig
     vectors: VectorConfig
-    layout: PairedLayout | None
     declared_layer_map: dict[int, int] | None
-    layer_map: dict[int, int]
-    trained_layers: list[int]
     ridge: float | None
-    cache_keys: dict[str, str]
-    pairing_result: PairSearch | None
+    alignment: AlignmentMaps
 
     @property
-    def is_built(self) -> bool: ...
+    def pairing_result(self) -> PairSearch | None: ...
 
     @property
-    def built_layout(self) -> PairedLayout: ...
+    def cache_keys(self) -> dict[str, str]: ...
 
     @property
     def device(self) -> torch.device: ...
-
-    def standardise(
-        self, expert: torch.Tensor, target: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-    def encode(self, expert_std: torch.Tensor) -> torch.Tensor: ...
-
-    def encoder_linear(self, expert_layer: int) -> torch.Tensor: ...
 
     def record_pairing(self, result: PairSearch) -> None: ...
 

@@ -26,7 +26,7 @@ def _recorded_pairing(module: StepsModule) -> tuple[PairSearch, list[tuple[int, 
             "No layer pairs found: add LayerPairingCallback before SteeringVectorCallback in trainer.callbacks."
         )
     pairs = [(int(i), int(j)) for i, j in pairing.pairs]
-    layout = module.built_layout
+    layout = module.alignment.built_layout
     for i, j in pairs:
         if i not in layout.expert_layers or j not in layout.target_layers:
             raise ValueError(f"Pair {(i, j)} is not among the cached layers; the pairing and the cache disagree.")
@@ -45,7 +45,7 @@ def _vector_inputs(
         labels=states["label"],
         expert_layers=expert_layers,
         target_layers=target_layers,
-        encoder_linear=lambda i: module.encoder_linear(i).cpu(),
+        encoder_linear=lambda i: module.alignment.encoder_linear(i).cpu(),
         rfm_options=config.rfm_options,
         seed=config.seed,
         groups=datamodule.split_groups("train"),
@@ -75,7 +75,7 @@ def bundles_for(
             sorted(computed.vectors[method]),
             computed.seconds[method],
         )
-    layout = module.built_layout
+    layout = module.alignment.built_layout
     target = ModelIdentity(layout.target.name, layout.target.fingerprint, layout.target.model_type)
     expert = ModelIdentity(layout.expert.name, layout.expert.fingerprint, layout.expert.model_type)
     mi = _mi_table(pairing)

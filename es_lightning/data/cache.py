@@ -74,6 +74,13 @@ class PairedLayout:
     def target_layers(self) -> list[int]:
         return list(self.target.layers)
 
+    def describe(self) -> str:
+        """Both models with their weights' fingerprints and layers, for messages."""
+        return " and ".join(
+            f"{side} {info.name} (weights {info.fingerprint}) layers {list(info.layers)}"
+            for side, info in (("expert", self.expert), ("target", self.target))
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
@@ -13,7 +13,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from es_lightning.data.cache import PairedLayout, check_cache_dtype, dtype_mismatch
-from es_lightning.data.examples import Example, Question
 from es_lightning.data.extraction import Extraction
 from es_lightning.data.prompts import PromptDataset, PromptSource, collate_prompts
 from es_lightning.data.question_table import DataSource, QuestionTable, SplitConfig, read_source
@@ -102,26 +101,13 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         self.prompts: PromptDataset | None = None
         self.layout: PairedLayout | None = None
         self._table: QuestionTable | None = None
-        self.examples: list[Example] = []
-        self.questions: dict[str, list[Question]] = {}
-        self.all_questions: list[Question] = []  # every split's questions, train then val then test
-        self.question_rows: list[list[int]] = []  # example rows of each question in all_questions
-        self.question_split: dict[str, list[int]] = {}  # indices into all_questions per split
-        self.split_indices: dict[str, list[int]] = {}
         self.store: CacheStore | None = None
         self.alignment_store: CacheStore | None = None
         self.cache_keys: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------- examples
     def _prepare_examples(self) -> None:
-        table = QuestionTable.build(self.source, self.split_config, self.cache_dir)
-        self._table = table
-        self.examples, self.split_indices, self.questions = table.examples, table.split_indices, table.questions
-        self.all_questions, self.question_rows, self.question_split = (
-            table.all_questions,
-            table.question_rows,
-            table.question_split,
-        )
+        self._table = QuestionTable.build(self.source, self.split_config, self.cache_dir)
 
     @property
     def question_table(self) -> QuestionTable:
@@ -184,7 +170,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
         )  # the cache key names it
         self.prepare_layout()
         extraction = self._extraction()
-        self.store = extraction.ensure(self.examples, "labelled")
+        self.store = extraction.ensure(self.question_table.examples, "labelled")
         self.cache_keys["data"] = self.store.cache.key
         if self.alignment_source is not None:
             align_examples, _ = read_source(self.alignment_source, self.cache_dir)
@@ -201,11 +187,12 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
                 return self.alignment_store, list(range(len(self.alignment_store)))
             split = "train"
         if isinstance(split, str):
-            if split not in self.split_indices:
+            splits = self.question_table.split_indices
+            if split not in splits:
                 raise ValueError(
-                    f"Unknown split {split!r}: use one of {list(self.split_indices) + ['alignment']} or a list of rows."
+                    f"Unknown split {split!r}: use one of {list(splits) + ['alignment']} or a list of rows."
                 )
-            return self.store, list(self.split_indices[split])
+            return self.store, list(splits[split])
         return self.store, list(split)
 
     def states(
@@ -263,7 +250,7 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """Indices into ``all_questions``: the evaluation decides which are tested in which fold."""
-        questions = QuestionIndices(len(self.all_questions))
+        questions = QuestionIndices(len(self.question_table.all_questions))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler: DistributedSampler = DistributedSampler(questions, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(questions, batch_size=self.batch_size, sampler=sampler)
@@ -283,6 +270,12 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             collate_fn=collate_prompts,
             num_workers=self.num_workers,
         )
+
+    def skip_prompts(self, done: Iterable[int]) -> PromptDataset:
+        """Leave the prompts whose row numbers are in ``done`` (already written) out of the predict loader; returns
+        the prompts left."""
+        self.prompts = self.require_prompts().without(done)
+        return self.prompts
 
     # ----------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
@@ -310,14 +303,9 @@ class PairedHiddenStatesDataModule(L.LightningDataModule):
             saved = PairedLayout.from_dict(state["layout"]) if state.get("layout") else None
             detail = ""
             if saved is not None and self.layout is not None:
-                detail = (
-                    f" Checkpoint: expert {saved.expert.name} layers {list(saved.expert.layers)}, target "
-                    f"{saved.target.name} layers {list(saved.target.layers)}; this run: expert "
-                    f"{self.layout.expert.name} layers {self.layout.expert_layers}, target "
-                    f"{self.layout.target.name} layers {self.layout.target_layers}."
-                )
+                detail = f" Checkpoint: {saved.describe()}; this run: {self.layout.describe()}."
             raise ValueError(
-                "The checkpoint was trained on a different paired cache (other models, layers, pooling, templates "
-                f"or data) than this run's config.{detail} Fix: resume with the config the checkpoint was made with, "
-                "or start a new run without --ckpt_path."
+                "The checkpoint was trained on a different paired cache (other models or weights, layers, pooling, "
+                f"templates or data) than this run's config.{detail} Fix: resume with the config the checkpoint was "
+                "made with, or start a new run without --ckpt_path."
             )

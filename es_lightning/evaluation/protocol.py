@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
@@ -180,7 +179,7 @@ class Evaluator:
 
     def fold_vectors(
         self, fold: Fold, pairs, encoder_linear
-    ) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, Any]]:
+    ) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, float], dict[str, dict[str, dict[str, float]]]]:
         """Vectors of every method from the fold's train questions only."""
         rows = self.rows_of(fold.train)
         assert isinstance(rows.expert, LayerRows) and isinstance(rows.target, LayerRows) and rows.labels is not None

@@ -16,6 +16,7 @@ import torch
 
 from es_lightning.callbacks.common import TEST_KEPT
 from es_lightning.data.folds import Fold
+from es_lightning.data.question_table import QuestionTable
 from es_lightning.evaluation.answers import AnswerGenerator
 from es_lightning.evaluation.assemble import assemble_report
 from es_lightning.evaluation.config import EvaluationConfig
@@ -46,18 +47,16 @@ def on_cpu(plan: FoldPlan) -> FoldPlan:
     return replace(plan, vectors=vectors, draws=[{layer: v.cpu() for layer, v in draw.items()} for draw in plan.draws])
 
 
-def evaluation_folds(datamodule, config: EvaluationConfig, seed: int) -> list[Fold]:
-    """The folds over the data module's questions (indices into ``all_questions``); empty parts are refused."""
-    questions = datamodule.all_questions
+def evaluation_folds(table: QuestionTable, config: EvaluationConfig, seed: int) -> list[Fold]:
+    """The folds over the table's questions (indices into ``all_questions``); empty parts are refused."""
+    questions = table.all_questions
     subset = list(range(len(questions)))
     if config.max_questions and config.max_questions < len(subset):
         subset = sorted(random.Random(seed).sample(subset, config.max_questions))
     local_split = None
     if config.folds is None:
         position = {q: k for k, q in enumerate(subset)}
-        local_split = {
-            name: [position[q] for q in idx if q in position] for name, idx in datamodule.question_split.items()
-        }
+        local_split = {name: [position[q] for q in idx if q in position] for name, idx in table.question_split.items()}
     local = plan_folds(len(subset), [questions[q].group for q in subset], config, seed, local_split)
     folds = [Fold(f.index, *(tuple(subset[k] for k in part) for part in (f.train, f.val, f.test))) for f in local]
     for fold in folds:
@@ -70,17 +69,17 @@ def evaluation_folds(datamodule, config: EvaluationConfig, seed: int) -> list[Fo
     return folds
 
 
-def check_folds(folds: list[Fold], datamodule, config: EvaluationConfig, pairing: PairSearchConfig) -> None:
+def check_folds(folds: list[Fold], table: QuestionTable, config: EvaluationConfig, pairing: PairSearchConfig) -> None:
     """Refuse, before the target is loaded, folds whose train part is too small for the nested pair search, and
     questions the generation metrics cannot score (no incorrect choice to compare with, no number, ...)."""
     if config.generation.enabled:
-        questions = datamodule.all_questions
+        questions = table.all_questions
         for metric in config.generation.metrics:
             check_references(metric, [(q.id, q.choices, q.answer) for q in questions])
     if config.protocol != "nested":
         return
     for fold in folds:
-        rows = sum(len(datamodule.question_rows[q]) for q in fold.train)
+        rows = sum(len(table.question_rows[q]) for q in fold.train)
         held = max(1, round(pairing.heldout_fraction * len(fold.train)))
         per_question = rows / max(len(fold.train), 1)
         pairing.check_rows(rows, int(held * per_question), f"Evaluation fold {fold.index} (nested protocol)")
@@ -110,8 +109,8 @@ class CrossValidatedTest:
             raise ValueError(
                 "`test` scores multiple-choice questions; this data source is not in the multiple_choice format."
             )
-        folds = evaluation_folds(datamodule, self.evaluation, self.vectors.seed)
-        check_folds(folds, datamodule, self.evaluation, self.pairing)
+        folds = evaluation_folds(datamodule.question_table, self.evaluation, self.vectors.seed)
+        check_folds(folds, datamodule.question_table, self.evaluation, self.pairing)
         with stage("loading the target model", kept=lambda: TEST_KEPT):
             target = load_target()
         self.evaluator = self._evaluator(trainer, target, layout, objective, pairing_result, encoder_linear)
@@ -135,7 +134,10 @@ class CrossValidatedTest:
         datamodule = trainer.datamodule
         spec = datamodule.target_spec
         rendered = render_questions(
-            target.tokenizer, datamodule.all_questions, datamodule.source.format.completion_template, spec.chat_template
+            target.tokenizer,
+            datamodule.question_table.all_questions,
+            datamodule.source.format.completion_template,
+            spec.chat_template,
         )
         shared = SharedAlignment([(i, j) for i, j in pairing_result.pairs], encoder_linear)
         layers = LayerInfo(
@@ -146,7 +148,7 @@ class CrossValidatedTest:
             target.tokenizer,
             rendered,
             datamodule.store,
-            datamodule.question_rows,
+            datamodule.question_table.question_rows,
             layers,
             self.evaluation,
             self.vectors,
@@ -166,7 +168,7 @@ class CrossValidatedTest:
         return AnswerGenerator(
             target.model,
             target.tokenizer,
-            datamodule.all_questions,
+            datamodule.question_table.all_questions,
             self.evaluation.generation,
             self.evaluation.positions,
             datamodule.target_spec.block_path,

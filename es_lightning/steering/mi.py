@@ -24,7 +24,7 @@ coordinates (the "massive activations" of LLM residual streams) do not fill the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,29 @@ class MIOptions:
     seed: int = 0
     shrinkage: str | float = 0.0
     k: int = 3
+
+
+@dataclass(frozen=True)
+class MISettings:
+    """The estimator's options as a run sets them (``model.pairing.mi_options``); None takes the estimator's default
+    (:func:`mutual_information`) and, for ``seed``, the pairing's seed."""
+
+    n_components: int | None = None
+    """PCA dimensions kept per side (default 8 for ``gaussian``, 4 for ``ksg``)."""
+    standardize: bool = True
+    """z-score every feature before the PCA."""
+    shrinkage: str | float | None = None
+    """``gaussian`` only: 0.0 (none, the default), ``ledoit_wolf``, or a fixed intensity in [0, 1)."""
+    k: int | None = None
+    """``ksg`` only: neighbours (default 3)."""
+    seed: int | None = None
+    """Randomized PCA and KSG jitter; None: the pairing's seed."""
+
+    def resolve(self, method: str, seed: int) -> MIOptions:
+        """The checked estimator settings for ``method``; a clear error for an option the method does not take."""
+        options = {name: value for name, value in asdict(self).items() if value is not None}
+        options.setdefault("seed", seed)
+        return _options(method, options)
 
 
 def _options(method: str, options: dict[str, Any]) -> MIOptions:
@@ -218,11 +241,6 @@ def mutual_information(
     return _ksg_mi(za, zb, opts.k)
 
 
-def resolve_options(method: str, options: dict[str, Any]) -> MIOptions:
-    """Checked estimator settings, for callers that whiten each side once and pair them many times."""
-    return _options(method, dict(options))
-
-
 def whitened(x: torch.Tensor | np.ndarray, opts: MIOptions, side: int, name: str) -> np.ndarray:
     """The whitened top principal components of ``x`` [n, d] that the estimators compare (see module doc)."""
     return _whitened_components(_as_array(x, name, 2), opts, side, name)
@@ -254,7 +272,13 @@ def mi_matrix(
     Entry ``[i, j]`` equals ``mutual_information(expert_states[:, i], target_states[:, j], method, **options)``;
     the PCA of each layer (and, for KSG, its neighbour tree) is computed once, not once per pair.
     """
-    opts = _options(method, dict(options))
+    return mi_matrix_of(expert_states, target_states, _options(method, dict(options)))
+
+
+def mi_matrix_of(
+    expert_states: torch.Tensor | np.ndarray, target_states: torch.Tensor | np.ndarray, opts: MIOptions
+) -> torch.Tensor:
+    """:func:`mi_matrix` with settings already resolved (:meth:`MISettings.resolve`)."""
     expert, target = _as_array(expert_states, "expert_states", 3), _as_array(target_states, "target_states", 3)
     _check_sizes(expert.shape[0], target.shape[0], expert.shape[2], target.shape[2], opts)
     za = [_whitened_components(expert[:, i], opts, 0, f"expert_states layer {i}") for i in range(expert.shape[1])]

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from es_lightning.alignment.autoencoder import Objective
-from es_lightning.steering.mi import MIOptions, mi_of_components, resolve_options, symmetric_eigh, whitened
+from es_lightning.alignment.maps import Objective
+from es_lightning.steering.mi import MIOptions, mi_of_components, symmetric_eigh, whitened
 from es_lightning.steering.pair_layers import _aucs, _Layer, _ridge_scale
 from es_lightning.steering.rows import PairedRows
 from es_lightning.stopping import check_stop
@@ -117,7 +117,7 @@ def _score_matrices(
     labels_fit = None if fit.labels is None else fit.labels.numpy()
     labels_held = None if heldout.labels is None else heldout.labels.numpy()
     with_auc = labels_fit is not None and labels_held is not None and len(np.unique(labels_fit)) == 2
-    opts = resolve_options(config.mi_method, dict(config.mi_options, seed=config.mi_options.get("seed", config.seed)))
+    opts = config.mi_estimator()
     need_mi = config.rule != "depth"
     side = _target_side(targets, target_layers, opts, need_mi)
     mi = np.zeros((len(experts), len(targets)))

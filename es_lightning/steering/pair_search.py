@@ -22,15 +22,15 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-from es_lightning.alignment.autoencoder import Objective
+from es_lightning.alignment.maps import Objective
 from es_lightning.memory import announce, pair_search_estimate
 from es_lightning.steering.mi import METHODS as MI_METHODS
-from es_lightning.steering.mi import min_rows, resolve_options
+from es_lightning.steering.mi import MIOptions, MISettings, min_rows
 from es_lightning.steering.pair_layers import _full_width_map, _Layer, _reduce
 from es_lightning.steering.pair_scores import _choose_ridge, _score_matrices
 from es_lightning.steering.pairing import PairingRule, Rule, choose_pairs, depth_pairs, depth_partner
@@ -56,8 +56,8 @@ class PairSearchConfig:
     """Relative depths ``[low, high]`` the target layers must lie in; null: the rule's own (depth: 0.4-0.6)."""
     mi_method: Literal["gaussian", "ksg"] = "gaussian"
     """The MI estimator (:mod:`es_lightning.steering.mi`); the paper names none: ``gaussian`` is ours."""
-    mi_options: dict[str, Any] = field(default_factory=dict)
-    """The estimator's options (e.g. ``n_components``), checked by :func:`es_lightning.steering.mi.resolve_options`."""
+    mi_options: MISettings = field(default_factory=MISettings)
+    """The estimator's options (e.g. ``{n_components: 8}``), checked for ``mi_method`` by :meth:`mi_estimator`."""
     heldout_fraction: float = 0.3
     """Share of the questions held out to score pairs when no held-out rows are given (evaluation folds)."""
     ridges: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
@@ -82,7 +82,7 @@ class PairSearchConfig:
         self.pairing_rule.validate()
         if self.mi_method not in MI_METHODS:
             raise ValueError(f"Unknown MI method {self.mi_method!r}: use one of {list(MI_METHODS)}.")
-        resolve_options(self.mi_method, self.mi_options)
+        self.mi_estimator()
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
         if not self.ridges or any(
@@ -98,7 +98,12 @@ class PairSearchConfig:
 
     def min_heldout_rows(self) -> int:
         """The fewest held-out rows the MI estimator accepts."""
-        return min_rows(resolve_options(self.mi_method, self.mi_options))
+        return min_rows(self.mi_estimator())
+
+    def mi_estimator(self) -> MIOptions:
+        """The MI estimator's resolved settings: ``mi_options`` for ``mi_method``, seeded with ``seed`` unless they
+        set their own."""
+        return self.mi_options.resolve(self.mi_method, self.seed)
 
     def check_rows(self, n_fit: int, n_heldout: int, where: str) -> None:
         """Clear errors for too few rows to fit maps or to estimate MI."""

@@ -1,55 +1,32 @@
-"""Step 1 of ExpertSteer: per expert layer, an affine auto-encoder between expert and target widths.
-
-Long because: one LightningModule class (see its docstring for why it is long)."""
+"""Step 1 of ExpertSteer, the model: per trained expert layer, an affine auto-encoder between expert and target widths,
+as a plain ``nn.Module`` that the steering LightningModule holds (:class:`es_lightning.module.ExpertSteer`)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from es_lightning.alignment.closed_form import seed_weights, statistics
-from es_lightning.alignment.layer_map import proportional_layer_map, validate_layer_map
 from es_lightning.alignment.metrics import AlignmentMetrics
 from es_lightning.data.cache import PairedLayout
-from es_lightning.memory import announce, autoencoder_estimate
-
-log = logging.getLogger(__name__)
 
 Objective = Literal["reconstruction", "paired"]  # paired: ours, the default; reconstruction: the paper's
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-CHECKPOINT_KEY = "es_lightning"
+DEFAULT_RIDGE = 1e-2  # the closed-form seed's ridge when neither the config nor the pair search gives one
 
 
-class AlignmentAutoEncoder(L.LightningModule):
+class AlignmentMaps(nn.Module):
     """For each trained expert layer i: encoder f_i: R^{d_E}->R^{d_T} and decoder g_i: R^{d_T}->R^{d_E}.
 
-    Which expert layers are trained, and toward which target layer (``paired``): ``layer_map`` when declared;
-    else ``planned_layer_map`` when a callback set it before ``setup`` (the layer-pair search trains only the
-    chosen pairs); else every captured expert layer toward the target layer at the same relative depth.
-
-    Inputs are standardised per layer (per-feature mean, one scalar scale, from the train split only; a
-    scalar scale keeps directions intact). Objectives: ``reconstruction`` (the paper as reported:
-    ||h_E - g(f(h_E))||^2) and ``paired`` (ours, default: reconstruction + ``pair_weight`` *
-    ||f(h_E,i) - h_T,j(i)||^2 on standardised target states). All layers run in one batched einsum.
-    Weights are seeded with the closed-form solution (PCA for reconstruction, ridge least squares for
-    paired) and then trained. Layer shapes come from the DataModule's cache layout at ``setup``. ``ridge``:
-    the closed-form seed's ridge; ``null`` takes ``planned_ridge`` (chosen by the pair search) or 0.01.
-
-    Long because: the parameters, their standardisation and Lightning's training hooks act on the same tensors and
-    checkpoint keys; the seed's maths is in :mod:`~es_lightning.alignment.closed_form`, the metrics in
-    :mod:`~es_lightning.alignment.metrics`. Holding the maps in a plain ``nn.Module`` that :class:`ExpertSteer`
-    composes is the next split (it changes the checkpoint's keys).
+    Inputs are standardised per layer (per-feature mean, one scalar scale, from the train split only; a scalar scale
+    keeps directions intact). Objectives: ``reconstruction`` (the paper as reported: ||h_E - g(f(h_E))||^2) and
+    ``paired`` (ours, default: reconstruction + ``pair_weight`` * ||f(h_E,i) - h_T,j(i)||^2 on standardised target
+    states). All layers run in one batched einsum. :meth:`build` creates the parameters for a cache layout and a
+    layer map (expert layer -> target block); :meth:`init_from_layers` sets the statistics and the closed-form seed.
     """
-
-    # Init arguments that are settings of a run, not of the fitted model: kept out of the checkpoint's
-    # hyperparameters so that LightningCLI does not restore them over the command line on --ckpt_path.
-    runtime_arguments: tuple[str, ...] = ("optimizer", "scheduler")
 
     # parameters and buffers, created by build() for a layout
     enc_weight: nn.Parameter  # [L_E, d_T, d_E]
@@ -64,16 +41,7 @@ class AlignmentAutoEncoder(L.LightningModule):
     paired_index: torch.Tensor  # position of each trained layer's target layer among the cached target layers
     metrics: AlignmentMetrics
 
-    def __init__(
-        self,
-        objective: Objective = "paired",
-        pair_weight: float = 1.0,
-        layer_map: dict[int, int] | None = None,
-        closed_form_init: bool = True,
-        ridge: float | None = None,
-        optimizer: OptimizerCallable | None = None,
-        scheduler: LRSchedulerCallable | None = None,
-    ):
+    def __init__(self, objective: Objective = "paired", pair_weight: float = 1.0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(
@@ -81,28 +49,11 @@ class AlignmentAutoEncoder(L.LightningModule):
             )
         if pair_weight < 0:
             raise ValueError(f"pair_weight must be >= 0, got {pair_weight}.")
-        self.save_hyperparameters(ignore=list(self.runtime_arguments))
         self.objective = objective
         self.pair_weight = pair_weight
-        self.declared_layer_map = layer_map
-        self.closed_form_init = closed_form_init
-        self.ridge = ridge
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.layout: PairedLayout | None = None
         self.layer_map: dict[int, int] = {}
         self.trained_layers: list[int] = []  # the expert layers with an auto-encoder, once built
-        self.planned_layer_map: dict[int, int] | None = None  # see plan_layers
-        self.planned_ridge: float | None = None
-        self.cache_keys: dict[str, str] = {}
-        self.extra: dict[str, Any] = {}  # what subclasses save beside the layout (see on_save_checkpoint)
-
-    def plan_layers(self, layer_map: dict[int, int], ridge: float | None) -> None:
-        """Train the auto-encoders only for ``layer_map`` (expert -> target block), seeded with ``ridge``: what the
-        layer-pair search chose, given before ``setup`` builds the parameters."""
-        if self.is_built:
-            raise RuntimeError("plan_layers must come before setup builds the auto-encoders.")
-        self.planned_layer_map, self.planned_ridge = dict(layer_map), ridge
 
     # ------------------------------------------------------------------------------- structure
     @property
@@ -127,7 +78,7 @@ class AlignmentAutoEncoder(L.LightningModule):
             return
         trained = sorted(layer_map)
         n_layers, d_e, d_t = len(trained), layout.expert.hidden_size, layout.target.hidden_size
-        self.layout, self.layer_map, self.trained_layers = layout, layer_map, trained
+        self.layout, self.layer_map, self.trained_layers = layout, dict(layer_map), trained
         expert_pos = {layer: k for k, layer in enumerate(layout.expert.layers)}
         self.register_buffer("expert_index", torch.tensor([expert_pos[i] for i in trained], dtype=torch.long))
         self.enc_weight = nn.Parameter(torch.zeros(n_layers, d_t, d_e))
@@ -144,15 +95,6 @@ class AlignmentAutoEncoder(L.LightningModule):
             "paired_index", torch.tensor([target_pos[layer_map[i]] for i in trained], dtype=torch.long)
         )
         self.metrics = AlignmentMetrics(n_layers, paired=self.objective == "paired")
-
-    def _layer_map_for(self, layout: PairedLayout) -> dict[int, int]:
-        if self.declared_layer_map is not None:
-            return validate_layer_map(self.declared_layer_map, layout.expert_layers, layout.target_layers)
-        if self.planned_layer_map is not None:
-            return validate_layer_map(self.planned_layer_map, layout.expert_layers, layout.target_layers)
-        return proportional_layer_map(
-            layout.expert_layers, layout.target_layers, layout.expert.num_layers, layout.target.num_layers
-        )
 
     # ----------------------------------------------------------------------------------- maths
     @property
@@ -231,18 +173,22 @@ class AlignmentAutoEncoder(L.LightningModule):
 
     # ---------------------------------------------------------------------------- initialisation
     @torch.no_grad()
-    def fit_statistics_and_init(self, expert: torch.Tensor, target: torch.Tensor) -> None:
+    def fit_statistics_and_init(self, expert: torch.Tensor, target: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> None:
         """Standardisation statistics and the closed-form seed from in-memory train states ``[n, L_cached, d]``."""
         expert_pos = {layer: k for k, layer in enumerate(self.built_layout.expert.layers)}
         target_pos = {layer: k for k, layer in enumerate(self.built_layout.target.layers)}
-        self.init_from_layers(lambda i: expert[:, expert_pos[i]], lambda j: target[:, target_pos[j]])
+        self.init_from_layers(lambda i: expert[:, expert_pos[i]], lambda j: target[:, target_pos[j]], ridge)
 
     @torch.no_grad()
     def init_from_layers(
-        self, expert_layer: Callable[[int], torch.Tensor], target_layer: Callable[[int], torch.Tensor]
+        self,
+        expert_layer: Callable[[int], torch.Tensor],
+        target_layer: Callable[[int], torch.Tensor],
+        ridge: float = DEFAULT_RIDGE,
+        closed_form: bool = True,
     ) -> None:
         """Standardisation statistics from the train split, then the closed-form seed of the weights
-        (:mod:`es_lightning.alignment.closed_form`).
+        (:mod:`es_lightning.alignment.closed_form`, with ``ridge``; Xavier-uniform when not ``closed_form``).
 
         ``expert_layer(i)``/``target_layer(j)`` return the train states ``[n, d]`` of one block; each layer is read
         on its own (every target layer once for its statistics, each trained pair once more for its seed), so the
@@ -250,14 +196,11 @@ class AlignmentAutoEncoder(L.LightningModule):
         layout = self.built_layout
         for b, j in enumerate(layout.target.layers):
             self.target_mean[b], self.target_scale[b] = statistics(target_layer(j).double())
-        ridge = (
-            self.ridge if self.ridge is not None else (self.planned_ridge if self.planned_ridge is not None else 1e-2)
-        )
         for k, i in enumerate(self.trained_layers):
             raw = expert_layer(i).double()
             self.expert_mean[k], self.expert_scale[k] = statistics(raw)
             x = (raw - self.expert_mean[k].double()) / self.expert_scale[k].double()
-            if not self.closed_form_init:
+            if not closed_form:
                 nn.init.xavier_uniform_(self.enc_weight.data[k])
                 nn.init.xavier_uniform_(self.dec_weight.data[k])
                 continue
@@ -272,100 +215,3 @@ class AlignmentAutoEncoder(L.LightningModule):
             self.enc_bias.data[k] = enc_b.float()
             self.dec_weight.data[k] = dec_w.float()
             self.dec_bias.data[k] = dec_b.float()
-
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or getattr(datamodule, "layout", None) is None:
-            if not self.is_built:
-                raise RuntimeError(
-                    "AlignmentAutoEncoder needs a PairedHiddenStatesDataModule: pass one to the Trainer."
-                )
-            return
-        if self.is_built:
-            self.build(datamodule.layout, self.layer_map)  # validates the layout
-            self.cache_keys = dict(datamodule.cache_keys)
-            return
-        if stage != "fit":
-            return  # the checkpoint, restored after setup, builds the module with its own trained layers
-        self.build(datamodule.layout, self._layer_map_for(datamodule.layout))
-        self.cache_keys = dict(datamodule.cache_keys)
-        device = self.trainer.strategy.root_device  # the module moves there only after setup
-        layout = datamodule.layout
-        announce(
-            autoencoder_estimate(
-                len(self.layer_map),
-                layout.expert.hidden_size,
-                layout.target.hidden_size,
-                datamodule.batch_size,
-                len(datamodule.alignment_groups()),
-                device,
-            ),
-            device,
-        )
-        self.init_from_layers(
-            lambda i: datamodule.states("alignment", expert_layers=[i])["expert"][:, 0],
-            lambda j: datamodule.states("alignment", target_layers=[j])["target"][:, 0],
-        )
-
-    # --------------------------------------------------------------------------------- steps
-    def on_validation_start(self) -> None:
-        if not self.is_built:
-            raise ValueError("`validate` needs fitted auto-encoders: pass --ckpt_path checkpoints/<run>/last.ckpt.")
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch)
-        self.log("train/loss", out["total"], prog_bar=True, batch_size=batch["expert"].shape[0])
-        self.log("train/recon_mse", out["recon"].mean(), batch_size=batch["expert"].shape[0])
-        if "pair" in out:
-            self.log("train/pair_mse", out["pair"].mean(), batch_size=batch["expert"].shape[0])
-        return out["total"]
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.metrics.update(self.losses(batch), rows=batch["expert"].shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        loss, values = self.metrics.compute()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        for name, per_layer in values.items():
-            for layer, value in zip(self.trained_layers, per_layer):
-                self.log(f"val/{name}/layer{layer}", value)
-            self.log(f"val/{name}", torch.stack(per_layer).mean(), prog_bar=name != "mse")
-
-    def configure_optimizers(self):
-        optimizer = (self.optimizer_factory or (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)))(
-            self.parameters()
-        )
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
-
-    # --------------------------------------------------------------------------- checkpointing
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "layout": self.layout.to_dict() if self.layout else None,
-            "layer_map": {str(k): v for k, v in self.layer_map.items()},
-            "cache_keys": self.cache_keys,
-            "objective": self.objective,
-            **self.extra,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY) or {}
-        if not saved.get("layout"):
-            raise ValueError("This checkpoint has no es-lightning layout: it was not written by AlignmentAutoEncoder.")
-        layout = PairedLayout.from_dict(saved["layout"])
-        layer_map = {int(k): int(v) for k, v in saved["layer_map"].items()}
-        if self.layout is not None and self.layout != layout:
-            built = self.layout
-            raise ValueError(
-                f"The checkpoint was trained for expert {layout.expert.name} layers {layout.expert_layers} and target "
-                f"{layout.target.name} layers {layout.target_layers}, but this run's cache holds expert "
-                f"{built.expert.name} layers {built.expert_layers} and target {built.target.name} "
-                f"layers {built.target_layers}. Fix: resume with the checkpoint's config, or drop --ckpt_path."
-            )
-        self.build(layout, layer_map)
-        self.cache_keys = saved.get("cache_keys", {})
-        self.extra = {k: v for k, v in saved.items() if k not in {"layout", "layer_map", "cache_keys", "objective"}}
