@@ -16,6 +16,7 @@ from es_lightning.steering.bundle import (
     FORMAT_VERSION,
     ModelIdentity,
     SteeringBundle,
+    VectorProvenance,
     load_control_vector_gguf,
     save_bundles,
 )
@@ -38,6 +39,7 @@ def make_bundle(method: str = "expertsteer", layers=(1, 2, 3), seed: int = 0, **
         mi_target_layers=[0, 1, 2, 3],
         data_key="data-abc",
         cache_key="cache-xyz",
+        provenance=VectorProvenance("paired", [(1, 2)], "train", 0.25, {"2": {"rfm_val_score": 0.75}}),
         extra={"alpha": 0.5, "notes": ["a", "b"], "nested": {"k": 1}},
     )
     norms = {layer: 1.0 / 3.0 + layer for layer in layers}  # not exactly representable in float32
@@ -62,6 +64,7 @@ def assert_same(a: SteeringBundle, b: SteeringBundle) -> None:
         "package_version",
         "format_version",
         "created_at",
+        "provenance",
         "extra",
     ):
         assert getattr(a, name) == getattr(b, name), name

@@ -50,6 +50,9 @@ def test_fit_with_the_depth_rule_trains_the_same_relative_depth_pairs(run_args, 
     assert (run_dir / "mi_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bundle = SteeringBundle.load(load_ckpt(run_dir / "last.ckpt")["es_lightning"]["bundles"]["expertsteer"])
     assert bundle.layer_pairs == [tuple(p) for p in pairing["pairs"]]
+    provenance = bundle.provenance
+    assert provenance is not None and provenance.pairs == bundle.layer_pairs and provenance.split == "train"
+    assert set(provenance.diagnostics) == {str(j) for _, j in bundle.layer_pairs}  # one entry per steered layer
 
 
 def test_validate_reports_metrics(run_args, tmp_path):

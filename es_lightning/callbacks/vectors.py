@@ -10,7 +10,7 @@ import torch
 from es_lightning.callbacks.common import WhenTrainingEnds, on_rank_zero, resave_last_checkpoint, run_dir
 from es_lightning.callbacks.steps import StepsModule, paired_data, steps_module
 from es_lightning.data import PairedHiddenStatesDataModule
-from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, save_bundles
+from es_lightning.steering.bundle import ModelIdentity, SteeringBundle, VectorProvenance, save_bundles
 from es_lightning.steering.pair_search import PairSearch
 from es_lightning.steering.vectors import VectorConfig, VectorInputs, compute_vector_set
 
@@ -92,13 +92,13 @@ def bundles_for(
             mi_target_layers=pairing.target_layers,
             data_key=module.cache_keys.get("data", ""),
             cache_key=module.cache_keys.get("alignment", module.cache_keys.get("data", "")),
-            extra={
-                "diagnostics": computed.diagnostics[method],
-                "objective": module.objective,
-                "pairs": [list(p) for p in pairs],
-                "split": "train",
-                "seconds": round(computed.seconds[method], 3),
-            },
+            provenance=VectorProvenance(
+                objective=module.objective,
+                pairs=list(pairs),
+                split="train",
+                seconds=round(computed.seconds[method], 3),
+                diagnostics=computed.diagnostics[method],
+            ),
         )
         for method in config.methods
     ]

@@ -67,6 +67,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@dataclass(frozen=True)
+class VectorProvenance:
+    """How the fit made a bundle's vectors (written into the file; nothing steers by it): the alignment objective,
+    the (expert, target) pairs, the split the vectors were fitted on, the seconds it took, and per target layer the
+    method's diagnostics (e.g. ``rfm_val_score``)."""
+
+    objective: str
+    pairs: list[tuple[int, int]]
+    split: str
+    seconds: float
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VectorProvenance:
+        return cls(**{**data, "pairs": [(int(i), int(j)) for i, j in data["pairs"]]})
+
+
 @dataclass(eq=False)
 class SteeringBundle:
     """Unit steering vectors per target layer with their norms, provenance and optional MI matrix.
@@ -91,7 +108,8 @@ class SteeringBundle:
     package_version: str = __version__
     format_version: int = FORMAT_VERSION  # of the file it was loaded from; save always writes FORMAT_VERSION
     created_at: str = field(default_factory=_now)
-    extra: dict[str, Any] = field(default_factory=dict)
+    provenance: VectorProvenance | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # the user's own notes, any JSON
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not _METHOD_NAME.fullmatch(self.method):
@@ -180,6 +198,7 @@ class SteeringBundle:
             "cache_key": self.cache_key,
             "package_version": self.package_version,
             "created_at": self.created_at,
+            "provenance": asdict(self.provenance) if self.provenance else None,
             "extra": self.extra,
         }
 
@@ -230,6 +249,7 @@ class SteeringBundle:
                 package_version=meta["package_version"],
                 format_version=int(header["format_version"]),
                 created_at=meta["created_at"],
+                provenance=VectorProvenance.from_dict(meta["provenance"]) if meta.get("provenance") else None,
                 extra=meta["extra"],
             )
         except (ValueError, KeyError, TypeError) as err:
