@@ -200,21 +200,16 @@ def tiny_job(root: Path, expert: Path, target: Path, n_questions: int = 24) -> t
     return args, prompts
 
 
+def tiny_cli_args(expert: Path, target: Path, data: Path, runs: Path, cache: Path | None = None) -> list[str]:
+    """The arguments every tiny run shares: the tiny config, both models, the data file, the output folder and (when
+    given) a cache folder of its own."""
+    args = ["--config", str(TINY_CONF), "--data.expert.name", str(expert), "--data.target.name", str(target)]
+    args += ["--data.data.path", str(data), "--output_dir", str(runs)]
+    return args + (["--data.cache_dir", str(cache)] if cache is not None else [])
+
+
 @pytest.fixture()
 def run_args(tmp_path, tiny_gpt2_dir, tiny_llama_dir):
     """CLI arguments for a tiny run: tiny models, 20 two-choice questions, everything under tmp_path."""
     data = write_two_choice_jsonl(tmp_path / "two.jsonl", 20)
-    return [
-        "--config",
-        str(TINY_CONF),
-        "--data.expert.name",
-        str(tiny_gpt2_dir),
-        "--data.target.name",
-        str(tiny_llama_dir),
-        "--data.data.path",
-        str(data),
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--output_dir",
-        str(tmp_path / "runs"),
-    ]
+    return tiny_cli_args(tiny_gpt2_dir, tiny_llama_dir, data, tmp_path / "runs", tmp_path / "cache")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONF, write_two_choice_jsonl
+from conftest import tiny_cli_args, write_two_choice_jsonl
 
 from es_lightning.models import capture_hidden_states, load_model
 
@@ -79,18 +79,7 @@ def run_refusing(tmp_path: Path, refusing: str, tiny_gpt2_dir: Path, tiny_llama_
     args = [
         "--verbose",
         "fit",
-        "--config",
-        str(TINY_CONF),
-        "--data.expert.name",
-        str(tiny_gpt2_dir),
-        "--data.target.name",
-        str(tiny_llama_dir),
-        "--data.data.path",
-        str(data),
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--output_dir",
-        str(tmp_path / "runs"),
+        *tiny_cli_args(tiny_gpt2_dir, tiny_llama_dir, data, tmp_path / "runs", tmp_path / "cache"),
         "--trainer.strategy",
         "ddp",
         "--trainer.devices",

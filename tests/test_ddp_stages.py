@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONF
+from conftest import tiny_cli_args
 
 from es_lightning.steering.bundle import SteeringBundle
 
@@ -88,16 +88,7 @@ def test_fit_test_predict_under_two_process_ddp_match_one_process(tmp_path, tiny
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     base = [
-        "--config",
-        str(TINY_CONF),
-        "--data.expert.name",
-        str(tiny_gpt2_dir),
-        "--data.target.name",
-        str(tiny_llama_dir),
-        "--data.data.path",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "runs"),
+        *tiny_cli_args(tiny_gpt2_dir, tiny_llama_dir, data, tmp_path / "runs"),
         "--data.predict_data.path",
         str(prompts),
     ]

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import gc
 import weakref
-from pathlib import Path
 
-from conftest import write_two_choice_jsonl
+from conftest import tiny_cli_args, write_two_choice_jsonl
 
 from es_lightning import module as module_file
 from es_lightning.pipeline import main
-
-CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
 
 def test_predict_loads_its_target_after_the_test_stage_released_its_own(
@@ -35,20 +32,9 @@ def test_predict_loads_its_target_after_the_test_stage_released_its_own(
     try:
         main(
             [
-                "--config",
-                str(CONF),
+                *tiny_cli_args(tiny_gpt2_dir, tiny_llama_dir, data, tmp_path / "runs", tmp_path / "cache"),
                 "--prompts",
                 str(prompts),
-                "--data.expert.name",
-                str(tiny_gpt2_dir),
-                "--data.target.name",
-                str(tiny_llama_dir),
-                "--data.data.path",
-                str(data),
-                "--data.cache_dir",
-                str(tmp_path / "cache"),
-                "--output_dir",
-                str(tmp_path / "runs"),
                 "--quiet",
             ]
         )

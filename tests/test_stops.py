@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_CONF
+from conftest import tiny_cli_args
 from test_ddp_stages import bundles_in, write_data
 
 from es_lightning.cli import main
@@ -60,18 +60,7 @@ def tiny_run(tmp_path_factory, tiny_gpt2_dir, tiny_llama_dir):
     root = tmp_path_factory.mktemp("stops")
     (root / "runner.py").write_text(RUNNER)
     data = write_data(root / "mc.jsonl", 24)  # 48 rows: 3 shards of 16 per model; 2 batches of 16 test questions
-    base = [
-        "--config",
-        str(TINY_CONF),
-        "--data.expert.name",
-        str(tiny_gpt2_dir),
-        "--data.target.name",
-        str(tiny_llama_dir),
-        "--data.data.path",
-        str(data),
-        "--output_dir",
-        str(root / "runs"),
-    ]
+    base = tiny_cli_args(tiny_gpt2_dir, tiny_llama_dir, data, root / "runs")
     main(["fit", *base, "--data.cache_dir", str(root / "cache"), "--run_name", "straight"])
     test = [
         "test",
