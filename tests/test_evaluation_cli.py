@@ -135,6 +135,7 @@ def test_evaluation_on_the_datamodule_split(fitted):
         ("--model.evaluation.random_draws", "0", "random_draws must be an integer >= 1"),
         ("--model.pairing.top_k", "7", "top_k=7 but only 2 distinct pairs"),
         ("--model.pairing.mi_options", "{n_components: 40}", "held-out rows"),
+        ("--model.pairing.mi_options", "{k: 5}", r"model.pairing.mi_options for mi_method 'gaussian': Unknown"),
         ("--model.evaluation.generation.metrics", "[bleu_acc, letter_match]", "letter_match changes the prompt"),
         (
             "--model.evaluation.generation.metrics",

@@ -82,7 +82,13 @@ class PairSearchConfig:
         self.pairing_rule.validate()
         if self.mi_method not in MI_METHODS:
             raise ValueError(f"Unknown MI method {self.mi_method!r}: use one of {list(MI_METHODS)}.")
-        self.mi_estimator()
+        try:
+            self.mi_estimator()
+        except ValueError as err:
+            raise ValueError(
+                f"model.pairing.mi_options for mi_method {self.mi_method!r}: {err} Fix: drop the option, or set "
+                "model.pairing.mi_method to the estimator that takes it ('k': ksg; 'shrinkage': gaussian)."
+            ) from err
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
         if not self.ridges or any(
