@@ -87,7 +87,6 @@ class ExpertSteer(L.LightningModule):
         evaluation.validate()
         predict.validate()
         self.save_hyperparameters(ignore=list(self.runtime_arguments))
-        self.objective = objective
         self.declared_layer_map = layer_map
         self.closed_form_init = closed_form_init
         self.ridge = ridge
@@ -130,6 +129,11 @@ class ExpertSteer(L.LightningModule):
     def record_fit(self, fit: FitRecord) -> None:
         """The options and key of the fit under way (:class:`~es_lightning.run.record.FitRecorder`)."""
         self.record = self.record.with_fit(fit)
+
+    @property
+    def objective(self) -> Objective:
+        """The auto-encoders' objective (``paired`` or ``reconstruction``), held by :attr:`alignment`."""
+        return self.alignment.objective
 
     @property
     def pairing_result(self) -> PairSearch | None:

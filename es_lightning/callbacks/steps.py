@@ -19,12 +19,14 @@ class StepsModule(Protocol):
     recorded so far, and where results go (:meth:`record_pairing`, :meth:`record_bundles`; callbacks never set its
     attributes)."""
 
-    objective: str
     pairing: PairSearchConfig
     vectors: VectorConfig
     declared_layer_map: dict[int, int] | None
     ridge: float | None
     alignment: AlignmentMaps
+
+    @property
+    def objective(self) -> str: ...
 
     @property
     def pairing_result(self) -> PairSearch | None: ...
